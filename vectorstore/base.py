@@ -1,0 +1,75 @@
+"""Vector store interface: upsert by id, fetch by id, batched top-k search."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class CollectionMismatch(RuntimeError):
+    """The collection holds vectors of another model, strategy or width. One collection never
+    mixes two embedding spaces: distances between them mean nothing."""
+
+
+@dataclass(frozen=True)
+class VectorRecord:
+    item_id: str
+    vector: np.ndarray
+    content_hash: str = ""
+    created_at: float = 0.0
+    embedded_at: float = 0.0
+
+
+Hits = list[tuple[str, float]]
+
+
+class VectorStore(ABC):
+    """One collection of L2-normalised item vectors of one embedding space."""
+
+    @abstractmethod
+    def open(self, dim: int, model: str, strategy: str) -> None:
+        """Create the collection for this space, or check that the existing one is of it
+        (raise `CollectionMismatch` if not)."""
+
+    @abstractmethod
+    def upsert(self, records: Sequence[VectorRecord]) -> None:
+        """Insert or replace by `item_id`; re-delivering the same record is harmless."""
+
+    @abstractmethod
+    def get_vectors(self, ids: Collection[str]) -> dict[str, np.ndarray]:
+        """Vectors of the ids that are stored; missing ids are absent from the result."""
+
+    @abstractmethod
+    def get_hashes(self, ids: Collection[str]) -> dict[str, str]:
+        """Content hashes of the ids that are stored (to skip re-embedding unchanged items)."""
+
+    @abstractmethod
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: Sequence[Collection[str]] | None = None,
+    ) -> list[Hits]:
+        """Top `k` (item_id, cosine) per query row, best first, ties by item_id; `exclude[i]`
+        holds ids that query i must not return. One call for many queries."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Number of stored items (after every acknowledged upsert)."""
+
+    @abstractmethod
+    def drop(self) -> None:
+        """Delete the collection and everything in it."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def rank_hits(pairs: list[tuple[str, float]], k: int, exclude: Collection[str]) -> Hits:
+    """Best-first order with ties broken by item_id, excluded ids dropped."""
+    kept = [(item_id, score) for item_id, score in pairs if item_id not in exclude]
+    kept.sort(key=lambda pair: (-pair[1], pair[0]))
+    return kept[:k]

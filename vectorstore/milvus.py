@@ -1,0 +1,140 @@
+"""Milvus (Lite, standalone or cluster) behind the `VectorStore` interface.
+
+Consistency: every read uses `Strong`, so an item whose upsert was acknowledged is found by the
+next search (the fresh-item case); Milvus Lite answers Strong reads at no measurable cost, and
+a cluster trades a few milliseconds for it. Metric: cosine on L2-normalised vectors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Sequence
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+from vectorstore.base import CollectionMismatch, Hits, VectorRecord, VectorStore, rank_hits
+
+MAX_ID_BYTES = 1024  # the contract caps ids at 256 characters (at most 1024 UTF-8 bytes)
+MILVUS_MAX_TOPK = 16384
+_FETCH_CHUNK = 1000  # ids per `item_id in [...]` expression
+_PROPS = ("vlm4rec.model", "vlm4rec.strategy")
+
+
+def id_list_expr(ids: Sequence[str]) -> str:
+    """`item_id in [...]` with every id quoted as a JSON string, which Milvus's expression
+    parser reads back exactly (quotes, backslashes and unicode included; pymilvus's own `get`
+    breaks on an id with a backslash or a quote)."""
+    return "item_id in [" + ",".join(json.dumps(i, ensure_ascii=False) for i in ids) + "]"
+
+
+class MilvusVectorStore(VectorStore):
+    def __init__(self, uri: str, collection: str = "items", token: str = "", timeout_s: float = 30.0) -> None:
+        self._client = MilvusClient(uri=uri, token=token, timeout=timeout_s)
+        self.collection = collection
+
+    def open(self, dim: int, model: str, strategy: str) -> None:
+        client, name = self._client, self.collection
+        if client.has_collection(name):
+            info = client.describe_collection(name)
+            props = info.get("properties", {})
+            stored_dim = next(
+                (f["params"].get("dim") for f in info["fields"] if f["name"] == "vector"), None
+            )
+            have = (int(stored_dim or 0), props.get(_PROPS[0]), props.get(_PROPS[1]))
+            if have != (dim, model, strategy):
+                raise CollectionMismatch(
+                    f"Milvus collection {name!r} holds dim={have[0]} model={have[1]!r} "
+                    f"strategy={have[2]!r}, but this process embeds dim={dim} model={model!r} "
+                    f"strategy={strategy!r}. Use another collection (VLM4REC_MILVUS_COLLECTION) "
+                    f"or drop this one."
+                )
+            client.load_collection(name)
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
+        schema.add_field("created_at", DataType.DOUBLE)
+        schema.add_field("embedded_at", DataType.DOUBLE)
+        index = client.prepare_index_params()
+        index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
+        client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+        client.alter_collection_properties(name, properties={_PROPS[0]: model, _PROPS[1]: strategy})
+
+    def upsert(self, records: Sequence[VectorRecord]) -> None:
+        if not records:
+            return
+        latest = {r.item_id: r for r in records}  # one row per key within a call
+        self._client.upsert(
+            self.collection,
+            [
+                {
+                    "item_id": r.item_id,
+                    "vector": np.asarray(r.vector, dtype=np.float32).tolist(),
+                    "content_hash": r.content_hash,
+                    "created_at": float(r.created_at),
+                    "embedded_at": float(r.embedded_at),
+                }
+                for r in latest.values()
+            ],
+        )
+
+    def _fetch(self, ids: Collection[str], field: str) -> dict[str, object]:
+        ids = list(dict.fromkeys(ids))
+        found: dict[str, object] = {}
+        for start in range(0, len(ids), _FETCH_CHUNK):
+            rows = self._client.query(
+                self.collection,
+                filter=id_list_expr(ids[start : start + _FETCH_CHUNK]),
+                output_fields=["item_id", field],
+                consistency_level="Strong",
+            )
+            found.update((row["item_id"], row[field]) for row in rows)
+        return found
+
+    def get_vectors(self, ids: Collection[str]) -> dict[str, np.ndarray]:
+        return {i: np.asarray(v, dtype=np.float32) for i, v in self._fetch(ids, "vector").items()}
+
+    def get_hashes(self, ids: Collection[str]) -> dict[str, str]:
+        return {i: str(h) for i, h in self._fetch(ids, "content_hash").items()}
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: Sequence[Collection[str]] | None = None,
+    ) -> list[Hits]:
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if len(queries) == 0:
+            return []
+        widest = max((len(e) for e in exclude), default=0) if exclude else 0
+        limit = min(MILVUS_MAX_TOPK, k + widest)
+        results = self._client.search(
+            self.collection,
+            data=queries.tolist(),
+            limit=limit,
+            output_fields=["item_id"],
+            search_params={"metric_type": "COSINE"},
+            consistency_level="Strong",
+        )
+        return [
+            rank_hits(
+                [(hit["item_id"], float(hit["distance"])) for hit in hits],
+                k,
+                exclude[row] if exclude is not None else (),
+            )
+            for row, hits in enumerate(results)
+        ]
+
+    def count(self) -> int:
+        rows = self._client.query(
+            self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"
+        )
+        return int(rows[0]["count(*)"])
+
+    def drop(self) -> None:
+        self._client.drop_collection(self.collection)
+
+    def close(self) -> None:
+        self._client.close()

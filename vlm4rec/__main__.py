@@ -1,0 +1,3 @@
+from vlm4rec.cli import main
+
+main()

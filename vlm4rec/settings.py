@@ -1,0 +1,150 @@
+"""Every setting of the product, read once from `VLM4REC_*` environment variables (or a
+`.env` file) and handed down to the parts as plain values.
+
+`vlm4rec config` prints the effective values with secrets masked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from topics import TopicNames
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "vlm4rec"
+
+
+class Settings(BaseSettings):
+    """Defaults run the embedded local stack on one machine: a Tansu broker on :9092 and a
+    Milvus Lite server on :19530, both started by `vlm4rec up`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VLM4REC_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    # --- Kafka ---------------------------------------------------------------------------
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated host:port"
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="security.protocol for every Kafka client"
+    )
+    kafka_sasl_mechanism: str = Field(
+        "", description="sasl.mechanism: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (empty: none)"
+    )
+    kafka_sasl_username: str = Field("", description="SASL username")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password")
+    kafka_ssl_cafile: str = Field("", description="CA certificate file for TLS")
+    kafka_ssl_certfile: str = Field("", description="client certificate file for mutual TLS")
+    kafka_ssl_keyfile: str = Field("", description="client key file for mutual TLS")
+    kafka_session_timeout_ms: int = Field(
+        6000,
+        description="consumer session timeout; short because the first group join on the "
+        "embedded broker waits about half of it",
+    )
+    topic_partitions: int = Field(4, ge=1, description="partitions of every product topic")
+    topic_replication: int = Field(1, ge=1, description="replication factor of every topic")
+    topic_items_new: str = Field("items.new", description="new/updated items (key item_id)")
+    topic_interactions: str = Field("interactions", description="user interactions (key user_id)")
+    topic_items_embedded: str = Field("items.embedded", description="items now in Milvus")
+    topic_recs: str = Field("recs", description="recommendations pushed to users (key user_id)")
+
+    # --- Milvus --------------------------------------------------------------------------
+    milvus_uri: str = Field("http://127.0.0.1:19530", description="Milvus server URI")
+    milvus_token: SecretStr = Field(SecretStr(""), description="Milvus token (user:password or API key)")
+    milvus_collection: str = Field("items", description="collection of item vectors")
+
+    # --- Embedding -----------------------------------------------------------------------
+    embed_backend: Literal["cpu", "vllm-http", "vllm-engine"] = Field(
+        "cpu", description="embedding backend"
+    )
+    embed_strategy: Literal["describe", "image", "text", "fused"] = Field(
+        "describe", description="how an item becomes a vector (describe = the paper)"
+    )
+    embed_device: str = Field("auto", description="torch device of the cpu backend: auto, cpu, cuda")
+
+    # --- Local stack ---------------------------------------------------------------------
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Milvus Lite data, model caches and logs of the local stack",
+    )
+    web_host: str = Field("127.0.0.1", description="HTTP API and page address")
+    web_port: int = Field(6066, ge=1, le=65535, description="HTTP API and page port")
+    worker_metrics_port: int = Field(9101, ge=0, le=65535, description="embedding worker /metrics port (0: off)")
+    log_level: str = Field("INFO", description="log level of every process")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    # --- values handed down --------------------------------------------------------------
+    @property
+    def topics(self) -> TopicNames:
+        return TopicNames(
+            items_new=self.topic_items_new,
+            interactions=self.topic_interactions,
+            items_embedded=self.topic_items_embedded,
+            recs=self.topic_recs,
+        )
+
+    def kafka_config(self) -> dict[str, Any]:
+        """librdkafka (confluent-kafka) settings shared by every client."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            config["sasl.mechanism"] = self.kafka_sasl_mechanism
+            config["sasl.username"] = self.kafka_sasl_username
+            config["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        for key, value in (
+            ("ssl.ca.location", self.kafka_ssl_cafile),
+            ("ssl.certificate.location", self.kafka_ssl_certfile),
+            ("ssl.key.location", self.kafka_ssl_keyfile),
+        ):
+            if value:
+                config[key] = value
+        return config
+
+    def consumer_config(self, group_id: str) -> dict[str, Any]:
+        return {
+            **self.kafka_config(),
+            "group.id": group_id,
+            "session.timeout.ms": self.kafka_session_timeout_ms,
+            "heartbeat.interval.ms": max(500, self.kafka_session_timeout_ms // 3),
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+
+    def topic_partitions_map(self) -> dict[str, int]:
+        return {name: self.topic_partitions for name in self.topics.all()}
+
+    @property
+    def milvus_data_dir(self) -> Path:
+        return self.data_dir / "milvus"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings for display: secrets shown as '***' when set."""
+        shown: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "***" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            shown[name] = value
+        return shown
+
+    @staticmethod
+    def env_name(field: str) -> str:
+        return f"VLM4REC_{field.upper()}"
