@@ -1,0 +1,117 @@
+"""Shared fixtures. Integration tests start the real embedded stack (`vlm4rec up
+--infra-only`: Tansu broker + Milvus Lite server) on free ports, once per session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningStack:
+    """A `vlm4rec up` child process and the environment that points at it."""
+
+    def __init__(self, env: dict[str, str], process: subprocess.Popen[str], log_path: Path) -> None:
+        self.env = env
+        self.process = process
+        self.log_path = log_path
+
+    @property
+    def bootstrap(self) -> str:
+        return self.env["VLM4REC_BOOTSTRAP_SERVERS"]
+
+    @property
+    def milvus_uri(self) -> str:
+        return self.env["VLM4REC_MILVUS_URI"]
+
+    def settings(self, **overrides: str):  # noqa: ANN201 - Settings, imported lazily
+        from vlm4rec.settings import Settings
+
+        env = {**self.env, **{f"VLM4REC_{k.upper()}": v for k, v in overrides.items()}}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return Settings()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout_s)
+
+
+def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "VLM4REC_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        "VLM4REC_MILVUS_URI": f"http://127.0.0.1:{free_port()}",
+        "VLM4REC_DATA_DIR": str(data_dir),
+        "VLM4REC_TOPIC_PARTITIONS": "2",
+        "VLM4REC_WEB_PORT": str(free_port()),
+        "VLM4REC_WORKER_METRICS_PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def start_stack(data_dir: Path, args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120.0) -> RunningStack:
+    """Run `vlm4rec up ARGS` and wait for its 'is up' line."""
+    env = env or stack_env(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "up.out"
+    out = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vlm4rec", "up", *args],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log_path.read_text()
+        if "Press Ctrl-C to stop." in text:
+            return RunningStack(env, process, log_path)
+        if process.poll() is not None:
+            raise RuntimeError(f"vlm4rec up exited with {process.returncode}:\n{text}")
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"vlm4rec up did not come up in {timeout_s}s:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """Broker + Milvus Lite for the whole test session."""
+    stack = start_stack(tmp_path_factory.mktemp("infra"), ["--infra-only"])
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real datasets beside the project; tests that need them skip without them."""
+    if not (SHARED_DATA / "hm" / "items.csv").exists():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from vlm4rec.settings import Settings
+
+
+def test_defaults_point_at_the_local_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("VLM4REC_"):
+            monkeypatch.delenv(key)
+    s = Settings(_env_file=None)
+    assert s.bootstrap_servers == "127.0.0.1:9092"
+    assert s.milvus_uri == "http://127.0.0.1:19530"
+    assert s.web_port == 6066
+    assert s.kafka_config() == {"bootstrap.servers": "127.0.0.1:9092", "security.protocol": "PLAINTEXT"}
+    assert s.topics.items_new == "items.new" and s.topics.recs == "recs"
+
+
+def test_environment_overrides_and_sasl_passthrough(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLM4REC_BOOTSTRAP_SERVERS", "kafka-1:9093,kafka-2:9093")
+    monkeypatch.setenv("VLM4REC_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("VLM4REC_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("VLM4REC_KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("VLM4REC_KAFKA_SASL_PASSWORD", "s3cret")
+    monkeypatch.setenv("VLM4REC_KAFKA_SSL_CAFILE", "/etc/ca.pem")
+    monkeypatch.setenv("VLM4REC_TOPIC_INTERACTIONS", "prod.interactions")
+    s = Settings(_env_file=None)
+    config = s.consumer_config("g")
+    assert config["bootstrap.servers"] == "kafka-1:9093,kafka-2:9093"
+    assert config["security.protocol"] == "SASL_SSL"
+    assert config["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert config["sasl.password"] == "s3cret"
+    assert config["ssl.ca.location"] == "/etc/ca.pem"
+    assert config["group.id"] == "g" and config["enable.auto.commit"] is False
+    assert s.topics.interactions_dlq == "prod.interactions.dlq"
+
+
+def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLM4REC_KAFKA_SASL_PASSWORD", "s3cret")
+    monkeypatch.setenv("VLM4REC_MILVUS_TOKEN", "root:Milvus")
+    shown = Settings(_env_file=None).masked()
+    assert shown["kafka_sasl_password"] == "***" and shown["milvus_token"] == "***"
+    assert "s3cret" not in repr(shown) and "Milvus" not in str(shown["milvus_token"])
+
+
+def test_invalid_values_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLM4REC_WEB_PORT", "99999")
+    with pytest.raises(ValidationError, match="web_port"):
+        Settings(_env_file=None)
+
+
+def test_data_dir_expands_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLM4REC_DATA_DIR", "~/somewhere")
+    assert Settings(_env_file=None).data_dir == Path.home() / "somewhere"
+
+
+def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from vlm4rec.cli import main
+
+    monkeypatch.setenv("VLM4REC_MILVUS_TOKEN", "topsecret")
+    result = CliRunner().invoke(main, ["config"])
+    assert result.exit_code == 0, result.output
+    assert "VLM4REC_MILVUS_TOKEN=***" in result.output
+    assert "topsecret" not in result.output
+    assert "VLM4REC_BOOTSTRAP_SERVERS=" in result.output

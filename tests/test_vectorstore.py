@@ -1,0 +1,100 @@
+"""One suite over every vector store: the in-memory one and a real Milvus Lite server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from vectorstore import CollectionMismatch, MemoryVectorStore, MilvusVectorStore, VectorRecord, VectorStore
+
+
+@pytest.fixture(params=["memory", pytest.param("milvus", marks=pytest.mark.integration)])
+def store(request: pytest.FixtureRequest) -> Iterator[VectorStore]:
+    if request.param == "memory":
+        yield MemoryVectorStore()
+        return
+    infra = request.getfixturevalue("infra")
+    milvus = MilvusVectorStore(infra.milvus_uri, collection=f"t_{uuid.uuid4().hex[:12]}")
+    yield milvus
+    milvus.drop()
+    milvus.close()
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_upsert_search_get(store: VectorStore) -> None:
+    store.open(4, "m", "describe")
+    vectors = unit(np.eye(4) + 0.1)
+    store.upsert([VectorRecord(f"i{n}", vectors[n], content_hash=f"h{n}") for n in range(4)])
+    assert store.count() == 4
+    hits = store.search(vectors[:2], k=2)
+    assert [h[0][0] for h in hits] == ["i0", "i1"]
+    assert hits[0][0][1] == pytest.approx(1.0, abs=1e-5)
+    got = store.get_vectors(["i2", "missing"])
+    assert set(got) == {"i2"} and np.allclose(got["i2"], vectors[2], atol=1e-6)
+    assert store.get_hashes(["i3", "nope"]) == {"i3": "h3"}
+
+
+def test_upsert_is_idempotent_and_replaces(store: VectorStore) -> None:
+    store.open(3, "m", "text")
+    a, b = unit([[1, 0, 0], [0, 1, 0]])
+    store.upsert([VectorRecord("x", a, "h1")])
+    store.upsert([VectorRecord("x", a, "h1")])
+    store.upsert([VectorRecord("x", b, "h2"), VectorRecord("x", b, "h2")])
+    assert store.count() == 1
+    assert store.get_hashes(["x"]) == {"x": "h2"}
+    assert np.allclose(store.get_vectors(["x"])["x"], b, atol=1e-6)
+
+
+def test_exclusions_and_ties_by_id(store: VectorStore) -> None:
+    store.open(2, "m", "text")
+    v = unit([[1, 0]])[0]
+    store.upsert([VectorRecord(i, v) for i in ["c", "a", "b", "d"]])
+    hits = store.search(np.stack([v, v]), k=2, exclude=[{"a"}, set()])
+    assert [i for i, _ in hits[0]] == ["b", "c"]
+    assert [i for i, _ in hits[1]] == ["a", "b"]
+
+
+def test_hostile_ids_round_trip(store: VectorStore) -> None:
+    store.open(2, "m", "text")
+    ids = ['quote"d', "single'q", "back\\slash", "brack]et", "ünï😀", "in [x]", "a OR 1==1"]
+    vectors = unit(np.random.default_rng(0).random((len(ids), 2)) + 0.1)
+    store.upsert([VectorRecord(i, vectors[n]) for n, i in enumerate(ids)])
+    assert set(store.get_vectors(ids)) == set(ids)
+    assert store.count() == len(ids)
+
+
+def test_empty_store_and_empty_queries(store: VectorStore) -> None:
+    store.open(2, "m", "text")
+    assert store.count() == 0
+    assert store.get_vectors(["a"]) == {}
+    q = unit([[1, 1]])
+    assert store.search(q, k=5) == [[]]
+
+
+def test_one_collection_never_mixes_spaces(store: VectorStore) -> None:
+    store.open(4, "model-a", "describe")
+    store.open(4, "model-a", "describe")  # same space: fine
+    for dim, model, strategy in [(5, "model-a", "describe"), (4, "model-b", "describe"), (4, "model-a", "image")]:
+        with pytest.raises(CollectionMismatch):
+            store.open(dim, model, strategy)
+
+
+def test_search_many_queries_in_one_call(store: VectorStore) -> None:
+    rng = np.random.default_rng(1)
+    vectors = unit(rng.normal(size=(300, 16)))
+    store.open(16, "m", "text")
+    store.upsert([VectorRecord(f"i{n:03d}", vectors[n]) for n in range(300)])
+    hits = store.search(vectors[:50], k=10)
+    assert len(hits) == 50
+    assert all(h[0][0] == f"i{n:03d}" for n, h in enumerate(hits))
+    exact = vectors[:50] @ vectors.T
+    for n, h in enumerate(hits):
+        want = np.sort(exact[n])[::-1][:10]
+        assert np.allclose([s for _, s in h], want, atol=1e-4)
