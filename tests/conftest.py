@@ -115,3 +115,47 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "hm" / "items.csv").exists():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def read_topic(kafka_config: dict, topic: str, want: int, timeout_s: float = 60.0, partitions: int = 2) -> list:
+    """Every message of `topic` from the beginning, waiting until at least `want` arrived."""
+    import uuid
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({**kafka_config, "group.id": f"reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    messages = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(messages) < want and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.5):
+                if msg.error() is None:
+                    messages.append(msg)
+    finally:
+        consumer.close()
+    return messages
+
+
+@pytest.fixture
+def isolated(infra: RunningStack) -> RunningStack:
+    """The session's broker and Milvus with this test's own topics and collection."""
+    import uuid
+
+    from topics.admin import create_topics
+
+    uid = uuid.uuid4().hex[:8]
+    env = {
+        **infra.env,
+        "VLM4REC_TOPIC_ITEMS_NEW": f"items.new.{uid}",
+        "VLM4REC_TOPIC_INTERACTIONS": f"interactions.{uid}",
+        "VLM4REC_TOPIC_ITEMS_EMBEDDED": f"items.embedded.{uid}",
+        "VLM4REC_TOPIC_RECS": f"recs.{uid}",
+        "VLM4REC_MILVUS_COLLECTION": f"items_{uid}",
+        "VLM4REC_WORKER_GROUP": f"embedders-{uid}",
+        "VLM4REC_WORKER_METRICS_PORT": "0",
+    }
+    stack = RunningStack(env, infra.process, infra.log_path)
+    settings = stack.settings()
+    create_topics(settings.kafka_config(), settings.topic_partitions_map())
+    return stack

@@ -177,6 +177,9 @@ class ItemEmbedded(Event):
     created_at: float | None = None
     strategy: str = ""
     content_hash: str = ""
+    published_at: float | None = Field(
+        default=None, description="when the item reached items.new (its Kafka timestamp)"
+    )
 
 
 class Rec(Event):

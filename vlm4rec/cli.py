@@ -122,6 +122,34 @@ def _product_services(settings: Settings) -> list[Any]:
 
 
 @main.command()
+@click.pass_obj
+def worker(settings: Settings) -> None:
+    """Run one embedding worker: items.new -> Milvus + items.embedded.
+
+    Several workers share the partitions of items.new through their consumer group
+    (VLM4REC_WORKER_GROUP). Metrics on VLM4REC_WORKER_METRICS_PORT at /metrics.
+    """
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from vectorstore import CollectionMismatch
+    from vlm4rec.wiring import build_worker
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, addr=settings.web_host)
+        log.info("metrics on http://%s:%d/metrics", settings.web_host, settings.worker_metrics_port)
+    try:
+        build_worker(settings).run(stop)
+    except CollectionMismatch as exc:
+        raise click.ClickException(str(exc)) from exc
+    log.info("worker stopped")
+
+
+@main.command()
 @click.option("--infra-only", is_flag=True, help="Start only the broker and Milvus.")
 @click.pass_obj
 def up(settings: Settings, infra_only: bool) -> None:

@@ -75,6 +75,8 @@ class Service:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     restarts: int = 0
+    started_at: float = 0.0
+    restart_at: float = 0.0  # when a dead product process may be started again
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -158,6 +160,7 @@ class LocalStack:
                 start_new_session=True,  # Ctrl-C reaches us; we stop children in order
                 preexec_fn=_die_with_parent,
             )
+        service.started_at = time.monotonic()
         log.info("started %s (pid %d), log %s", service.name, service.process.pid, service.log_path)
 
     def _tail(self, service: Service, lines: int = 15) -> str:
@@ -210,9 +213,20 @@ class LocalStack:
                     f"{service.name} exited unexpectedly (code {code}). Last lines of "
                     f"{service.log_path}:\n{self._tail(service)}"
                 )
-            service.restarts += 1
-            log.warning("%s exited (code %s); restarting (restart #%d)", service.name, code, service.restarts)
-            self._spawn(service)
+            now = time.monotonic()
+            if service.restart_at == 0.0:
+                # a process that dies soon after starting is failing, not crashing once: back off
+                quick = now - service.started_at < 30
+                delay = min(60.0, 2.0 ** min(service.restarts, 6)) if quick else 1.0
+                service.restart_at = now + delay
+                log.warning(
+                    "%s exited (code %s); restarting in %.0fs. Last lines of %s:\n%s",
+                    service.name, code, delay, service.log_path, self._tail(service, 5),
+                )
+            if now >= service.restart_at:
+                service.restarts += 1
+                service.restart_at = 0.0
+                self._spawn(service)
 
     def stop(self, grace_s: float = 8.0) -> None:
         """SIGTERM each process group in reverse start order, SIGKILL after the grace period

@@ -67,6 +67,41 @@ class Settings(BaseSettings):
         "describe", description="how an item becomes a vector (describe = the paper)"
     )
     embed_device: str = Field("auto", description="torch device of the cpu backend: auto, cpu, cuda")
+    embed_threads: int = Field(0, ge=0, description="CPU threads of the cpu backend (0: all cores)")
+    vllm_describer_url: str = Field(
+        "http://127.0.0.1:8000", description="vLLM server of the vision-language describer"
+    )
+    vllm_describer_model: str = Field(
+        "Qwen/Qwen2.5-VL-7B-Instruct", description="describer model served by vLLM"
+    )
+    vllm_text_url: str = Field("http://127.0.0.1:8001", description="vLLM server of the text embedder")
+    vllm_text_model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2", description="text embedding model served by vLLM"
+    )
+    vllm_image_url: str = Field(
+        "", description="vLLM server of a multimodal embedder for `image`/`fused` (empty: none)"
+    )
+    vllm_image_model: str = Field("", description="multimodal embedding model (e.g. a CLIP/SigLIP)")
+    vllm_api_key: SecretStr = Field(SecretStr(""), description="bearer token for the vLLM servers")
+    vllm_prompt: str = Field("", description="describer prompt; {title} is replaced (empty: built-in)")
+    vllm_max_concurrency: int = Field(16, ge=1, description="requests in flight per vLLM server")
+
+    # --- Embedding worker ----------------------------------------------------------------
+    worker_group: str = Field("vlm4rec-embedders", description="consumer group of the workers")
+    worker_batch_size: int = Field(32, ge=1, le=4096, description="items per model call at most")
+    worker_batch_ms: int = Field(100, ge=1, description="wait at most this long to fill a batch")
+    worker_fetch_threads: int = Field(8, ge=1, description="concurrent image downloads per worker")
+    image_connect_timeout_s: float = Field(3.0, gt=0, description="image download connect timeout")
+    image_read_timeout_s: float = Field(10.0, gt=0, description="image download total read budget")
+    image_max_bytes: int = Field(10 * 1024 * 1024, gt=0, description="largest image accepted")
+    image_max_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb limit (w*h)")
+    image_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts or CIDRs admitted although private/loopback (SSRF allowlist), JSON list",
+    )
+    image_file_roots: list[Path] = Field(
+        default_factory=list, description="folders that file:// image URIs may read, JSON list"
+    )
 
     # --- Local stack ---------------------------------------------------------------------
     data_dir: Path = Field(

@@ -1,0 +1,84 @@
+"""Build the parts from the settings: the only place where settings meet constructors."""
+
+from __future__ import annotations
+
+from vectorstore import MilvusVectorStore, VectorStore
+from vlm4rec.settings import Settings
+from workers.backends.base import EmbeddingBackend
+from workers.embedder import Embedder
+from workers.images import ImageLimits, ImageLoader
+from workers.worker import EmbeddingWorker, WorkerConfig
+
+
+def build_backend(settings: Settings) -> EmbeddingBackend:
+    if settings.embed_backend == "cpu":
+        from workers.backends.cpu import CpuBackend
+
+        return CpuBackend(
+            device=settings.embed_device,
+            cache_dir=settings.model_cache_dir,
+            threads=settings.embed_threads or None,
+        )
+    prompt = {"prompt": settings.vllm_prompt} if settings.vllm_prompt else {}
+    if settings.embed_backend == "vllm-http":
+        from workers.backends.vllm_http import VllmHttpBackend
+
+        return VllmHttpBackend(
+            describer_url=settings.vllm_describer_url,
+            describer_model=settings.vllm_describer_model,
+            text_url=settings.vllm_text_url,
+            text_model=settings.vllm_text_model,
+            image_url=settings.vllm_image_url or None,
+            image_model=settings.vllm_image_model or None,
+            api_key=settings.vllm_api_key.get_secret_value() or None,
+            max_concurrency=settings.vllm_max_concurrency,
+            **prompt,
+        )
+    from workers.backends.vllm_engine import VllmEngineBackend
+
+    return VllmEngineBackend(
+        describer_model=settings.vllm_describer_model,
+        text_model=settings.vllm_text_model,
+        image_model=settings.vllm_image_model or None,
+        **prompt,
+    )
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    return Embedder(build_backend(settings), settings.embed_strategy)
+
+
+def build_store(settings: Settings) -> VectorStore:
+    return MilvusVectorStore(
+        settings.milvus_uri,
+        collection=settings.milvus_collection,
+        token=settings.milvus_token.get_secret_value(),
+    )
+
+
+def build_loader(settings: Settings) -> ImageLoader:
+    return ImageLoader(
+        ImageLimits(
+            connect_timeout_s=settings.image_connect_timeout_s,
+            read_timeout_s=settings.image_read_timeout_s,
+            max_bytes=settings.image_max_bytes,
+            max_pixels=settings.image_max_pixels,
+            allowed_hosts=tuple(settings.image_allowed_hosts),
+            file_roots=tuple(settings.image_file_roots),
+        )
+    )
+
+
+def build_worker(settings: Settings) -> EmbeddingWorker:
+    topics = settings.topics
+    config = WorkerConfig(
+        consumer=settings.consumer_config(settings.worker_group),
+        producer=settings.kafka_config(),
+        items_topic=topics.items_new,
+        embedded_topic=topics.items_embedded,
+        dlq_topic=topics.items_new_dlq,
+        batch_size=settings.worker_batch_size,
+        batch_ms=settings.worker_batch_ms,
+        fetch_threads=settings.worker_fetch_threads,
+    )
+    return EmbeddingWorker(config, build_embedder(settings), build_store(settings), build_loader(settings))
