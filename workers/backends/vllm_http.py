@@ -271,11 +271,15 @@ class VllmHttpBackend(EmbeddingBackend):
                 last_failure = f"HTTP {status}: {_snippet(response)}"
                 continue
             if status >= 400:
-                raise BackendError(f"{url} rejected the request: HTTP {status}: {_snippet(response)}")
+                raise BackendError(
+                    f"{url} rejected the request: HTTP {status}: {_snippet(response)}"
+                )
             try:
                 return response.json()
             except ValueError as exc:
-                raise BackendError(f"{url} answered with invalid JSON: {_snippet(response)}") from exc
+                raise BackendError(
+                    f"{url} answered with invalid JSON: {_snippet(response)}"
+                ) from exc
         raise BackendError(f"{url} failed after {tries} tries; last failure: {last_failure}")
 
     def _chat_content(self, url: str, payload: dict[str, Any]) -> str:
@@ -297,9 +301,12 @@ class VllmHttpBackend(EmbeddingBackend):
             indices = [datum["index"] for datum in data]
             matrix = np.asarray([datum["embedding"] for datum in data], dtype=np.float32)
         except (KeyError, TypeError, ValueError) as exc:
-            raise BackendError(f"{url} answered with a malformed embeddings body: {body!r:.300}") from exc
+            raise BackendError(
+                f"{url} answered with a malformed embeddings body: {body!r:.300}"
+            ) from exc
         if indices != list(range(expected)) or matrix.ndim != 2 or matrix.shape[1] == 0:
             raise BackendError(
-                f"{url} answered {len(indices)} embeddings of shape {matrix.shape} for {expected} inputs"
+                f"{url} answered {len(indices)} embeddings of shape {matrix.shape} "
+                f"for {expected} inputs"
             )
         return l2_normalise(matrix)
