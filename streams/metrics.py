@@ -1,0 +1,45 @@
+"""Prometheus metrics of the stream processor (served on the Faust web server's /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+INTERACTIONS = Counter(
+    "vlm4rec_streams_interactions_total",
+    "Interactions consumed, by outcome",
+    ["outcome"],  # applied | duplicate | deferred | dead_letter
+)
+PROFILE_UPDATES = Counter("vlm4rec_streams_profile_updates_total", "Profile table writes (coalesced per user and batch)")
+SEARCH_BATCH = Histogram(
+    "vlm4rec_streams_search_batch_size",
+    "Queries per vector-store search call",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+SEARCH_SECONDS = Histogram(
+    "vlm4rec_streams_search_seconds", "Latency of one batched vector-store search", ["collection"], buckets=LATENCY_BUCKETS
+)
+RECS_PUSHED = Counter("vlm4rec_streams_recs_pushed_total", "Recommendation lists pushed to the recs topic", ["trigger"])
+FANOUT_USERS = Histogram(
+    "vlm4rec_streams_fanout_users",
+    "Users a fresh item was pushed to",
+    buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500),
+)
+INTERACTION_TO_RECS = Histogram(
+    "vlm4rec_streams_interaction_to_recs_seconds",
+    "From an interaction's arrival on the topic (Kafka timestamp) to its user's recs published",
+    buckets=LATENCY_BUCKETS,
+)
+FRESH_ITEM_SECONDS = Histogram(
+    "vlm4rec_streams_fresh_item_seconds",
+    "From an item's publish on items.new to its first push to users (embedding included)",
+    buckets=LATENCY_BUCKETS,
+)
+CONSUMER_LAG = Gauge(
+    "vlm4rec_streams_consumer_lag",
+    "Messages behind the end of the topic, per partition (the embedded broker reports one low)",
+    ["topic", "partition"],
+)
+DEAD_LETTERS = Counter("vlm4rec_streams_dead_letters_total", "Events sent to a dead-letter topic", ["topic"])
+PROFILES = Gauge("vlm4rec_streams_profiles", "User profiles held by this worker")

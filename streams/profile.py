@@ -1,0 +1,166 @@
+"""User profiles and ranking, free of Faust, so that the stream processor and the offline
+evaluator run the very same functions.
+
+A profile is a weighted sum of the unit vectors of the items a user interacted with; its
+direction is the user's taste (cosine ranking ignores its length). The default rule is the
+paper's: the mean of the user's distinct history items, every interaction weighing 1. Options:
+weights per event type (negative ones pull the profile away), exponential time decay with a
+half-life, and a rating scale around a neutral value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ProfileRule:
+    """How interactions move a profile. The defaults are the paper's plain mean."""
+
+    weights: Mapping[str, float] = field(default_factory=dict)  # empty: every event weighs 1
+    default_weight: float = 1.0
+    rating_neutral: float | None = None  # e.g. 3.0: rating weight *= (value - neutral) / 2
+    half_life_s: float = 0.0  # 0: no decay
+    distinct: bool = True  # an item counts once (the paper's mean of distinct history items)
+    max_seen: int = 1000
+    max_history: int = 50
+
+    def weight(self, event: str, value: float | None) -> float:
+        weight = self.weights.get(event, self.default_weight)
+        if event == "rating" and value is not None and self.rating_neutral is not None:
+            weight *= (value - self.rating_neutral) / 2.0
+        return weight
+
+
+@dataclass
+class Profile:
+    """One user's state. Small and JSON-serialisable: it is a Faust table value."""
+
+    user_id: str
+    vector: list[float] | None = None  # weighted sum, decayed to `updated_at`
+    count: int = 0  # interactions applied (each exactly once)
+    updated_at: float = 0.0  # ts of the newest applied interaction
+    seen: list[str] = field(default_factory=list)  # distinct items, oldest first, bounded
+    history: list[tuple[str, str, float]] = field(default_factory=list)  # (item, event, ts)
+    offsets: dict[str, int] = field(default_factory=dict)  # partition -> last applied offset
+
+    def as_array(self) -> np.ndarray | None:
+        """The profile's unit direction, or None for a user with no signal yet."""
+        if self.vector is None:
+            return None
+        array = np.asarray(self.vector, dtype=np.float32)
+        norm = float(np.linalg.norm(array))
+        return array / norm if norm > 1e-9 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "vector": self.vector,
+            "count": self.count,
+            "updated_at": self.updated_at,
+            "seen": self.seen,
+            "history": [list(h) for h in self.history],
+            "offsets": self.offsets,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Profile:
+        return cls(
+            user_id=data["user_id"],
+            vector=data.get("vector"),
+            count=int(data.get("count", 0)),
+            updated_at=float(data.get("updated_at", 0.0)),
+            seen=list(data.get("seen", [])),
+            history=[(str(i), str(e), float(t)) for i, e, t in data.get("history", [])],
+            offsets={str(k): int(v) for k, v in data.get("offsets", {}).items()},
+        )
+
+    def already_applied(self, partition: int, offset: int) -> bool:
+        """Re-delivered events (at-least-once) are recognised by their offset, so every
+        interaction is counted once."""
+        return self.offsets.get(str(partition), -1) >= offset
+
+    def apply(
+        self,
+        item_id: str,
+        item_vector: np.ndarray | None,
+        event: str,
+        value: float | None,
+        ts: float,
+        rule: ProfileRule,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        """Fold one interaction in. `item_vector` None: the item has no vector (only history
+        and counts move)."""
+        repeat = item_id in self.seen
+        if item_vector is not None and not (rule.distinct and repeat):
+            weight = rule.weight(event, value)
+            vec = np.asarray(item_vector, dtype=np.float64)
+            norm = float(np.linalg.norm(vec))
+            if norm > 0 and weight != 0:
+                current = np.zeros_like(vec) if self.vector is None else np.asarray(self.vector, dtype=np.float64)
+                if rule.half_life_s > 0 and self.vector is not None and ts > self.updated_at:
+                    current *= math.pow(0.5, (ts - self.updated_at) / rule.half_life_s)
+                self.vector = (current + weight * vec / norm).tolist()
+        self.count += 1
+        self.updated_at = max(self.updated_at, ts)
+        if repeat:
+            self.seen.remove(item_id)
+        self.seen.append(item_id)
+        del self.seen[: max(0, len(self.seen) - rule.max_seen)]
+        self.history.append((item_id, event, ts))
+        del self.history[: max(0, len(self.history) - rule.max_history)]
+        if partition is not None and offset is not None:
+            self.offsets[str(partition)] = max(offset, self.offsets.get(str(partition), -1))
+
+
+def mean_profile(vectors: Iterable[np.ndarray]) -> np.ndarray | None:
+    """The paper's profile: mean of L2-normalised item vectors, as a unit direction."""
+    rows = [np.asarray(v, dtype=np.float64) for v in vectors]
+    if not rows:
+        return None
+    matrix = np.stack(rows)
+    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    mean = matrix.mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    return (mean / norm).astype(np.float32) if norm > 1e-9 else None
+
+
+class Ranker:
+    """Top-k over a fixed list of candidate items, vectorised, with EVAL.md's tie rule: equal
+    scores are ordered by item_id ascending as strings."""
+
+    def __init__(self, item_ids: Sequence[str]) -> None:
+        self.item_ids = list(item_ids)
+        self.index = {item_id: i for i, item_id in enumerate(self.item_ids)}
+        order = np.argsort(np.array(self.item_ids, dtype=object), kind="stable")
+        self.tiebreak = np.empty(len(order), dtype=np.int64)
+        self.tiebreak[order] = np.arange(len(order))
+
+    def top_k(self, scores: np.ndarray, k: int, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
+        scores = np.asarray(scores, dtype=np.float64).copy()
+        excluded = [self.index[i] for i in exclude if i in self.index]
+        scores[excluded] = -np.inf
+        k = min(k, len(scores) - len(excluded))
+        if k <= 0:
+            return []
+        threshold = -np.partition(-scores, k - 1)[k - 1]
+        candidates = np.flatnonzero(scores >= threshold)  # every tie of the k-th score
+        order = np.lexsort((self.tiebreak[candidates], -scores[candidates]))[:k]
+        return [(self.item_ids[candidates[j]], float(scores[candidates[j]])) for j in order]
+
+
+def top_k(
+    scores: np.ndarray,
+    item_ids: Sequence[str],
+    k: int,
+    exclude: Collection[str] = (),
+) -> list[tuple[str, float]]:
+    """One-off `Ranker(item_ids).top_k(...)`."""
+    return Ranker(item_ids).top_k(scores, k, exclude)
