@@ -47,7 +47,8 @@ class Profile:
     updated_at: float = 0.0  # ts of the newest applied interaction
     seen: list[str] = field(default_factory=list)  # distinct items, oldest first, bounded
     history: list[tuple[str, str, float]] = field(default_factory=list)  # (item, event, ts)
-    offsets: dict[str, int] = field(default_factory=dict)  # partition -> last applied offset
+    offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> last offset seen
+    origins: list[str] = field(default_factory=list)  # deferred interactions applied, bounded
 
     def as_array(self) -> np.ndarray | None:
         """The profile's unit direction, or None for a user with no signal yet."""
@@ -66,6 +67,7 @@ class Profile:
             "seen": self.seen,
             "history": [list(h) for h in self.history],
             "offsets": self.offsets,
+            "origins": self.origins,
         }
 
     @classmethod
@@ -78,12 +80,25 @@ class Profile:
             seen=list(data.get("seen", [])),
             history=[(str(i), str(e), float(t)) for i, e, t in data.get("history", [])],
             offsets={str(k): int(v) for k, v in data.get("offsets", {}).items()},
+            origins=list(data.get("origins", [])),
         )
 
-    def already_applied(self, partition: int, offset: int) -> bool:
-        """Re-delivered events (at-least-once) are recognised by their offset, so every
-        interaction is counted once."""
-        return self.offsets.get(str(partition), -1) >= offset
+    def already_seen(self, source: str, offset: int) -> bool:
+        """Re-delivered events (at-least-once) are recognised by their offset within their
+        source ("topic:partition"; one user's events always share a partition)."""
+        return self.offsets.get(source, -1) >= offset
+
+    def mark_seen(self, source: str, offset: int) -> None:
+        self.offsets[source] = max(offset, self.offsets.get(source, -1))
+
+    def already_applied_origin(self, origin: str) -> bool:
+        """A deferred interaction may reach the profile twice (its deferral re-delivered);
+        its origin ("topic:partition:offset") tells."""
+        return origin in self.origins
+
+    def mark_origin(self, origin: str, keep: int = 1000) -> None:
+        self.origins.append(origin)
+        del self.origins[: max(0, len(self.origins) - keep)]
 
     def apply(
         self,
@@ -93,8 +108,6 @@ class Profile:
         value: float | None,
         ts: float,
         rule: ProfileRule,
-        partition: int | None = None,
-        offset: int | None = None,
     ) -> None:
         """Fold one interaction in. `item_vector` None: the item has no vector (only history
         and counts move)."""
@@ -116,8 +129,6 @@ class Profile:
         del self.seen[: max(0, len(self.seen) - rule.max_seen)]
         self.history.append((item_id, event, ts))
         del self.history[: max(0, len(self.history) - rule.max_history)]
-        if partition is not None and offset is not None:
-            self.offsets[str(partition)] = max(offset, self.offsets.get(str(partition), -1))
 
 
 def mean_profile(vectors: Iterable[np.ndarray]) -> np.ndarray | None:

@@ -49,7 +49,9 @@ class EventProducer:
     """Validated, keyed, delivery-checked producing of contract events."""
 
     def __init__(self, kafka_config: dict[str, Any]) -> None:
-        config = {"linger.ms": 5, "enable.idempotence": True, "acks": "all"}
+        # murmur2 is the Java client's and Faust's partitioner: keyed events land where a
+        # Kafka Streams or Faust consumer co-partitioning by the same key expects them.
+        config = {"linger.ms": 5, "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random"}
         config.update(kafka_config)
         self._producer = Producer(config)
         self._errors: list[str] = []

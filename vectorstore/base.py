@@ -35,6 +35,11 @@ class VectorStore(ABC):
         (raise `CollectionMismatch` if not)."""
 
     @abstractmethod
+    def space(self) -> tuple[int, str, str] | None:
+        """(dim, model, strategy) of the existing collection, None if there is none yet: how a
+        reader learns the space the writers chose."""
+
+    @abstractmethod
     def upsert(self, records: Sequence[VectorRecord]) -> None:
         """Insert or replace by `item_id`; re-delivering the same record is harmless."""
 

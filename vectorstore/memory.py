@@ -26,6 +26,9 @@ class MemoryVectorStore(VectorStore):
             raise CollectionMismatch(f"store holds {self._space}, asked for {space}")
         self._space = space
 
+    def space(self) -> tuple[int, str, str] | None:
+        return self._space
+
     def upsert(self, records: Sequence[VectorRecord]) -> None:
         if self._space is None:
             raise RuntimeError("open() the store first")

@@ -33,15 +33,18 @@ class MilvusVectorStore(VectorStore):
         self._client = MilvusClient(uri=uri, token=token, timeout=timeout_s)
         self.collection = collection
 
+    def space(self) -> tuple[int, str, str] | None:
+        if not self._client.has_collection(self.collection):
+            return None
+        info = self._client.describe_collection(self.collection)
+        props = info.get("properties", {})
+        dim = next((f["params"].get("dim") for f in info["fields"] if f["name"] == "vector"), 0)
+        return int(dim or 0), str(props.get(_PROPS[0], "")), str(props.get(_PROPS[1], ""))
+
     def open(self, dim: int, model: str, strategy: str) -> None:
         client, name = self._client, self.collection
-        if client.has_collection(name):
-            info = client.describe_collection(name)
-            props = info.get("properties", {})
-            stored_dim = next(
-                (f["params"].get("dim") for f in info["fields"] if f["name"] == "vector"), None
-            )
-            have = (int(stored_dim or 0), props.get(_PROPS[0]), props.get(_PROPS[1]))
+        have = self.space()
+        if have is not None:
             if have != (dim, model, strategy):
                 raise CollectionMismatch(
                     f"Milvus collection {name!r} holds dim={have[0]} model={have[1]!r} "

@@ -118,6 +118,7 @@ def _product_services(settings: Settings) -> list[Any]:
     exe = [sys.executable, "-m", "vlm4rec"]
     return [
         Service(name="worker", argv=[*exe, "worker"], ready=lambda: True, restart=True),
+        Service(name="streams", argv=[*exe, "streams"], ready=lambda: True, restart=True),
     ]
 
 
@@ -147,6 +148,26 @@ def worker(settings: Settings) -> None:
     except CollectionMismatch as exc:
         raise click.ClickException(str(exc)) from exc
     log.info("worker stopped")
+
+
+@main.command()
+@click.pass_obj
+def streams(settings: Settings) -> None:
+    """Run one stream-processor worker (Faust): live profiles, recs, fresh-item fan-out.
+
+    HTTP on VLM4REC_WEB_HOST:VLM4REC_WEB_PORT: /users/{id}, /users/{id}/recommendations?k=N,
+    /metrics. Several workers share the partitions (at most VLM4REC_TOPIC_PARTITIONS useful).
+    """
+    from faust import Worker
+
+    from topics.admin import create_topics
+    from vlm4rec.wiring import build_streams
+
+    create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication)
+    service = build_streams(settings)
+    worker = Worker(service.app, loglevel=settings.log_level.lower(), quiet=True)
+    log.info("streams HTTP on http://%s:%d", settings.web_host, settings.web_port)
+    worker.execute_from_commandline()
 
 
 @main.command()

@@ -103,6 +103,28 @@ class Settings(BaseSettings):
         default_factory=list, description="folders that file:// image URIs may read, JSON list"
     )
 
+    # --- Stream processor (Faust) -------------------------------------------------------
+    streams_app_id: str = Field("vlm4rec-streams", description="Faust app id: consumer group and internal topic prefix")
+    streams_store: str = Field(
+        "memory://",
+        description="table store: memory:// (rebuilt from the changelog at start; required on the "
+        "embedded broker) or rocksdb:// against Apache Kafka",
+    )
+    streams_k: int = Field(20, ge=1, le=1000, description="recommendations per push")
+    streams_fanout_users: int = Field(50, ge=0, description="users a fresh item is pushed to")
+    streams_batch_max: int = Field(1000, ge=1, description="interactions coalesced per batch at most")
+    streams_batch_ms: int = Field(50, ge=1, description="coalescing window for a user's interactions")
+    profile_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="weight per event type, JSON (empty: the paper's plain mean; see DEFAULT_EVENT_WEIGHTS)",
+    )
+    profile_half_life_s: float = Field(0.0, ge=0, description="profile time decay half-life (0: none)")
+    profile_rating_neutral: float | None = Field(
+        None, description="rating value that weighs 0 (e.g. 3); lower ratings pull away"
+    )
+    popularity_half_life_s: float = Field(21600.0, gt=0, description="half-life of recent popularity (cold users)")
+    milvus_users_collection: str = Field("users", description="collection of user profile vectors (fan-out)")
+
     # --- Local stack ---------------------------------------------------------------------
     data_dir: Path = Field(
         default_factory=_default_data_dir,
@@ -158,7 +180,10 @@ class Settings(BaseSettings):
         }
 
     def topic_partitions_map(self) -> dict[str, int]:
-        return {name: self.topic_partitions for name in self.topics.all()}
+        """Every topic to create up front: the contract's and the stream processor's internal
+        ones (Faust creates its changelogs itself)."""
+        internal = [f"{self.streams_app_id}-pending", f"{self.streams_app_id}-control"]
+        return {name: self.topic_partitions for name in [*self.topics.all(), *internal]}
 
     @property
     def milvus_data_dir(self) -> Path:

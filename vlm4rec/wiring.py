@@ -69,6 +69,43 @@ def build_loader(settings: Settings) -> ImageLoader:
     )
 
 
+def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp, imported lazily (faust is heavy)
+    from streams.app import StreamsApp, StreamsConfig
+    from streams.profile import ProfileRule
+
+    config = StreamsConfig(
+        topics=settings.topics,
+        bootstrap_servers=settings.bootstrap_servers,
+        security_protocol=settings.kafka_security_protocol,
+        sasl_mechanism=settings.kafka_sasl_mechanism,
+        sasl_username=settings.kafka_sasl_username,
+        sasl_password=settings.kafka_sasl_password.get_secret_value(),
+        ssl_cafile=settings.kafka_ssl_cafile,
+        ssl_certfile=settings.kafka_ssl_certfile,
+        ssl_keyfile=settings.kafka_ssl_keyfile,
+        app_id=settings.streams_app_id,
+        store=settings.streams_store,
+        session_timeout_s=settings.kafka_session_timeout_ms / 1000,
+        partitions=settings.topic_partitions,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        k=settings.streams_k,
+        fanout_users=settings.streams_fanout_users,
+        batch_max=settings.streams_batch_max,
+        batch_within_s=settings.streams_batch_ms / 1000,
+        rule=ProfileRule(
+            weights=settings.profile_weights,
+            rating_neutral=settings.profile_rating_neutral,
+            half_life_s=settings.profile_half_life_s,
+        ),
+        popularity_half_life_s=settings.popularity_half_life_s,
+    )
+    token = settings.milvus_token.get_secret_value()
+    items = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection, token)
+    users = MilvusVectorStore(settings.milvus_uri, settings.milvus_users_collection, token)
+    return StreamsApp(config, items, users)
+
+
 def build_worker(settings: Settings) -> EmbeddingWorker:
     topics = settings.topics
     config = WorkerConfig(

@@ -67,7 +67,11 @@ class EmbeddingWorker:
         self.store = store
         self.loader = loader
         self._consumer = Consumer(config.consumer)
-        self._producer = Producer({"linger.ms": 5, "enable.idempotence": True, **config.producer})
+        # murmur2 like Faust: items.embedded is co-partitioned with the stream processor's
+        # `pending` topic by item_id.
+        self._producer = Producer(
+            {"linger.ms": 5, "enable.idempotence": True, "partitioner": "murmur2_random", **config.producer}
+        )
         self._fetch_pool = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="image-fetch")
         self._delivery_errors: list[str] = []
         self._stop = threading.Event()

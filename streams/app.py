@@ -1,0 +1,409 @@
+"""The Faust app: live user profiles, pushed recommendations, fresh-item fan-out, HTTP views.
+
+Topics and agents:
+- `interactions` (+ the internal `control` topic, co-partitioned): the profile agent. Batches of
+  events (coalesced within a short window) update the `profiles` table once per user per batch,
+  then one vector-store search for all changed users yields their `recs`.
+  An interaction whose item has no vector yet is deferred to the `pending` topic (keyed by item)
+  and comes back through `control` once the item is embedded: no signal is lost.
+- `items.embedded` (+ `pending`, co-partitioned by item_id): the item agent. It releases the
+  interactions waiting for the item and fans the fresh item out to the users whose profiles are
+  nearest (via the `users` collection), by sending them a refresh through `control`.
+
+At-least-once: the profile remembers the last offset it applied per source partition, and the
+origin of every deferred interaction it applied, so a re-delivered event is never counted twice.
+Control messages go to the user's own interactions partition (stored with the user's vector),
+so one worker owns all of a user's events whatever partitioner the producers use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+import weakref
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from faust.streams import _current_event
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from streams import metrics
+from streams.popularity import RecentPopularity
+from streams.profile import Profile, ProfileRule
+from streams.recommend import Recommender
+from topics import DeadLetter, EventError, Interaction, ItemEmbedded, Rec, Recs, TopicNames, decode, encode
+from vectorstore import VectorStore
+
+log = logging.getLogger("vlm4rec.streams")
+
+
+@dataclass(frozen=True)
+class StreamsConfig:
+    """Plain values the composition root hands down."""
+
+    topics: TopicNames
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    app_id: str = "vlm4rec-streams"
+    store: str = "memory://"
+    session_timeout_s: float = 6.0
+    partitions: int = 4
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    k: int = 20
+    fanout_users: int = 50
+    batch_max: int = 1000
+    batch_within_s: float = 0.05
+    rule: ProfileRule = field(default_factory=ProfileRule)
+    popularity_half_life_s: float = 6 * 3600
+
+    @property
+    def pending_topic(self) -> str:
+        return f"{self.app_id}-pending"
+
+    @property
+    def control_topic(self) -> str:
+        return f"{self.app_id}-control"
+
+    def internal_topics(self) -> list[str]:
+        return [self.pending_topic, self.control_topic]
+
+
+def _credentials(config: StreamsConfig) -> Any:
+    if config.security_protocol == "PLAINTEXT":
+        return None
+    context = None
+    if config.security_protocol.endswith("SSL"):
+        context = ssl.create_default_context(cafile=config.ssl_cafile or None)
+        if config.ssl_certfile:
+            context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile or None)
+    if config.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=config.sasl_username,
+            password=config.sasl_password,
+            mechanism=config.sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context)
+
+
+def _in_context_of(event: faust.EventT) -> None:
+    """Faust writes a table entry to the changelog partition of the *current* event; in a
+    batch (take_events) there is none, so name the event whose partition owns the key."""
+    _current_event.set(weakref.ref(event))
+
+
+def _source(event: faust.EventT) -> str:
+    return f"{event.message.topic}:{event.message.partition}"
+
+
+class StreamsApp:
+    """Builds the Faust app around a `Recommender`; the app object is `self.app`."""
+
+    def __init__(self, config: StreamsConfig, items: VectorStore, users: VectorStore) -> None:
+        self.config = config
+        self.items = items
+        self.users = users
+        self.popularity = RecentPopularity(config.popularity_half_life_s)
+        self.recommender = Recommender(items, users, self.popularity, k=config.k)
+        self.model = ""
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vector-store")  # calls in order
+        brokers = ";".join(f"kafka://{b.strip()}" for b in config.bootstrap_servers.split(","))
+        self.app = faust.App(
+            config.app_id,
+            broker=brokers,
+            broker_credentials=_credentials(config),
+            store=config.store,
+            topic_partitions=config.partitions,
+            web_host=config.web_host,
+            web_port=config.web_port,
+            web_bind=config.web_host,
+            broker_session_timeout=config.session_timeout_s,
+            broker_heartbeat_interval=max(0.5, config.session_timeout_s / 3),
+            producer_linger_ms=2,
+            stream_wait_empty=False,
+            table_cleanup_interval=60.0,
+        )
+        raw = {"key_serializer": "raw", "value_serializer": "raw", "partitions": config.partitions}
+        t = config.topics
+        self.interactions = self.app.topic(t.interactions, config.control_topic, **raw)
+        self.items_topic = self.app.topic(t.items_embedded, config.pending_topic, **raw)
+        self.pending = self.app.topic(config.pending_topic, **raw)
+        self.control = self.app.topic(config.control_topic, **raw)
+        self.recs = self.app.topic(t.recs, **raw)
+        self.interactions_dlq = self.app.topic(t.interactions_dlq, **raw)
+        self.profiles = self.app.Table("profiles", default=None, partitions=config.partitions)
+        self.waiting = self.app.Table("waiting", default=None, partitions=config.partitions)
+        self.app.agent(self.interactions, name="profiles-agent")(self._profiles_agent)
+        self.app.agent(self.items_topic, name="items-agent")(self._items_agent)
+        self.app.task(self._discover_space)
+        self._register_views()
+
+    async def _store(self, fn: Any, *args: Any) -> Any:
+        """Vector-store calls are blocking gRPC; keep them off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _discover_space(self) -> None:
+        """The embedding workers choose the item space; the users collection follows it."""
+        while True:
+            space = await self._store(self.items.space)
+            if space is not None:
+                await self._store(self.users.open, *space)
+                self.model = f"{space[1]}+profile-mean"
+                log.info("item space: dim=%d model=%s strategy=%s", *space)
+                return
+            log.info("waiting for the items collection (start an embedding worker)")
+            await asyncio.sleep(2.0)
+
+    # --- profiles ----------------------------------------------------------------------
+    async def _profiles_agent(self, stream: faust.StreamT) -> None:
+        async for events in stream.take_events(self.config.batch_max, within=self.config.batch_within_s):
+            await self._until_done("interaction batch", self._process_interactions, events)
+
+    async def _until_done(self, what: str, handler: Any, *args: Any) -> None:
+        """Faust acknowledges a batch even when its handler raises, so a failure here would
+        drop events: retry instead (a vector store that is down is waited for). Re-running is
+        safe because profiles remember which offsets they applied."""
+        delay = 0.5
+        while True:
+            try:
+                await handler(*args)
+                return
+            except Exception:  # noqa: BLE001 - anything; the retry is the handling
+                log.exception("%s failed; retrying in %.1fs", what, delay)
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
+
+    async def _process_interactions(self, events: list[faust.EventT]) -> None:
+        while not self.model:
+            await asyncio.sleep(0.2)
+        by_user: dict[str, list[tuple[faust.EventT, Interaction, str | None]]] = defaultdict(list)
+        refresh: dict[str, tuple[faust.EventT, float | None]] = {}
+        for event in events:
+            parsed = await self._parse(event)
+            if parsed is None:
+                continue
+            kind, interaction, origin, published_at = parsed
+            if kind == "refresh":
+                refresh[interaction.user_id] = (event, published_at)
+            else:
+                by_user[interaction.user_id].append((event, interaction, origin))
+
+        item_ids = {i.item_id for rows in by_user.values() for _, i, _ in rows}
+        vectors = await self._store(self.recommender.vectors.get, item_ids) if item_ids else {}
+        changed: dict[str, tuple[Profile, faust.EventT]] = {}
+        arrival: dict[str, float] = {}
+        for user_id, rows in by_user.items():
+            profile = self._load(user_id)
+            for event, interaction, origin in rows:
+                if self._duplicate(profile, event, origin):
+                    metrics.INTERACTIONS.labels("duplicate").inc()
+                    continue
+                vector = vectors.get(interaction.item_id)
+                if vector is None:
+                    await self._defer(event, interaction)
+                    metrics.INTERACTIONS.labels("deferred").inc()
+                    continue
+                profile.apply(interaction.item_id, vector, interaction.event, interaction.value, interaction.ts, self.config.rule)
+                self.popularity.add(interaction.item_id, interaction.ts, 1.0)
+                metrics.INTERACTIONS.labels("applied").inc()
+                arrival[user_id] = max(arrival.get(user_id, 0.0), event.message.timestamp)
+            changed[user_id] = (profile, rows[-1][0])
+        for user_id, (profile, event) in changed.items():
+            _in_context_of(event)
+            self.profiles[user_id] = profile.to_dict()
+            metrics.PROFILE_UPDATES.inc()
+
+        targets = {u: p for u, (p, _) in changed.items() if u in arrival}
+        for user_id, (event, _) in refresh.items():
+            if user_id not in targets and (stored := self.profiles.get(user_id)) is not None:
+                targets[user_id] = Profile.from_dict(stored)
+        if not targets:
+            return
+        users = list(targets)
+        profiles = [targets[u] for u in users]
+        partitions = [self._partition_of(u, changed, refresh) for u in users]
+        await self._store(self.recommender.save_profiles, profiles, partitions)
+        lists = await self._store(self.recommender.recommend, profiles)
+        now = time.time()
+        for user_id, items in zip(users, lists, strict=True):
+            trigger = "interaction" if user_id in arrival else "fresh_item"
+            await self._push(user_id, items, trigger)
+            if user_id in arrival:
+                metrics.INTERACTION_TO_RECS.observe(max(0.0, now - arrival[user_id]))
+        for user_id, (_, published_at) in refresh.items():
+            if published_at is not None and user_id in users:
+                metrics.FRESH_ITEM_SECONDS.observe(max(0.0, now - published_at))
+
+    @staticmethod
+    def _partition_of(user_id: str, changed: dict, refresh: dict) -> int:
+        event = changed[user_id][1] if user_id in changed else refresh[user_id][0]
+        return event.message.partition
+
+    async def _parse(self, event: faust.EventT) -> tuple[str, Interaction, str | None, float | None] | None:
+        """An interaction from producers, or a control message (a released deferred interaction
+        or a fresh-item refresh). Bad input goes to the dead-letter topic."""
+        message = event.message
+        if message.topic == self.config.control_topic:
+            control = json.loads(event.value)
+            interaction = Interaction.model_validate(control["interaction"])
+            return control["kind"], interaction, control.get("origin"), control.get("published_at")
+        try:
+            return "interaction", decode(Interaction, event.value), None, None
+        except EventError as exc:
+            letter = DeadLetter.of(event.value, event.key, message.topic, message.partition, message.offset, exc.reason)
+            await self.interactions_dlq.send(key=event.key, value=encode(letter))
+            metrics.INTERACTIONS.labels("dead_letter").inc()
+            metrics.DEAD_LETTERS.labels(message.topic).inc()
+            log.warning("dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, exc.reason)
+            return None
+
+    def _load(self, user_id: str) -> Profile:
+        stored = self.profiles.get(user_id)
+        return Profile.from_dict(stored) if stored is not None else Profile(user_id)
+
+    @staticmethod
+    def _duplicate(profile: Profile, event: faust.EventT, origin: str | None) -> bool:
+        """Seen before (re-delivery), else remembered now (written with the profile)."""
+        source = _source(event)
+        if profile.already_seen(source, event.message.offset):
+            return True
+        profile.mark_seen(source, event.message.offset)
+        if origin is not None:
+            if profile.already_applied_origin(origin):
+                return True
+            profile.mark_origin(origin)
+        return False
+
+    async def _defer(self, event: faust.EventT, interaction: Interaction) -> None:
+        message = event.message
+        body = {
+            "interaction": interaction.model_dump(),
+            "origin": f"{message.topic}:{message.partition}:{message.offset}",
+            "partition": message.partition,
+        }
+        await self.pending.send(key=interaction.item_id.encode(), value=json.dumps(body).encode())
+
+    async def _push(self, user_id: str, items: list[tuple[str, float]], trigger: str) -> None:
+        recs = Recs(
+            user_id=user_id,
+            items=[Rec(item_id=i, score=s) for i, s in items],
+            trigger=trigger,
+            model=self.model,
+            generated_at=time.time(),
+        )
+        await self.recs.send(key=user_id.encode(), value=encode(recs))
+        metrics.RECS_PUSHED.labels(trigger).inc()
+
+    # --- items -------------------------------------------------------------------------
+    async def _items_agent(self, stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            if event.message.topic == self.config.pending_topic:
+                await self._until_done("pending interaction", self._on_pending, event)
+            else:
+                await self._until_done("embedded item", self._on_embedded, event)
+
+    async def _on_pending(self, event: faust.EventT) -> None:
+        body = json.loads(event.value)
+        item_id = body["interaction"]["item_id"]
+        state = self.waiting.get(item_id) or {"embedded": False, "waiting": []}
+        if state["embedded"]:
+            await self._release(body)
+            return
+        state["waiting"] = (state["waiting"] + [body])[-1000:]
+        self.waiting[item_id] = state
+
+    async def _on_embedded(self, event: faust.EventT) -> None:
+        try:
+            item = decode(ItemEmbedded, event.value)
+        except EventError as exc:
+            log.warning("ignoring a malformed items.embedded message: %s", exc.reason)
+            return
+        self.recommender.vectors.forget(item.item_id)
+        state = self.waiting.get(item.item_id) or {"embedded": False, "waiting": []}
+        for body in state["waiting"]:
+            await self._release(body)
+        self.waiting[item.item_id] = {"embedded": True, "waiting": []}
+        await self._fan_out(item)
+
+    async def _release(self, body: dict[str, Any]) -> None:
+        interaction = body["interaction"]
+        control = {"kind": "interaction", "interaction": interaction, "origin": body["origin"]}
+        await self.control.send(
+            key=interaction["user_id"].encode(), value=json.dumps(control).encode(), partition=body["partition"]
+        )
+
+    async def _fan_out(self, item: ItemEmbedded) -> None:
+        """Push a fresh item to the users nearest it: a refresh through each user's own
+        partition, where the profile agent recomputes and pushes their recs."""
+        if not self.model or self.config.fanout_users <= 0:
+            return
+        vectors = await self._store(self.recommender.vectors.get, [item.item_id])
+        vector = vectors.get(item.item_id)
+        if vector is None:
+            return
+        users = await self._store(self.recommender.nearest_users, vector, self.config.fanout_users)
+        metrics.FANOUT_USERS.observe(len(users))
+        for user_id, _, partition in users:
+            control = {
+                "kind": "refresh",
+                "interaction": {"user_id": user_id, "item_id": item.item_id, "event": "fresh_item", "ts": time.time()},
+                "published_at": item.published_at,
+            }
+            await self.control.send(key=user_id.encode(), value=json.dumps(control).encode(), partition=partition)
+
+    # --- HTTP --------------------------------------------------------------------------
+    def _register_views(self) -> None:
+        app = self.app
+
+        @app.page("/metrics")
+        async def metrics_view(web: Any, request: Any) -> Any:
+            return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+        @app.page("/users/{user_id}")
+        @app.table_route(table=self.profiles, match_info="user_id")
+        async def user_view(web: Any, request: Any, user_id: str) -> Any:
+            stored = self.profiles.get(user_id)
+            if stored is None:
+                return web.json({"error": f"unknown user {user_id!r}"}, status=404)
+            profile = Profile.from_dict(stored)
+            return web.json(
+                {
+                    "user_id": user_id,
+                    "interactions": profile.count,
+                    "updated_at": profile.updated_at,
+                    "has_profile_vector": profile.vector is not None,
+                    "recent": [{"item_id": i, "event": e, "ts": t} for i, e, t in reversed(profile.history)],
+                }
+            )
+
+        @app.page("/users/{user_id}/recommendations")
+        @app.table_route(table=self.profiles, match_info="user_id")
+        async def recs_view(web: Any, request: Any, user_id: str) -> Any:
+            raw_k = request.query.get("k", str(self.config.k))
+            if not raw_k.isdigit() or not 1 <= int(raw_k) <= 1000:
+                return web.json({"error": "k must be an integer from 1 to 1000"}, status=400)
+            stored = self.profiles.get(user_id)
+            if stored is None:
+                return web.json({"error": f"unknown user {user_id!r}"}, status=404)
+            lists = await self._store(self.recommender.recommend, [Profile.from_dict(stored)], int(raw_k))
+            return web.json(
+                {
+                    "user_id": user_id,
+                    "trigger": "request",
+                    "model": self.model,
+                    "items": [{"item_id": i, "score": s} for i, s in lists[0]],
+                }
+            )
