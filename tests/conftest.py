@@ -154,6 +154,9 @@ def isolated(infra: RunningStack) -> RunningStack:
         "VLM4REC_MILVUS_COLLECTION": f"items_{uid}",
         "VLM4REC_WORKER_GROUP": f"embedders-{uid}",
         "VLM4REC_WORKER_METRICS_PORT": "0",
+        "VLM4REC_STREAMS_APP_ID": f"streams-{uid}",
+        "VLM4REC_MILVUS_USERS_COLLECTION": f"users_{uid}",
+        "VLM4REC_WEB_PORT": str(free_port()),
     }
     stack = RunningStack(env, infra.process, infra.log_path)
     settings = stack.settings()

@@ -1,0 +1,106 @@
+"""Profile maths and ranking (pure functions shared by streams and the evaluator)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streams.popularity import RecentPopularity
+from streams.profile import Profile, ProfileRule, Ranker, mean_profile, top_k
+
+X, Y = np.array([1.0, 0.0]), np.array([0.0, 3.0])
+
+
+def test_default_rule_is_the_mean_of_distinct_items() -> None:
+    p = Profile("u")
+    rule = ProfileRule()
+    p.apply("a", X, "click", None, 1, rule)
+    p.apply("b", Y, "view", None, 2, rule)
+    p.apply("a", X, "purchase", None, 3, rule)  # repeat: counted, but not added again
+    assert p.count == 3 and p.seen == ["b", "a"]
+    assert np.allclose(p.as_array(), [2**-0.5, 2**-0.5])
+    assert np.allclose(p.as_array(), mean_profile([X, Y]))
+
+
+def test_event_weights_and_negative_events_pull_away() -> None:
+    rule = ProfileRule(weights={"like": 3.0, "hide": -1.0}, distinct=False)
+    p = Profile("u")
+    p.apply("a", X, "like", None, 1, rule)
+    p.apply("b", Y, "click", None, 2, rule)  # unknown weight: default 1
+    assert p.as_array()[0] > p.as_array()[1]
+    p.apply("c", np.array([1.0, 0.2]), "hide", None, 3, rule)
+    assert p.as_array()[1] > 0.3  # pushed away from the hidden direction
+
+
+def test_rating_scales_around_neutral() -> None:
+    rule = ProfileRule(rating_neutral=3.0)
+    assert rule.weight("rating", 5) == 1.0
+    assert rule.weight("rating", 1) == -1.0
+    assert rule.weight("rating", 3) == 0.0
+    assert ProfileRule().weight("rating", 1) == 1.0  # plain mean ignores the value
+
+
+def test_time_decay_halves_old_signal() -> None:
+    rule = ProfileRule(half_life_s=10.0)
+    p = Profile("u")
+    p.apply("a", X, "click", None, 0, rule)
+    p.apply("b", Y, "click", None, 10, rule)
+    assert np.allclose(p.vector, [0.5, 1.0])
+
+
+def test_offsets_make_re_delivery_harmless() -> None:
+    p = Profile("u")
+    assert not p.already_seen("interactions:1", 5)
+    p.mark_seen("interactions:1", 5)
+    assert p.already_seen("interactions:1", 5) and p.already_seen("interactions:1", 4)
+    assert not p.already_seen("interactions:2", 5)
+    p.mark_origin("interactions:1:3")
+    assert p.already_applied_origin("interactions:1:3")
+
+
+def test_profile_round_trips_as_json_dict() -> None:
+    p = Profile("u")
+    p.apply("a", X, "click", None, 1.5, ProfileRule())
+    p.mark_seen("t:0", 3)
+    again = Profile.from_dict(p.to_dict())
+    assert again == p
+
+
+def test_bounded_seen_and_history() -> None:
+    rule = ProfileRule(max_seen=3, max_history=2)
+    p = Profile("u")
+    for n in range(10):
+        p.apply(f"i{n}", X, "click", None, n, rule)
+    assert p.seen == ["i7", "i8", "i9"] and len(p.history) == 2
+
+
+def test_user_without_vector() -> None:
+    p = Profile("u")
+    p.apply("a", None, "click", None, 1, ProfileRule())
+    assert p.as_array() is None and p.count == 1
+
+
+def test_ranker_ties_by_item_id_and_exclusions() -> None:
+    ranker = Ranker(["d", "c", "b", "a", "e"])
+    scores = np.array([1.0, 2.0, 2.0, 0.5, 2.0])
+    assert ranker.top_k(scores, 3) == [("b", 2.0), ("c", 2.0), ("e", 2.0)]
+    assert ranker.top_k(scores, 3, exclude={"b", "zzz"}) == [("c", 2.0), ("e", 2.0), ("d", 1.0)]
+    assert ranker.top_k(scores, 10, exclude={"a", "b", "c", "d", "e"}) == []
+    assert top_k(np.array([1, 1, 1.0]), ["10", "9", "1"], 2) == [("1", 1.0), ("10", 1.0)]
+
+
+def test_recent_popularity_fades() -> None:
+    pop = RecentPopularity(half_life_s=10)
+    pop.add("old", 1_700_000_000, 3)
+    pop.add("new", 1_700_000_030, 1)  # 3 half-lives later: old is worth 3/8
+    assert [i for i, _ in pop.top(2)] == ["new", "old"]
+    assert pop.top(5, exclude={"new"})[0][0] == "old"
+    pop.add("much-later", 1_700_000_000 + 10_000, 1)  # rescaling must not overflow
+    assert pop.top(1)[0][0] == "much-later"
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_mean_profile_is_unit(n: int) -> None:
+    vectors = np.random.default_rng(n).normal(size=(n, 4))
+    assert np.linalg.norm(mean_profile(vectors)) == pytest.approx(1.0, abs=1e-6)
+    assert mean_profile([]) is None
