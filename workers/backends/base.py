@@ -74,5 +74,12 @@ class EmbeddingBackend(ABC):
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Encode RGB images into a (len(images), image_dim) matrix."""
 
+    def describe_and_embed_images(
+        self, images: Sequence[Image.Image], titles: Sequence[str]
+    ) -> tuple[list[str], np.ndarray]:
+        """Both image calls at once; backends whose describer and image encoder share a forward
+        pass override this to run it once (the `fused` strategy needs both)."""
+        return self.describe(images, titles), self.embed_images(images)
+
     def close(self) -> None:
         """Release models, sessions and connections."""
