@@ -24,7 +24,7 @@ import logging
 import ssl
 import time
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +41,8 @@ from topics import DeadLetter, EventError, Interaction, ItemEmbedded, Rec, Recs,
 from vectorstore import VectorStore
 
 log = logging.getLogger("vlm4rec.streams")
+
+LAST_RECS_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class StreamsApp:
         self.popularity = RecentPopularity(config.popularity_half_life_s)
         self.recommender = Recommender(items, users, self.popularity, k=config.k)
         self.model = ""
+        self.last_recs: OrderedDict[str, Recs] = OrderedDict()  # latest push per user, bounded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vector-store")  # calls in order
         brokers = ";".join(f"kafka://{b.strip()}" for b in config.bootstrap_servers.split(","))
         self.app = faust.App(
@@ -306,6 +309,10 @@ class StreamsApp:
         )
         await self.recs.send(key=user_id.encode(), value=encode(recs))
         metrics.RECS_PUSHED.labels(trigger).inc()
+        self.last_recs[user_id] = recs
+        self.last_recs.move_to_end(user_id)
+        if len(self.last_recs) > LAST_RECS_KEPT:
+            self.last_recs.popitem(last=False)
 
     # --- items -------------------------------------------------------------------------
     async def _items_agent(self, stream: faust.StreamT) -> None:

@@ -85,10 +85,10 @@ class Recommender:
         return results
 
     def save_profiles(self, profiles: Sequence[Profile], partitions: Sequence[int]) -> None:
-        """Keep the `users` collection in step; the partition is stored as the hash so that a
-        fan-out can address the user's own stream partition."""
+        """Keep the `users` collection in step, with the user's stream partition so that a
+        fan-out can address it."""
         records = [
-            VectorRecord(p.user_id, vector, content_hash=str(partition), embedded_at=p.updated_at)
+            VectorRecord(p.user_id, vector, embedded_at=p.updated_at, meta={"partition": partition})
             for p, partition in zip(profiles, partitions, strict=True)
             if (vector := p.as_array()) is not None
         ]
@@ -99,5 +99,5 @@ class Recommender:
         """(user_id, cosine, stream partition) of the users whose taste is nearest the item."""
         with metrics.SEARCH_SECONDS.labels("users").time():
             hits = self.users.search(item_vector[None, :], n)[0]
-        partitions = self.users.get_hashes([u for u, _ in hits])
-        return [(u, s, int(partitions.get(u) or 0)) for u, s in hits]
+        meta = self.users.get_meta([u for u, _ in hits])
+        return [(u, s, int(meta.get(u, {}).get("partition", 0))) for u, s in hits]

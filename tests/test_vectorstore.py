@@ -98,3 +98,17 @@ def test_search_many_queries_in_one_call(store: VectorStore) -> None:
     for n, h in enumerate(hits):
         want = np.sort(exact[n])[::-1][:10]
         assert np.allclose([s for _, s in h], want, atol=1e-4)
+
+
+def test_meta_and_space(store: VectorStore) -> None:
+    assert store.space() is None
+    store.open(2, "m", "text")
+    assert store.space() == (2, "m", "text")
+    v = unit([[1, 0]])[0]
+    store.upsert([
+        VectorRecord("a", v, meta={"title": 'Robe "rouge" ünï', "partition": 3}),
+        VectorRecord("b", v, meta={"image_url": "data:image/png;base64," + "A" * 50_000}),
+    ])
+    meta = store.get_meta(["a", "b", "zz"])
+    assert meta["a"] == {"title": 'Robe "rouge" ünï', "partition": 3}
+    assert set(meta) == {"a", "b"}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ class VectorRecord:
     content_hash: str = ""
     created_at: float = 0.0
     embedded_at: float = 0.0
+    meta: Mapping[str, Any] = field(default_factory=dict)  # small JSON: display fields, routing
 
 
 Hits = list[tuple[str, float]]
@@ -50,6 +52,10 @@ class VectorStore(ABC):
     @abstractmethod
     def get_hashes(self, ids: Collection[str]) -> dict[str, str]:
         """Content hashes of the ids that are stored (to skip re-embedding unchanged items)."""
+
+    @abstractmethod
+    def get_meta(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        """The `meta` of the ids that are stored (e.g. an item's title and image for a page)."""
 
     @abstractmethod
     def search(

@@ -5,6 +5,7 @@ For unit tests, offline evaluation and tiny deployments; same contract as Milvus
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,7 @@ class MemoryVectorStore(VectorStore):
         self._ids: list[str] = []
         self._rows: list[np.ndarray] = []
         self._hashes: list[str] = []
+        self._meta: list[dict[str, Any]] = []
         self._matrix: np.ndarray | None = None  # stacked rows, rebuilt after a change
 
     def open(self, dim: int, model: str, strategy: str) -> None:
@@ -40,9 +42,11 @@ class MemoryVectorStore(VectorStore):
                 self._ids.append(record.item_id)
                 self._rows.append(vector)
                 self._hashes.append(record.content_hash)
+                self._meta.append(dict(record.meta))
             else:
                 self._rows[row] = vector
                 self._hashes[row] = record.content_hash
+                self._meta[row] = dict(record.meta)
         self._matrix = None
 
     def get_vectors(self, ids: Collection[str]) -> dict[str, np.ndarray]:
@@ -50,6 +54,9 @@ class MemoryVectorStore(VectorStore):
 
     def get_hashes(self, ids: Collection[str]) -> dict[str, str]:
         return {i: self._hashes[self._index[i]] for i in ids if i in self._index}
+
+    def get_meta(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        return {i: dict(self._meta[self._index[i]]) for i in ids if i in self._index}
 
     def search(
         self,

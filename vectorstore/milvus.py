@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
+from typing import Any
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
@@ -17,6 +18,7 @@ from vectorstore.base import CollectionMismatch, Hits, VectorRecord, VectorStore
 
 MAX_ID_BYTES = 1024  # the contract caps ids at 256 characters (at most 1024 UTF-8 bytes)
 MILVUS_MAX_TOPK = 16384
+MAX_META_BYTES = 8192
 _FETCH_CHUNK = 1000  # ids per `item_id in [...]` expression
 _PROPS = ("vlm4rec.model", "vlm4rec.strategy")
 
@@ -26,6 +28,14 @@ def id_list_expr(ids: Sequence[str]) -> str:
     parser reads back exactly (quotes, backslashes and unicode included; pymilvus's own `get`
     breaks on an id with a backslash or a quote)."""
     return "item_id in [" + ",".join(json.dumps(i, ensure_ascii=False) for i in ids) + "]"
+
+
+def _meta_json(meta: Any) -> str:
+    """Meta as JSON within the field's byte limit: values too long to keep (a data: URI as an
+    image address, say) are left out rather than failing the upsert."""
+    kept = {k: v for k, v in dict(meta).items() if len(str(v).encode("utf-8")) <= MAX_META_BYTES // 4}
+    text = json.dumps(kept, ensure_ascii=False)
+    return text if len(text.encode("utf-8")) <= MAX_META_BYTES else "{}"
 
 
 class MilvusVectorStore(VectorStore):
@@ -60,6 +70,7 @@ class MilvusVectorStore(VectorStore):
         schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
         schema.add_field("created_at", DataType.DOUBLE)
         schema.add_field("embedded_at", DataType.DOUBLE)
+        schema.add_field("meta", DataType.VARCHAR, max_length=MAX_META_BYTES)
         index = client.prepare_index_params()
         index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
         client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
@@ -78,6 +89,7 @@ class MilvusVectorStore(VectorStore):
                     "content_hash": r.content_hash,
                     "created_at": float(r.created_at),
                     "embedded_at": float(r.embedded_at),
+                    "meta": _meta_json(r.meta),
                 }
                 for r in latest.values()
             ],
@@ -101,6 +113,9 @@ class MilvusVectorStore(VectorStore):
 
     def get_hashes(self, ids: Collection[str]) -> dict[str, str]:
         return {i: str(h) for i, h in self._fetch(ids, "content_hash").items()}
+
+    def get_meta(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        return {i: json.loads(str(m) or "{}") for i, m in self._fetch(ids, "meta").items()}
 
     def search(
         self,

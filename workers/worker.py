@@ -152,6 +152,11 @@ class EmbeddingWorker:
                 content_hash=fetched[item_id].hash,
                 created_at=fetched[item_id].item.created_at or 0.0,
                 embedded_at=now,
+                meta={
+                    "title": fetched[item_id].item.title[:300],
+                    "image_url": fetched[item_id].item.image_url or "",
+                    "category": fetched[item_id].item.category[:100],
+                },
             )
             for item_id, vector in zip(result.item_ids, result.vectors, strict=True)
         ]
