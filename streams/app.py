@@ -152,6 +152,7 @@ class StreamsApp:
         self.app.agent(self.interactions, name="profiles-agent")(self._profiles_agent)
         self.app.agent(self.items_topic, name="items-agent")(self._items_agent)
         self.app.task(self._discover_space)
+        self.app.timer(5.0)(self._report_lag)
         self._register_views()
 
     async def _store(self, fn: Any, *args: Any) -> Any:
@@ -169,6 +170,19 @@ class StreamsApp:
                 return
             log.info("waiting for the items collection (start an embedding worker)")
             await asyncio.sleep(2.0)
+
+    async def _report_lag(self) -> None:
+        """Consumer lag of the input topics this worker owns (the embedded broker reports end
+        offsets one low, so lag there reads one low per partition; clamped at zero)."""
+        consumer = self.app.consumer
+        mine = [tp for tp in consumer.assignment() if tp.topic in (self.config.topics.interactions, self.config.topics.items_embedded)]
+        if not mine:
+            return
+        highwaters = await consumer.highwaters(*mine)
+        for tp in mine:
+            position = await consumer.position(tp)
+            if position is not None and tp in highwaters:
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwaters[tp] - position))
 
     # --- profiles ----------------------------------------------------------------------
     async def _profiles_agent(self, stream: faust.StreamT) -> None:
