@@ -138,6 +138,11 @@ class StreamsApp:
             producer_linger_ms=2,
             stream_wait_empty=False,
             table_cleanup_interval=60.0,
+            # Faust's own views would list table contents (users' histories): off
+            web_tables_enabled=False,
+            web_router_enabled=False,
+            web_graph_enabled=False,
+            web_stats_enabled=False,
         )
         raw = {"key_serializer": "raw", "value_serializer": "raw", "partitions": config.partitions}
         t = config.topics

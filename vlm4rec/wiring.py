@@ -72,6 +72,7 @@ def build_loader(settings: Settings) -> ImageLoader:
 def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp, imported lazily (faust is heavy)
     from streams.app import StreamsApp, StreamsConfig
     from streams.profile import ProfileRule
+    from streams.web import register_ui
 
     config = StreamsConfig(
         topics=settings.topics,
@@ -103,7 +104,9 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
     token = settings.milvus_token.get_secret_value()
     items = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection, token)
     users = MilvusVectorStore(settings.milvus_uri, settings.milvus_users_collection, token)
-    return StreamsApp(config, items, users)
+    service = StreamsApp(config, items, users)
+    register_ui(service, build_loader(settings))
+    return service
 
 
 def build_worker(settings: Settings) -> EmbeddingWorker:
