@@ -4,6 +4,7 @@ plain values to the parts."""
 from __future__ import annotations
 
 import json
+import os
 import logging
 import signal
 import sys
@@ -116,9 +117,11 @@ def _product_services(settings: Settings) -> list[Any]:
     from vlm4rec.localstack import Service
 
     exe = [sys.executable, "-m", "vlm4rec"]
+    host = settings.web_host
+    metrics_ports = [(host, settings.worker_metrics_port)] if settings.worker_metrics_port else []
     return [
-        Service(name="worker", argv=[*exe, "worker"], ready=lambda: True, restart=True),
-        Service(name="streams", argv=[*exe, "streams"], ready=lambda: True, restart=True),
+        Service(name="worker", argv=[*exe, "worker"], ready=lambda: True, restart=True, ports=metrics_ports),
+        Service(name="streams", argv=[*exe, "streams"], ready=lambda: True, restart=True, ports=[(host, settings.web_port)]),
     ]
 
 
@@ -212,6 +215,11 @@ def up(settings: Settings, infra_only: bool) -> None:
     click.echo(f"  Milvus Lite                        {settings.milvus_uri}  (data {settings.milvus_data_dir})")
     for service in services[infra:]:
         click.echo(f"  {service.name:34s} pid {service.process.pid if service.process else '?'}")
+    if not infra_only:
+        web = f"http://{settings.web_host}:{settings.web_port}"
+        click.echo(f"  live page                          {web}/")
+        click.echo(f"  HTTP API (streams)                 {web}/users/<id>/recommendations")
+        click.echo(f"  metrics                            {web}/metrics, http://{settings.web_host}:{settings.worker_metrics_port}/metrics")
     click.echo(f"  logs                               {settings.data_dir / 'logs'}")
     click.echo("Press Ctrl-C to stop.", nl=True)
     sys.stdout.flush()
@@ -225,6 +233,342 @@ def up(settings: Settings, infra_only: bool) -> None:
     click.echo("stopping...")
     stack.stop()
     click.echo("stopped.")
+
+
+def _load_dataset(dataset_dir: str, limit_users: int | None) -> Any:
+    """The dataset folder as contract events; rows the contract refused are counted and the
+    first few shown, never silently lost."""
+    from vlm4rec.dataset import load_dataset
+
+    try:
+        dataset = load_dataset(dataset_dir).limit_users(limit_users)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if dataset.rejected:
+        click.echo(f"{len(dataset.rejected)} rows rejected by the event contract (left out):", err=True)
+        for row in dataset.rejected[:5]:
+            click.echo(f"  {row}", err=True)
+    return dataset
+
+
+@main.command("replay")
+@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--speed", default="max", show_default=True, help="Event-time seconds per wall second (e.g. 1000), or max.")
+@click.option("--limit-users", type=click.IntRange(min=1), default=None, help="Only the first N users (by first interaction).")
+@click.option("--since", default=None, help="Skip interactions before this (unix seconds or ISO date); items published earlier are sent first.")
+@click.option("--until", default=None, help="Stop before this time (unix seconds or ISO date).")
+@click.pass_obj
+def replay_command(
+    settings: Settings, dataset_dir: str, speed: str, limit_users: int | None, since: str | None, until: str | None
+) -> None:
+    """Publish a dataset folder to items.new and interactions in timestamp order.
+
+    An item is published at its created_at, else just before its first interaction; images
+    become file:// URIs. Every row is validated with the event contract first.
+    """
+    import os
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from confluent_kafka import KafkaException
+
+    from topics.admin import create_topics
+    from topics.producer import DeliveryError, EventProducer
+    from vlm4rec.dataset import parse_time
+    from vlm4rec.replay import parse_speed, replay, schedule
+
+    try:
+        pace = parse_speed(speed)
+        start = parse_time(since) if since else None
+        end = parse_time(until) if until else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    dataset = _load_dataset(dataset_dir, limit_users)
+    roots = [Path(os.path.realpath(root)) for root in settings.image_file_roots]
+    if not any(dataset.root.is_relative_to(root) for root in roots):
+        click.echo(
+            f"hint: the embedding worker reads file:// images only under VLM4REC_IMAGE_FILE_ROOTS; "
+            f"to let it read these, run it with VLM4REC_IMAGE_FILE_ROOTS='[\"{dataset.root}\"]'",
+            err=True,
+        )
+    events = schedule(dataset.items, dataset.interactions, start, end)
+    topics = settings.topics
+    try:  # explicitly, with the configured partitions: a producer would create them implicitly
+        create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, 10.0)
+    except KafkaException as exc:
+        raise click.ClickException(f"no answer from the broker at {settings.bootstrap_servers} ({exc}); is it up? (`vlm4rec up`)") from exc
+    try:
+        with EventProducer(settings.kafka_config()) as producer:
+            stats = replay(events, producer, topics.items_new, topics.interactions, pace)
+    except DeliveryError as exc:
+        raise click.ClickException(f"{exc} (is the broker at {settings.bootstrap_servers} up? `vlm4rec up`)") from exc
+
+    def day(ts: float | None) -> str:
+        return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+    click.echo(
+        f"replayed {stats.items} items to {topics.items_new} and {stats.interactions} interactions "
+        f"({stats.users} users) to {topics.interactions}, event time {day(stats.first_ts)} to "
+        f"{day(stats.last_ts)} UTC, in {stats.wall_s:.1f} s; {len(dataset.rejected)} rows rejected"
+    )
+
+
+@main.command("eval")
+@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, help="Report JSON (default eval-DATASET.json); the .md table and .png chart go beside it.")
+@click.option("--methods", default=None, help="Comma-separated subset of the methods (default: all).")
+@click.option("--limit-users", type=click.IntRange(min=1), default=None, help="Only the first N users (by first interaction): a quick run.")
+@click.option("--online", is_flag=True, help="Replay through the running local stack and score the pushed recs.")
+@click.pass_obj
+def eval_command(
+    settings: Settings, dataset_dir: str, out: str | None, methods: str | None, limit_users: int | None, online: bool
+) -> None:
+    """Measure recommendation quality offline, exactly as EVAL.md says.
+
+    Prequential leave-last-out replay of the dataset; every method is scored on the same
+    targets. Item vectors come from the configured embedding backend and are cached under
+    VLM4REC_DATA_DIR/embeddings, so a second run only scores.
+    """
+    from pathlib import Path
+
+    from vlm4rec.embedcache import EmbeddingCache
+    from vlm4rec.evaluate import (
+        METHODS,
+        ContentIndex,
+        build_stream,
+        embed_content,
+        evaluate,
+        markdown_table,
+        strategies_of,
+        write_outputs,
+    )
+
+    if online:
+        raise click.ClickException("online evaluation needs the streams processor (vlm4rec streams), not available yet")
+    names = list(METHODS) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown methods {unknown}; choose from {', '.join(METHODS)}", param_hint="--methods")
+    started = time.perf_counter()
+    dataset = _load_dataset(dataset_dir, limit_users)
+    stream = build_stream(dataset)
+    indexes: dict[str, ContentIndex] = {}
+    strategies = strategies_of(names)
+    if strategies:
+        from vlm4rec.wiring import build_backend
+
+        cache = EmbeddingCache(settings.data_dir / "embeddings" / "vectors.sqlite")
+        try:
+            indexes, failed = embed_content(dataset, stream, strategies, build_backend(settings), cache, progress=True)
+        finally:
+            cache.close()
+        if failed:
+            click.echo(f"{len(failed)} items lack a vector in some strategy (content scores them 0):", err=True)
+            for item_id, reason in list(failed.items())[:5]:
+                click.echo(f"  {item_id}: {reason}", err=True)
+    try:
+        report = evaluate(stream, names, indexes, progress=True)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    path = Path(out or f"eval-{dataset.name}.json")
+    table, chart = write_outputs(report, path)
+    click.echo(markdown_table(report))
+    click.echo(f"wrote {path}, {table}, {chart} in {time.perf_counter() - started:.1f} s")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print figures (embedding throughput; streaming latency)."""
+
+
+@bench.command("embed")
+@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--limit", default=512, show_default=True, help="Items to embed per run.")
+@click.option("--batch", default=32, show_default=True, help="Micro-batch size.")
+@click.option("--strategies", default="describe,image,text,fused", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="bench-embed.json", show_default=True)
+@click.pass_obj
+def bench_embed_cmd(settings: Settings, dataset_dir: str, limit: int, batch: int, strategies: str, out: str) -> None:
+    """Embed items of a dataset folder through the configured backend, per strategy.
+
+    Writes {"runs": [{"backend", "strategy", "batch", "items_per_s", "p50_ms", "p99_ms",
+    "stages_ms"}]} (stages per item: decode, image_model [+ describer], text_model, upsert).
+    Vectors go to a throw-away collection on the configured Milvus when it answers, else to the
+    in-memory store (said in the output).
+    """
+    from pathlib import Path
+
+    from vectorstore import MemoryVectorStore, MilvusVectorStore
+    from vlm4rec.bench import bench_embed
+    from vlm4rec.dataset import read_items
+    from vlm4rec.localstack import parse_host_port, port_answers
+    from vlm4rec.wiring import build_backend, build_loader
+    from workers.embedder import Embedder
+
+    root = Path(dataset_dir).resolve()
+    items = read_items(root)[0][:limit]
+    settings.image_file_roots = [*settings.image_file_roots, root]
+    loader = build_loader(settings)
+    backend = build_backend(settings)
+    milvus_up = port_answers(*parse_host_port(settings.milvus_uri, 19530))
+    runs = []
+    for strategy in [s.strip() for s in strategies.split(",") if s.strip()]:
+        embedder = Embedder(backend, strategy)  # type: ignore[arg-type]
+        embedder.embed([_content(items[0], loader)])  # warm-up: load the models outside the timing
+        if milvus_up:
+            store = MilvusVectorStore(settings.milvus_uri, f"bench_{strategy}_{int(time.time())}", settings.milvus_token.get_secret_value())
+        else:
+            store = MemoryVectorStore()
+        run = bench_embed(items, embedder, loader, store, batch, settings.worker_fetch_threads)
+        run["store"] = "milvus" if milvus_up else "memory"
+        store.drop()
+        runs.append(run)
+        stages = " ".join(f"{k}={v}" for k, v in run["stages_ms"].items())
+        click.echo(f"{run['backend']:10s} {strategy:9s} {run['items_per_s']:7.1f} items/s  p50 {run['p50_ms']:7.1f} ms  p99 {run['p99_ms']:7.1f} ms  per item: {stages}")
+    Path(out).write_text(json.dumps({"runs": runs, "dataset": root.name, "cpu_cores": os.cpu_count()}, indent=2))
+    click.echo(f"wrote {out}")
+
+
+def _content(item: Any, loader: Any) -> Any:
+    from workers.embedder import ItemContent
+
+    image = loader.load(item.image_url) if item.image_url else None
+    return ItemContent(item.item_id, item.title, item.text, image)
+
+
+@bench.command("stream")
+@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--rates", default="250,500,1000,2000,3000", show_default=True, help="Interactions/s per step.")
+@click.option("--step-s", default=10.0, show_default=True, help="Seconds per rate step.")
+@click.option("--users", default=5000, show_default=True, help="Distinct users drawn from.")
+@click.option("--seed-items", default=500, show_default=True, help="Items embedded before the run.")
+@click.option("--fresh-items", default=30, show_default=True, help="New items published during the run.")
+@click.option("--out", type=click.Path(dir_okay=False), default="bench-stream.json", show_default=True)
+@click.pass_obj
+def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: float, users: int, seed_items: int, fresh_items: int, out: str) -> None:
+    """Drive interactions (and new items) through the running local stack (`vlm4rec up`).
+
+    Items are published with their images inline (data: URIs), so the worker needs no file
+    roots. Writes {"interactions_per_s", "p50_ms", "p99_ms", "fresh_item_p50_ms",
+    "fresh_item_p99_ms", "ceiling_per_s", ...}: the highest step answered (>= 95% of
+    interactions pushed) with p99 <= 500 ms; the ceiling is a bare confluent-kafka consumer
+    reading the same topic in the same run, and the Milvus search ceiling is measured too.
+    """
+    import base64
+    from pathlib import Path
+
+    from vectorstore import MilvusVectorStore
+    from vlm4rec.bench import bench_stream
+    from vlm4rec.dataset import read_items
+
+    root = Path(dataset_dir).resolve()
+    items = read_items(root)[0][: seed_items + fresh_items]
+
+    def inline(item: Any) -> Any:
+        if not item.image_url or not item.image_url.startswith("file://"):
+            return item
+        data = Path(item.image_url.removeprefix("file://")).read_bytes()
+        return item.model_copy(update={"image_url": "data:image/jpeg;base64," + base64.b64encode(data).decode()})
+
+    items = [inline(i) for i in items]
+    seed, fresh = items[:seed_items], items[seed_items:]
+    store = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection, settings.milvus_token.get_secret_value())
+    from topics.producer import EventProducer
+
+    with EventProducer(settings.kafka_config()) as producer:
+        for item in seed:
+            producer.send(settings.topics.items_new, item)
+    deadline = time.time() + 600
+    with tqdm_bar(len(seed), "seeding items") as bar:
+        while time.time() < deadline:
+            have = len(store.get_vectors([i.item_id for i in seed])) if store.space() else 0
+            bar.n = have
+            bar.refresh()
+            if have >= len(seed):
+                break
+            time.sleep(1)
+    item_ids = [i.item_id for i in seed]
+    result = bench_stream(
+        settings.kafka_config(), settings.topics.interactions, settings.topics.items_new, settings.topics.recs,
+        settings.topic_partitions, item_ids, fresh, [int(r) for r in rates.split(",")], step_s, users, store,
+        search_batch=min(256, settings.streams_batch_max),
+    )
+    Path(out).write_text(json.dumps(result, indent=2))
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=2))
+    click.echo(f"wrote {out}")
+
+
+def tqdm_bar(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item")
+
+
+@main.command()
+@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--limit-users", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Replay only the first N users (by first interaction).")
+@click.option("--duration", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Wall seconds the replay takes: event time is compressed to fit.")
+@click.pass_obj
+def demo(settings: Settings, dataset_dir: str, limit_users: int, duration: float) -> None:
+    """See it work: the local stack, a brisk replay of DATASET_DIR and the live page, until Ctrl-C.
+
+    Starts what `vlm4rec up` starts (with DATASET_DIR readable for item pictures), prints the
+    page's address, replays the first users of the folder behind a progress bar and keeps
+    everything running until Ctrl-C.
+    """
+    from pathlib import Path
+
+    from vlm4rec.demo import run_demo
+    from vlm4rec.localstack import StackError
+
+    try:
+        run_demo(settings, Path(dataset_dir), limit_users, duration, _stack_services)
+    except (StackError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("chaos")
+@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--limit-users", type=click.IntRange(min=1), default=20, show_default=True, help="Replay only the first N users (by first interaction).")
+@click.option("--faults", type=click.IntRange(min=0), default=6, show_default=True, help="SIGKILLs, shared among worker, streams and Milvus.")
+@click.option("--seed", default=0, show_default=True, help="Seeds the fault times and targets and the re-published items.")
+@click.option("--duration", type=click.FloatRange(min=1), default=60.0, show_default=True, help="Wall seconds the replay takes; the faults fall within it.")
+@click.option("--timeout", type=click.FloatRange(min=10), default=600.0, show_default=True, help="Seconds to wait for the stack to catch up afterwards.")
+@click.option("--out", type=click.Path(dir_okay=False), default="chaos.json", show_default=True)
+@click.pass_obj
+def chaos_command(
+    settings: Settings, dataset_dir: str, limit_users: int, faults: int, seed: int, duration: float, timeout: float, out: str
+) -> None:
+    """Replay DATASET_DIR while SIGKILLing the worker, the stream processor and Milvus Lite.
+
+    Starts a local stack of its own (free ports, a fresh folder under VLM4REC_DATA_DIR/chaos),
+    replays the slice, kills and restarts the processes at seeded random moments, then checks:
+    every item in Milvus once with its latest content, every interaction counted once, recs
+    resume for every active user. Writes {"ok", "violations", "faults", "items_published",
+    "items_in_milvus", "item_duplicates", "interactions_published", "interactions_counted",
+    "users_with_recs", "active_users", "fault_details", ...}; exits 1 when an invariant fails.
+    """
+    from pathlib import Path
+
+    from vlm4rec.chaos import run_chaos
+    from vlm4rec.localstack import StackError
+
+    try:
+        report = run_chaos(
+            settings, Path(dataset_dir), _stack_services, limit_users=limit_users, faults=faults,
+            seed=seed, duration_s=duration, timeout_s=timeout, log=click.echo,
+        )
+    except (StackError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    Path(out).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    keys = ("faults", "faults_recovered", "items_published", "items_in_milvus", "item_duplicates",
+            "interactions_published", "interactions_counted", "users_with_recs", "active_users")
+    click.echo(json.dumps({k: report.get(k) for k in keys}))
+    click.echo(f"wrote {out}")
+    if not report["ok"]:
+        raise click.ClickException("invariants violated: " + "; ".join(report["violations"]))
 
 
 if __name__ == "__main__":

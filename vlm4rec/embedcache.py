@@ -129,7 +129,7 @@ def embed_items(
     backend: EmbeddingBackend,
     loader: ImageLoader,
     cache: EmbeddingCache,
-    batch_size: int = 64,
+    batch_size: int = 512,
     progress: bool = True,
 ) -> tuple[dict[Strategy, dict[str, np.ndarray]], dict[str, str]]:
     """Vectors of `items` per strategy ({strategy: {item_id: vector}}), from the cache where

@@ -1,0 +1,283 @@
+"""The evaluation protocol of EVAL.md on tiny hand-made datasets whose right answers are
+computed by hand in the comments, plus one run on the real data (skipped without it)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fakes import FakeBackend
+from streams.profile import Ranker
+from vlm4rec.cli import main
+from vlm4rec.dataset import load_dataset
+from vlm4rec.embedcache import EmbeddingCache
+from vlm4rec.evaluate import (
+    METHODS,
+    ContentIndex,
+    bootstrap_resamples,
+    build_stream,
+    embed_content,
+    evaluate,
+    co_occurrence,
+    lexicographic,
+    recommend,
+    select_targets,
+    states,
+    summarise,
+)
+from workers.embedder import Embedder
+
+Row = tuple[str, str, float]  # user, item, ts
+
+
+def make_dataset(
+    folder: Path, rows: list[Row], items: list[str] | None = None, created: dict[str, float] | None = None
+) -> Path:
+    """A dataset folder: `items` (default: every item of `rows`) and `rows` in file order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    created = created or {}
+    ids = items if items is not None else list(dict.fromkeys([i for _, i, _ in rows] + list(created)))
+    with open(folder / "items.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["item_id", "title", "text", "image", "category", "created_at"])
+        for item_id in ids:
+            writer.writerow([item_id, f"title {item_id}", "", "", "", created.get(item_id, "")])
+    with open(folder / "interactions.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["user_id", "item_id", "ts", "event", "value"])
+        for user, item, ts in rows:
+            writer.writerow([user, item, ts, "rating", 4])
+    return folder
+
+
+def stream_of(tmp_path: Path, rows: list[Row], **kwargs: object):  # noqa: ANN201 - Stream
+    return build_stream(load_dataset(make_dataset(tmp_path / "data", rows, **kwargs)))  # type: ignore[arg-type]
+
+
+def content_of(stream, vectors: dict[str, list[float]]) -> dict[str, ContentIndex]:  # noqa: ANN001
+    """A `text` index from hand-written vectors (missing items: zero rows)."""
+    dim = len(next(iter(vectors.values())))
+    matrix = np.array([vectors.get(i, [0.0] * dim) for i in stream.item_ids], dtype=np.float32)
+    return {"text": ContentIndex(matrix)}
+
+
+def tops(stream, method: str, content: dict[str, ContentIndex] | None = None, window_days: float = 7.0) -> list[list[str]]:  # noqa: ANN001
+    ranker = Ranker(stream.item_ids)
+    return [recommend(state, target, method, ranker) for state, target in states(stream, content or {}, window_days)]
+
+
+def test_targets_need_two_earlier_rows_and_a_new_item_and_file_order_breaks_ts_ties(tmp_path: Path) -> None:
+    stream = stream_of(
+        tmp_path,
+        [
+            ("e", "i7", 8),  # e's last by ts, although first in the file
+            ("a", "i1", 1), ("a", "i2", 2), ("a", "i3", 3),  # target i3
+            ("b", "i1", 1), ("b", "i2", 2), ("b", "i1", 3),  # last is a repeat: no target
+            ("c", "i1", 1), ("c", "i4", 5),  # one earlier row only: no target
+            ("d", "i1", 4), ("d", "i2", 4), ("d", "i3", 4),  # same ts: file order, target i3
+            ("e", "i5", 6), ("e", "i6", 7),
+        ],
+    )
+    targets = [(stream.user_ids[stream.users[r]], stream.item_ids[stream.items[r]]) for r in select_targets(stream)]
+    assert targets == [("a", "i3"), ("d", "i3"), ("e", "i7")]
+
+
+def test_state_is_every_earlier_row_and_candidates_are_published_up_to_the_target_ts(tmp_path: Path) -> None:
+    rows: list[Row] = [
+        ("u1", "p", 10),
+        ("u1", "q", 20),
+        ("u5", "z", 25),
+        ("u2", "s", 30),  # same ts, earlier in the file: in the state
+        ("u1", "s", 30),  # the target (u1 has p, q before it)
+        ("u4", "a", 30),  # same ts, later in the file: not in the state, but `a` is published
+    ]
+    stream = stream_of(tmp_path, rows, created={"c": 5.0, "b": 1000.0})
+    # popularity just before the target: p 1, q 1 (u1's own: excluded), s 1, z 1, a 0, c 0;
+    # b is published only at 1000. Ties by item_id: s before z, a before c.
+    assert tops(stream, "popularity") == [["s", "z", "a", "c"]]
+    report = evaluate(stream, ["popularity"], {})
+    assert (report["targets"], report["cold_targets"]) == (1, 0)  # s was bought by u2 before
+    metrics = report["methods"]["popularity"]
+    assert metrics["HR@10"] == metrics["NDCG@10"] == 1.0
+    assert metrics["coverage@10"] == pytest.approx(4 / 6)  # published by ts 30: p q z s a c
+    assert metrics["HR@10_cold"] is None  # no cold target
+
+
+def test_ties_are_broken_by_item_id_as_strings(tmp_path: Path) -> None:
+    rows: list[Row] = [("v", "9", 1), ("w", "10", 2), ("u", "h1", 3), ("u", "h2", 4), ("u", "9", 5)]
+    stream = stream_of(tmp_path, rows)
+    # 9 and 10 both have one interaction; "10" < "9" as strings
+    assert tops(stream, "popularity") == [["10", "9"]]
+    report = evaluate(stream, ["popularity"], {})["methods"]["popularity"]
+    assert report["NDCG@10"] == pytest.approx(1 / math.log2(3))
+
+
+def test_recent_popularity_window_and_its_popularity_fallback(tmp_path: Path) -> None:
+    day = 86400.0
+    t = 10 * day
+    rows: list[Row] = [
+        ("x1", "old", 0), ("x2", "old", 1), ("x3", "old", 2),  # popular long ago
+        ("x4", "r2", 3),  # r2's old interaction: counts for the fallback only
+        ("x5", "edge", t - day),  # exactly W before the target: outside (ts > t - W)
+        ("x6", "r1", t - 3600), ("x7", "r2", t - 3600),
+        ("u", "h1", t - 60), ("u", "h2", t - 50), ("u", "r1", t),
+    ]
+    stream = stream_of(tmp_path, rows)
+    # window counts: r1 1, r2 1, h1/h2 (excluded); old 0, edge 0. Fallback: r2 has 2 in all.
+    assert tops(stream, "recent_popularity", window_days=1.0) == [["r2", "r1", "old", "edge"]]
+    assert tops(stream, "popularity") == [["old", "r2", "edge", "r1"]]
+
+
+def test_item_knn_scores_by_normalised_co_occurrence_then_popularity(tmp_path: Path) -> None:
+    rows: list[Row] = [
+        ("v1", "A", 1), ("v1", "B", 2),
+        ("v2", "A", 3), ("v2", "C", 4),
+        ("v3", "B", 5), ("v3", "C", 6), ("v3", "D", 7), ("v3", "B", 7.5),  # last is a repeat
+        ("v4", "C", 8), ("v4", "C", 8.5),
+        ("v5", "E", 9), ("v6", "E", 10), ("v7", "F", 11),
+        ("u", "A", 12), ("u", "D", 13), ("u", "A", 14), ("u", "B", 15),  # the only target: B
+    ]
+    stream = stream_of(tmp_path, rows)
+    state, target = next(states(stream, {}))
+    scores = dict(zip(stream.item_ids, co_occurrence(state, target.user), strict=True))
+    # distinct users so far: A 3 (v1 v2 u), B 2 (v1 v3), C 3 (v2 v3 v4), D 2 (v3 u); history {A, D}
+    assert scores["B"] == pytest.approx(1 / math.sqrt(3 * 2) + 1 / math.sqrt(2 * 2))  # v1 with A, v3 with D
+    assert scores["C"] == pytest.approx(1 / math.sqrt(3 * 3) + 1 / math.sqrt(2 * 3))  # v2 with A, v3 with D
+    assert scores["E"] == scores["F"] == 0.0
+    # E and F share no user with A or D: popularity (E 2, F 1) orders them
+    assert tops(stream, "item_knn") == [["B", "C", "E", "F"]]
+    assert tops(stream, "popularity") == [["C", "B", "E", "F"]]  # C 4 interactions, B 3
+
+
+def test_lexicographic_orders_by_primary_then_fallback() -> None:
+    combined = lexicographic(np.array([0.5, 0.5, 0.1, 0.7]), np.array([1.0, 2.0, 9.0, 0.0]))
+    assert np.argsort(-combined, kind="stable").tolist() == [3, 1, 0, 2]
+
+
+def test_content_profile_is_the_mean_of_distinct_history_items_and_reaches_fresh_items(tmp_path: Path) -> None:
+    rows: list[Row] = [("u", "h1", 1), ("u", "h1", 2), ("u", "h2", 3), ("v", "c1", 4), ("u", "c2", 5)]
+    stream = stream_of(tmp_path, rows)
+    s3 = 1 / math.sqrt(3)
+    content = content_of(stream, {"h1": [1, 0, 0], "h2": [0, 1, 0], "c1": [1, 0, 0], "c2": [s3, s3, s3]})
+    # distinct mean (e1 + e2)/sqrt2: c2 0.816 > c1 0.707. Counting h1 twice would put c1 first.
+    # c2's first interaction is the target itself: published at the target's ts, a candidate.
+    assert tops(stream, "text", content) == [["c2", "c1"]]
+    report = evaluate(stream, ["text", "popularity"], content)
+    assert report["cold_targets"] == 1
+    assert report["methods"]["text"]["HR@10_cold"] == report["methods"]["text"]["NDCG@10"] == 1.0
+    assert report["methods"]["popularity"]["NDCG@10"] == pytest.approx(1 / math.log2(3))  # c1 (1) first
+
+
+def test_identical_vectors_tie_exactly_and_fall_back_to_item_id(tmp_path: Path) -> None:
+    rows: list[Row] = [("u", "h1", 1), ("u", "h2", 2), ("v", "b", 3), ("v", "a", 4), ("u", "x", 5)]
+    stream = stream_of(tmp_path, rows)
+    same = [0.6, 0.8, 0.0]
+    content = content_of(stream, {"h1": [1, 0, 0], "h2": [0.6, 0.8, 0], "a": same, "b": same, "x": [0, 0, 1]})
+    assert tops(stream, "text", content) == [["a", "b", "x"]]
+
+
+def test_default_is_the_describe_content_method() -> None:
+    assert METHODS["default"].strategy == "describe"
+
+
+def test_bootstrap_is_fixed_and_shared_by_methods(tmp_path: Path) -> None:
+    assert np.array_equal(bootstrap_resamples(7), bootstrap_resamples(7))
+    assert bootstrap_resamples(7).shape == (1000, 7)
+    resamples = bootstrap_resamples(4)
+    cold = np.zeros(4, dtype=bool)
+    assert summarise([1, 1, 1, 1], cold, set(), 10, resamples)["HR@10_ci"] == [1.0, 1.0]
+    assert summarise([0, 0, 15, 0], cold, set(), 10, resamples)["HR@10_ci"] == [0.0, 0.0]  # 15 > 10
+    mixed = summarise([1, 0, 3, 0], cold, set(), 10, resamples)
+    low, high = mixed["HR@10_ci"]
+    assert low <= mixed["HR@10"] == 0.5 <= high and low < high
+    # two methods with the same hits get the same interval: one set of resamples for all
+    stream = stream_of(tmp_path, [("u", "h1", 1), ("u", "h2", 2), ("u", "x", 3), ("w", "h1", 4), ("w", "h2", 5), ("w", "y", 6)])
+    first = evaluate(stream, ["popularity", "recent_popularity"], {})
+    assert first == evaluate(stream, ["popularity", "recent_popularity"], {})
+    assert first["methods"]["popularity"]["HR@10_ci"] == first["methods"]["recent_popularity"]["HR@10_ci"]
+
+
+def test_no_target_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no user has a target"):
+        evaluate(stream_of(tmp_path, [("u", "a", 1), ("u", "b", 2)]), ["popularity"], {})
+
+
+def test_embeddings_are_cached_and_strategies_share_model_passes(tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path / "data", [("u", "a", 1), ("u", "b", 2), ("u", "c", 3)])
+    (folder / "images").mkdir()
+    for n, item_id in enumerate("ab"):
+        Image.new("RGB", (4, 4), (40 * n, 0, 0)).save(folder / "images" / f"{item_id}.png")
+    lines = (folder / "items.csv").read_text().splitlines()
+    lines[1] = lines[1].replace(",,,", ",,images/a.png,", 1)
+    lines[2] = lines[2].replace(",,,", ",,images/b.png,", 1)
+    (folder / "items.csv").write_text("\n".join(lines) + "\n")
+    dataset = load_dataset(folder)
+    stream = build_stream(dataset)
+    cache = EmbeddingCache(tmp_path / "cache" / "vectors.sqlite")
+    backend = FakeBackend()
+    strategies = ["describe", "image", "text", "fused"]
+    indexes, failed = embed_content(dataset, stream, strategies, backend, cache)
+    # for 4 strategies, one image pass (describe + embed) and each distinct text once: the
+    # `text` call only has a's and b's ("title c" is c's describe text too: it has no image)
+    assert sorted(backend.calls) == [("describe", 2), ("embed_images", 2), ("embed_texts", 2), ("embed_texts", 3)]
+    assert failed == {"c": "image: strategy 'image' needs an image: backend fake has no joint text-image space"}
+    # the very vectors the worker's Embedder makes, one strategy at a time
+    from workers.embedder import ItemContent
+    from workers.images import ImageLimits, ImageLoader
+
+    loader = ImageLoader(ImageLimits(file_roots=(folder,)))
+    contents = [ItemContent(i.item_id, i.title, i.text, loader.load(i.image_url) if i.image_url else None) for i in dataset.items]
+    for strategy in strategies:
+        alone = Embedder(FakeBackend(), strategy).embed(contents)
+        for item_id, vector in zip(alone.item_ids, alone.vectors, strict=True):
+            assert np.allclose(indexes[strategy].vectors[stream.item_ids.index(item_id)], vector)
+    assert not indexes["image"].vectors[stream.item_ids.index("c")].any()  # no image: zero row
+    again = FakeBackend()
+    second, _ = embed_content(dataset, stream, strategies, again, cache)
+    assert again.calls == []  # everything from the cache
+    assert all(np.array_equal(second[s].vectors, indexes[s].vectors) for s in strategies)
+
+
+def test_eval_command_writes_json_table_and_chart(tmp_path: Path) -> None:
+    folder = make_dataset(
+        tmp_path / "data", [("u", "h1", 1), ("u", "h2", 2), ("v", "x", 3), ("u", "x", 4), ("w", "h1", 5), ("w", "x", 6), ("w", "y", 7)]
+    )
+    out = tmp_path / "out" / "report.json"
+    env = {"VLM4REC_DATA_DIR": str(tmp_path / "state")}
+    result = CliRunner().invoke(main, ["eval", str(folder), "--out", str(out), "--methods", "popularity,item_knn"], env=env)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report) == {"dataset", "targets", "cold_targets", "default", "methods"}
+    assert list(report["methods"]) == ["popularity", "item_knn"]
+    assert set(report["methods"]["popularity"]) == {"HR@10", "NDCG@10", "HR@20", "NDCG@20", "coverage@10", "HR@10_ci", "HR@10_cold"}
+    assert "| popularity |" in out.with_suffix(".md").read_text() and "| item_knn |" in result.output
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    bad = CliRunner().invoke(main, ["eval", str(folder), "--methods", "popularity,magic"], env=env)
+    assert bad.exit_code != 0 and "magic" in bad.output
+    online = CliRunner().invoke(main, ["eval", str(folder), "--online"], env=env)
+    assert online.exit_code != 0
+    assert "online evaluation needs the streams processor (vlm4rec streams), not available yet" in online.output
+
+
+def test_real_data_quick_run(shared_data: Path, tmp_path: Path) -> None:
+    """ml100k, first 100 users, the collaborative methods: runs, and the figures are sane."""
+    out = tmp_path / "ml100k.json"
+    result = CliRunner().invoke(
+        main,
+        ["eval", str(shared_data / "ml100k"), "--limit-users", "100", "--methods", "popularity,item_knn", "--out", str(out)],
+        env={"VLM4REC_DATA_DIR": str(tmp_path / "state")},
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["dataset"] == "ml100k" and 50 < report["targets"] <= 100
+    for metrics in report["methods"].values():
+        low, high = metrics["HR@10_ci"]
+        assert 0.0 <= low <= metrics["HR@10"] <= high <= 1.0
+        assert metrics["HR@10"] <= metrics["HR@20"] and 0 < metrics["coverage@10"] <= 1
