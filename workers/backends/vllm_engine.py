@@ -27,12 +27,10 @@ import numpy as np
 from PIL import Image
 
 from workers.backends.base import BackendError, EmbeddingBackend
-from workers.backends.vllm_http import DEFAULT_PROMPT, image_data_uri, l2_normalise
-
-_PROBE_TEXT = "dim probe"
+from workers.backends.vllm_http import DEFAULT_PROMPT, VllmModels, image_data_uri, l2_normalise
 
 
-class VllmEngineBackend(EmbeddingBackend):
+class VllmEngineBackend(VllmModels):
     """`EmbeddingBackend` over in-process `vllm.LLM` engines.
 
     `describer_model` and `image_model` are optional; a role that is not configured raises
@@ -60,14 +58,10 @@ class VllmEngineBackend(EmbeddingBackend):
                 "the vllm-engine backend needs `pip install vlm4rec[vllm]` on a machine with a GPU"
             ) from exc
 
-        self._describer_model = describer_model
-        self._text_model = text_model
-        self._image_model = image_model
+        self._set_models(describer_model, text_model, image_model)
         self._prompt = prompt
         self._image_prompt = image_prompt
         self._sampling = vllm.SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        self._text_dim: int | None = None
-        self._image_dim: int | None = None
 
         separate_image_engine = image_model is not None and image_model != text_model
         engines = 1 + int(describer_model is not None) + int(separate_image_engine)
@@ -99,35 +93,6 @@ class VllmEngineBackend(EmbeddingBackend):
             self._image = vllm.LLM(
                 model=image_model, gpu_memory_utilization=share, **pooling, **image_limit
             )
-
-    @property
-    def text_model(self) -> str:
-        return self._text_model
-
-    @property
-    def image_model(self) -> str:
-        return self._require(self._image_model, "image")
-
-    @property
-    def describer_model(self) -> str:
-        return self._require(self._describer_model, "describer")
-
-    @property
-    def joint_space(self) -> bool:
-        return self._image_model is not None and self._image_model == self._text_model
-
-    @property
-    def text_dim(self) -> int:
-        if self._text_dim is None:
-            self._text_dim = self.embed_texts([_PROBE_TEXT]).shape[1]
-        return self._text_dim
-
-    @property
-    def image_dim(self) -> int:
-        if self._image_dim is None:
-            probe = Image.new("RGB", (32, 32), (127, 127, 127))
-            self._image_dim = self.embed_images([probe]).shape[1]
-        return self._image_dim
 
     def describe(self, images: Sequence[Image.Image], titles: Sequence[str]) -> list[str]:
         if len(images) != len(titles):
@@ -179,11 +144,6 @@ class VllmEngineBackend(EmbeddingBackend):
         """Drop the engines; vLLM frees GPU memory when an `LLM` is garbage-collected."""
         self._describer = self._text = self._image = None
         gc.collect()
-
-    def _require(self, value: str | None, role: str) -> str:
-        if value is None:
-            raise BackendError(f"{self.name}: no {role} model is configured")
-        return value
 
     @staticmethod
     def _embed(engine: Any, prompts: list[Any]) -> np.ndarray:

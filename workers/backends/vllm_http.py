@@ -82,7 +82,53 @@ def _snippet(response: httpx.Response) -> str:
     return response.text[:_ERROR_SNIPPET_CHARS]
 
 
-class VllmHttpBackend(EmbeddingBackend):
+class VllmModels(EmbeddingBackend):
+    """Model identity shared by the vLLM backends: which models serve which role, and widths
+    discovered by embedding a probe once."""
+
+    def _set_models(self, describer_model: str | None, text_model: str, image_model: str | None) -> None:
+        self._describer_model = describer_model
+        self._text_model = text_model
+        self._image_model = image_model
+        self._text_dim: int | None = None
+        self._image_dim: int | None = None
+
+    @property
+    def text_model(self) -> str:
+        return self._text_model
+
+    @property
+    def image_model(self) -> str:
+        return self._require(self._image_model, "image")
+
+    @property
+    def describer_model(self) -> str:
+        return self._require(self._describer_model, "describer")
+
+    @property
+    def joint_space(self) -> bool:
+        return self._image_model is not None and self._image_model == self._text_model
+
+    @property
+    def text_dim(self) -> int:
+        if self._text_dim is None:
+            self._text_dim = self.embed_texts([_PROBE_TEXT]).shape[1]
+        return self._text_dim
+
+    @property
+    def image_dim(self) -> int:
+        if self._image_dim is None:
+            probe = Image.new("RGB", (32, 32), (127, 127, 127))
+            self._image_dim = self.embed_images([probe]).shape[1]
+        return self._image_dim
+
+    def _require(self, value: str | None, role: str) -> str:
+        if value is None:
+            raise BackendError(f"{self.name}: no {role} model is configured")
+        return value
+
+
+class VllmHttpBackend(VllmModels):
     """`EmbeddingBackend` over vLLM's OpenAI-compatible servers (see the module docstring).
 
     `describer_url`/`describer_model` come as a pair; leave both out for a worker that never
@@ -121,18 +167,14 @@ class VllmHttpBackend(EmbeddingBackend):
         if retries < 0:
             raise ValueError("retries must not be negative")
 
+        self._set_models(describer_model, text_model, image_model)
         self._describer_base = _api_base(describer_url) if describer_url else None
-        self._describer_model = describer_model
         self._text_base = _api_base(text_url)
-        self._text_model = text_model
         self._image_base = _api_base(image_url or text_url) if image_model else None
-        self._image_model = image_model
         self._prompt = prompt
         self._max_tokens = max_tokens
         self._retries = retries
         self._backoff_s = backoff_s
-        self._text_dim: int | None = None
-        self._image_dim: int | None = None
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
@@ -143,35 +185,6 @@ class VllmHttpBackend(EmbeddingBackend):
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=self.name)
 
     # --- model identity -------------------------------------------------------------------
-
-    @property
-    def text_model(self) -> str:
-        return self._text_model
-
-    @property
-    def image_model(self) -> str:
-        return self._require(self._image_model, "image")
-
-    @property
-    def describer_model(self) -> str:
-        return self._require(self._describer_model, "describer")
-
-    @property
-    def joint_space(self) -> bool:
-        return self._image_model is not None and self._image_model == self._text_model
-
-    @property
-    def text_dim(self) -> int:
-        if self._text_dim is None:
-            self._text_dim = self.embed_texts([_PROBE_TEXT]).shape[1]
-        return self._text_dim
-
-    @property
-    def image_dim(self) -> int:
-        if self._image_dim is None:
-            probe = Image.new("RGB", (32, 32), (127, 127, 127))
-            self._image_dim = self.embed_images([probe]).shape[1]
-        return self._image_dim
 
     # --- the three calls --------------------------------------------------------------------
 
@@ -246,11 +259,6 @@ class VllmHttpBackend(EmbeddingBackend):
         self._client.close()
 
     # --- HTTP plumbing ----------------------------------------------------------------------
-
-    def _require(self, value: str | None, role: str) -> str:
-        if value is None:
-            raise BackendError(f"{self.name}: no {role} model is configured")
-        return value
 
     def _post(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
         """POST with retries on what a busy or restarting server does: connection failures,
