@@ -27,6 +27,7 @@ import weakref
 from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from typing import Any
 
 import faust
@@ -36,13 +37,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from streams import metrics
 from streams.popularity import RecentPopularity
 from streams.profile import Profile, ProfileRule
-from streams.recommend import Recommender
+from streams.rank import RankConfig
+from streams.recommend import Observation, Recommender
 from topics import DeadLetter, EventError, Interaction, ItemEmbedded, Rec, Recs, TopicNames, decode, encode
 from vectorstore import VectorStore
 
 log = logging.getLogger("vlm4rec.streams")
 
 LAST_RECS_KEPT = 10_000
+#: Table keys no event can produce (ids never hold control characters): see `_fence`.
+FENCE_PREFIX = "\x00fence:"
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class StreamsConfig:
     store: str = "memory://"
     session_timeout_s: float = 6.0
     partitions: int = 4
+    replication: int = 1  # of the topics Faust creates itself (table changelogs)
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     k: int = 20
@@ -70,6 +75,7 @@ class StreamsConfig:
     batch_within_s: float = 0.05
     rule: ProfileRule = field(default_factory=ProfileRule)
     popularity_half_life_s: float = 6 * 3600
+    rank: RankConfig = field(default_factory=RankConfig)
 
     @property
     def pending_topic(self) -> str:
@@ -107,6 +113,19 @@ def _in_context_of(event: faust.EventT) -> None:
     _current_event.set(weakref.ref(event))
 
 
+def _fence(table: Any, events: list[faust.EventT]) -> None:
+    """End each changelog partition these events wrote with a throw-away record.
+
+    Faust restores a table up to the changelog's end offset minus one, and the embedded Tansu
+    broker reports end offsets one lower than Kafka does, so there the last record of every
+    changelog partition is skipped at recovery (a single record: the partition is not read at
+    all). Ending every write with a fence makes that skipped record a fence, not a profile;
+    against Kafka it costs one small compacted record per partition and batch."""
+    for partition, event in {e.message.partition: e for e in events}.items():
+        _in_context_of(event)
+        table[f"{FENCE_PREFIX}{partition}"] = {"fence": True}
+
+
 def _source(event: faust.EventT) -> str:
     return f"{event.message.topic}:{event.message.partition}"
 
@@ -119,7 +138,7 @@ class StreamsApp:
         self.items = items
         self.users = users
         self.popularity = RecentPopularity(config.popularity_half_life_s)
-        self.recommender = Recommender(items, users, self.popularity, k=config.k)
+        self.recommender = Recommender(items, users, self.popularity, k=config.k, rank=config.rank)
         self.model = ""
         self.last_recs: OrderedDict[str, Recs] = OrderedDict()  # latest push per user, bounded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vector-store")  # calls in order
@@ -130,6 +149,7 @@ class StreamsApp:
             broker_credentials=_credentials(config),
             store=config.store,
             topic_partitions=config.partitions,
+            topic_replication_factor=config.replication,
             web_host=config.web_host,
             web_port=config.web_port,
             web_bind=config.web_host,
@@ -192,7 +212,19 @@ class StreamsApp:
     # --- profiles ----------------------------------------------------------------------
     async def _profiles_agent(self, stream: faust.StreamT) -> None:
         async for events in stream.take_events(self.config.batch_max, within=self.config.batch_within_s):
-            await self._until_done("interaction batch", self._process_interactions, events)
+            await self._handled(stream, events, "interaction batch", self._process_interactions, events)
+
+    async def _handled(self, stream: faust.StreamT, events: list[faust.EventT], what: str, handler: Any, *args: Any) -> None:
+        """Run `handler` and only then let the events' offsets be committed. Faust acks a
+        `take_events` batch (and the current event of `events()`) in a `finally`, even when
+        the worker is stopped mid-handler (SIGTERM, rebalance), which would commit events that
+        were never applied; holding one extra reference per message until the handler is done
+        leaves them uncommitted, so they are re-delivered to whoever owns the partition next."""
+        for event in events:
+            event.message.incref()
+        await self._until_done(what, handler, *args)
+        for event in events:
+            await stream.ack(event)
 
     async def _until_done(self, what: str, handler: Any, *args: Any) -> None:
         """Faust acknowledges a batch even when its handler raises, so a failure here would
@@ -227,6 +259,8 @@ class StreamsApp:
         vectors = await self._store(self.recommender.vectors.get, item_ids) if item_ids else {}
         changed: dict[str, tuple[Profile, faust.EventT]] = {}
         arrival: dict[str, float] = {}
+        deferrals: list[Awaitable[Any]] = []
+        observed: list[Observation] = []
         for user_id, rows in by_user.items():
             profile = self._load(user_id)
             for event, interaction, origin in rows:
@@ -235,22 +269,29 @@ class StreamsApp:
                     continue
                 vector = vectors.get(interaction.item_id)
                 if vector is None:
-                    await self._defer(event, interaction)
+                    deferrals.append(await self._defer(event, interaction))
                     metrics.INTERACTIONS.labels("deferred").inc()
                     continue
+                observed.append(self.recommender.observation(profile, interaction.item_id, interaction.ts))
                 profile.apply(interaction.item_id, vector, interaction.event, interaction.value, interaction.ts, self.config.rule)
                 self.popularity.add(interaction.item_id, interaction.ts, 1.0)
                 metrics.INTERACTIONS.labels("applied").inc()
                 arrival[user_id] = max(arrival.get(user_id, 0.0), event.message.timestamp)
             changed[user_id] = (profile, rows[-1][0])
+        # Deferrals are delivered before the profiles that mark their events seen: a crash in
+        # between would otherwise skip the re-delivered events as duplicates and lose them.
+        await asyncio.gather(*deferrals)
         for user_id, (profile, event) in changed.items():
             _in_context_of(event)
             self.profiles[user_id] = profile.to_dict()
             metrics.PROFILE_UPDATES.inc()
+        _fence(self.profiles, [event for _, event in changed.values()])
+        if observed:  # the ranker learns from what was applied, then ranks with it
+            await self._store(self.recommender.observe, observed)
 
         targets = {u: p for u, (p, _) in changed.items() if u in arrival}
         for user_id, (event, _) in refresh.items():
-            if user_id not in targets and (stored := self.profiles.get(user_id)) is not None:
+            if user_id not in targets and (stored := self.stored_profile(user_id)) is not None:
                 targets[user_id] = Profile.from_dict(stored)
         if not targets:
             return
@@ -292,8 +333,14 @@ class StreamsApp:
             log.warning("dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, exc.reason)
             return None
 
+    def stored_profile(self, user_id: str) -> dict[str, Any] | None:
+        """A user's profile as stored in the table (None for an unknown user or a fence key)."""
+        if user_id.startswith(FENCE_PREFIX):
+            return None
+        return self.profiles.get(user_id)
+
     def _load(self, user_id: str) -> Profile:
-        stored = self.profiles.get(user_id)
+        stored = self.stored_profile(user_id)
         return Profile.from_dict(stored) if stored is not None else Profile(user_id)
 
     @staticmethod
@@ -309,14 +356,15 @@ class StreamsApp:
             profile.mark_origin(origin)
         return False
 
-    async def _defer(self, event: faust.EventT, interaction: Interaction) -> None:
+    async def _defer(self, event: faust.EventT, interaction: Interaction) -> Awaitable[Any]:
+        """Send to `pending`; returns the delivery, to await before the profile is written."""
         message = event.message
         body = {
             "interaction": interaction.model_dump(),
             "origin": f"{message.topic}:{message.partition}:{message.offset}",
             "partition": message.partition,
         }
-        await self.pending.send(key=interaction.item_id.encode(), value=json.dumps(body).encode())
+        return await self.pending.send(key=interaction.item_id.encode(), value=json.dumps(body).encode())
 
     async def _push(self, user_id: str, items: list[tuple[str, float]], trigger: str) -> None:
         recs = Recs(
@@ -337,9 +385,9 @@ class StreamsApp:
     async def _items_agent(self, stream: faust.StreamT) -> None:
         async for event in stream.events():
             if event.message.topic == self.config.pending_topic:
-                await self._until_done("pending interaction", self._on_pending, event)
+                await self._handled(stream, [event], "pending interaction", self._on_pending, event)
             else:
-                await self._until_done("embedded item", self._on_embedded, event)
+                await self._handled(stream, [event], "embedded item", self._on_embedded, event)
 
     async def _on_pending(self, event: faust.EventT) -> None:
         body = json.loads(event.value)
@@ -350,6 +398,7 @@ class StreamsApp:
             return
         state["waiting"] = (state["waiting"] + [body])[-1000:]
         self.waiting[item_id] = state
+        _fence(self.waiting, [event])
 
     async def _on_embedded(self, event: faust.EventT) -> None:
         try:
@@ -358,16 +407,21 @@ class StreamsApp:
             log.warning("ignoring a malformed items.embedded message: %s", exc.reason)
             return
         self.recommender.vectors.forget(item.item_id)
+        if item.created_at is not None:
+            await self._store(self.recommender.declare, item.item_id, item.created_at)
         state = self.waiting.get(item.item_id) or {"embedded": False, "waiting": []}
-        for body in state["waiting"]:
-            await self._release(body)
+        # delivered before the table forgets them (a crash in between re-releases them, which
+        # the profiles' origins make harmless, instead of losing them)
+        await asyncio.gather(*[await self._release(body) for body in state["waiting"]])
         self.waiting[item.item_id] = {"embedded": True, "waiting": []}
+        _fence(self.waiting, [event])
         await self._fan_out(item)
 
-    async def _release(self, body: dict[str, Any]) -> None:
+    async def _release(self, body: dict[str, Any]) -> Awaitable[Any]:
+        """Send a deferred interaction back to its user's partition; returns the delivery."""
         interaction = body["interaction"]
         control = {"kind": "interaction", "interaction": interaction, "origin": body["origin"]}
-        await self.control.send(
+        return await self.control.send(
             key=interaction["user_id"].encode(), value=json.dumps(control).encode(), partition=body["partition"]
         )
 
@@ -401,7 +455,7 @@ class StreamsApp:
         @app.page("/users/{user_id}")
         @app.table_route(table=self.profiles, match_info="user_id")
         async def user_view(web: Any, request: Any, user_id: str) -> Any:
-            stored = self.profiles.get(user_id)
+            stored = self.stored_profile(user_id)
             if stored is None:
                 return web.json({"error": f"unknown user {user_id!r}"}, status=404)
             profile = Profile.from_dict(stored)
@@ -421,7 +475,7 @@ class StreamsApp:
             raw_k = request.query.get("k", str(self.config.k))
             if not raw_k.isdigit() or not 1 <= int(raw_k) <= 1000:
                 return web.json({"error": "k must be an integer from 1 to 1000"}, status=400)
-            stored = self.profiles.get(user_id)
+            stored = self.stored_profile(user_id)
             if stored is None:
                 return web.json({"error": f"unknown user {user_id!r}"}, status=404)
             lists = await self._store(self.recommender.recommend, [Profile.from_dict(stored)], int(raw_k))

@@ -2,7 +2,14 @@
 
 `items` holds item vectors (written by the embedding workers); `users` holds the profile
 vectors of users with history, kept in step with the profile table, so that a fresh item can
-find its nearest users (fan-out) with one search."""
+find its nearest users (fan-out) with one search.
+
+Ranking is `streams.rank.BlendRanker` (the code `vlm4rec eval` scores as `default`): Milvus ANN
+candidates for the user's profile and last items, co-occurrence, recent popularity and fresh
+items, blended by a model the worker trains on the interactions it applies (`observe`). Its
+state (counts, co-occurrence, the model) lives in the worker's memory, like recent popularity:
+each worker learns from the users it owns, and a restarted worker starts learning again (it
+ranks by the profile cosine until its first fit)."""
 
 from __future__ import annotations
 
@@ -11,9 +18,12 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
+import random
+
 from streams import metrics
 from streams.popularity import RecentPopularity
 from streams.profile import Profile
+from streams.rank import BlendRanker, Hits, RankConfig, Request
 from vectorstore import VectorRecord, VectorStore
 
 
@@ -50,6 +60,26 @@ class VectorCache:
         self._cache.pop(item_id, None)
 
 
+class StoreContent:
+    """`streams.rank.ContentSource` over the items collection: ANN search there, vectors
+    through the cache."""
+
+    def __init__(self, store: VectorStore, cache: VectorCache) -> None:
+        self.store = store
+        self.cache = cache
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Collection[str]]) -> list[Hits]:
+        return self.store.search(queries, k, exclude=list(exclude))
+
+    def vectors(self, ids: Collection[str]) -> dict[str, np.ndarray]:
+        return self.cache.get(ids)
+
+
+#: (the user's state just before the interaction, or None when it is not a training example;
+#: the user's distinct items before it; the item; the interaction's ts)
+Observation = tuple[Request | None, list[str], str, float]
+
+
 class Recommender:
     def __init__(
         self,
@@ -58,27 +88,51 @@ class Recommender:
         popularity: RecentPopularity,
         k: int = 20,
         cache_size: int = 20_000,
+        rank: RankConfig | None = None,
     ) -> None:
         self.items = items
         self.users = users
         self.popularity = popularity
         self.k = k
         self.vectors = VectorCache(items, cache_size)
+        self.content = StoreContent(items, self.vectors)
+        self.ranker = BlendRanker(rank)
+        # the training-example draw happens on the caller's thread (see `observation`)
+        self._draw = random.Random(self.ranker.config.seed)
+
+    def request(self, profile: Profile) -> Request:
+        """The user as the ranker sees them now (the stream clock: the latest event time)."""
+        return Request(list(profile.seen), profile.as_array(), max(self.ranker.stats.clock, profile.updated_at))
+
+    def observation(self, profile: Profile, item_id: str, ts: float) -> Observation:
+        """Taken just before `profile` applies the interaction (cheap: the request, with its
+        profile vector, only for the sampled share)."""
+        sampled = self._draw.random() < self.ranker.sample_rate()
+        request = Request(list(profile.seen), profile.as_array(), ts) if sampled else None
+        return request, list(profile.seen), item_id, ts
+
+    def observe(self, observations: Sequence[Observation]) -> None:
+        """Fold applied interactions into the ranker, in order: the sampled ones first become
+        training groups from the state before the batch, then every one is recorded (and the
+        model is refit when due)."""
+        learning = [(r, item) for r, _, item, _ in observations if r is not None]
+        if learning:
+            self.ranker.learn([r for r, _ in learning], [i for _, i in learning], self.content)
+        for _, history, item, ts in observations:
+            self.ranker.record(history, item, ts)
+
+    def declare(self, item_id: str, created_at: float) -> None:
+        """An embedded item with a declared creation time: a candidate of the fresh source."""
+        self.ranker.stats.declare(item_id, created_at)
 
     def recommend(self, profiles: Sequence[Profile], k: int | None = None) -> list[list[tuple[str, float]]]:
-        """Top k per user, seen items excluded, in one vector-store call for all users with a
-        profile vector; users without one get recent popularity."""
+        """Top k per user, seen items excluded: the blend over Milvus ANN (one search call for
+        all users' profile vectors), co-occurrence, recent popularity and fresh candidates;
+        users left without a candidate get recent popularity."""
         k = k or self.k
-        results: list[list[tuple[str, float]]] = [[] for _ in profiles]
-        warm = [(n, p, p.as_array()) for n, p in enumerate(profiles)]
-        warm = [(n, p, v) for n, p, v in warm if v is not None]
-        if warm:
-            queries = np.stack([v for _, _, v in warm])
-            metrics.SEARCH_BATCH.observe(len(warm))
-            with metrics.SEARCH_SECONDS.labels("items").time():
-                hits = self.items.search(queries, k, exclude=[set(p.seen) for _, p, _ in warm])
-            for (n, _, _), row in zip(warm, hits, strict=True):
-                results[n] = row
+        metrics.SEARCH_BATCH.observe(len(profiles))
+        with metrics.SEARCH_SECONDS.labels("items").time():
+            results = self.ranker.rank([self.request(p) for p in profiles], self.content, k)
         for n, profile in enumerate(profiles):
             if not results[n]:
                 results[n] = self.popularity.top(k, exclude=set(profile.seen))

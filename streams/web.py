@@ -215,7 +215,7 @@ class FeedPage:
 
     async def user_data(self, user_id: str, since: str) -> tuple[dict[str, Any], int]:
         service = self.service
-        stored = service.profiles.get(user_id)
+        stored = service.stored_profile(user_id)
         if stored is None:
             return {"error": "unknown user", "user_id": user_id}, 404
         profile = Profile.from_dict(stored)

@@ -183,8 +183,15 @@ def test_identical_vectors_tie_exactly_and_fall_back_to_item_id(tmp_path: Path) 
     assert tops(stream, "text", content) == [["a", "b", "x"]]
 
 
-def test_default_is_the_describe_content_method() -> None:
-    assert METHODS["default"].strategy == "describe"
+def test_default_is_the_products_blend_over_its_semantic_source(tmp_path: Path) -> None:
+    from vlm4rec.evaluate import DEFAULT_STRATEGY, Blend
+
+    default = METHODS["default"]
+    assert default.strategy == DEFAULT_STRATEGY and default.make is not None
+    # a fresh, stateful scorer per walk (the ranker learns along the stream)
+    stream = stream_of(tmp_path, [("u", "a", 1)])
+    index = {DEFAULT_STRATEGY: ContentIndex(np.eye(len(stream.item_ids), dtype=np.float32))}
+    assert isinstance(default.scorer(stream, index), Blend)
 
 
 def test_bootstrap_is_fixed_and_shared_by_methods(tmp_path: Path) -> None:
@@ -263,7 +270,7 @@ def test_eval_command_writes_json_table_and_chart(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "magic" in bad.output
     online = CliRunner().invoke(main, ["eval", str(folder), "--online"], env=env)
     assert online.exit_code != 0
-    assert "online evaluation needs the streams processor (vlm4rec streams), not available yet" in online.output
+    assert "VLM4REC_IMAGE_FILE_ROOTS" in online.output  # --online checks the running stack can read the images
 
 
 def test_real_data_quick_run(shared_data: Path, tmp_path: Path) -> None:

@@ -70,6 +70,8 @@ def _clean_text(value: str) -> str:
 
 
 def _clean_id(value: str) -> str:
+    if "\x00" in value:  # checked before `_clean_text` drops it: "a\x00b" must not become "ab"
+        raise ValueError("must not contain control characters")
     value = _clean_text(value).strip()
     if not value:
         raise ValueError("must not be empty")

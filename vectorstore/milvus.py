@@ -8,11 +8,11 @@ a cluster trades a few milliseconds for it. Metric: cosine on L2-normalised vect
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
-from pymilvus import DataType, MilvusClient
+from pymilvus import DataType, MilvusClient, MilvusException
 
 from vectorstore.base import CollectionMismatch, Hits, VectorRecord, VectorStore, rank_hits
 
@@ -21,6 +21,9 @@ MILVUS_MAX_TOPK = 16384
 MAX_META_BYTES = 8192
 _FETCH_CHUNK = 1000  # ids per `item_id in [...]` expression
 _PROPS = ("vlm4rec.model", "vlm4rec.strategy")
+COLLECTION_NOT_LOADED = 101  # Milvus's error code for a read on a released collection
+
+T = TypeVar("T")
 
 
 def id_list_expr(ids: Sequence[str]) -> str:
@@ -76,6 +79,18 @@ class MilvusVectorStore(VectorStore):
         client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
         client.alter_collection_properties(name, properties={_PROPS[0]: model, _PROPS[1]: strategy})
 
+    def _read(self, call: Callable[[], T]) -> T:
+        """Run a read; on a released collection load it and try once more. A Milvus Lite
+        server restarted after a crash comes back with every collection released (its data is
+        intact), and every read would fail until a process reloads it."""
+        try:
+            return call()
+        except MilvusException as exc:
+            if exc.code != COLLECTION_NOT_LOADED:
+                raise
+        self._client.load_collection(self.collection)
+        return call()
+
     def upsert(self, records: Sequence[VectorRecord]) -> None:
         if not records:
             return
@@ -99,11 +114,13 @@ class MilvusVectorStore(VectorStore):
         ids = list(dict.fromkeys(ids))
         found: dict[str, object] = {}
         for start in range(0, len(ids), _FETCH_CHUNK):
-            rows = self._client.query(
-                self.collection,
-                filter=id_list_expr(ids[start : start + _FETCH_CHUNK]),
-                output_fields=["item_id", field],
-                consistency_level="Strong",
+            rows = self._read(
+                lambda chunk=ids[start : start + _FETCH_CHUNK]: self._client.query(
+                    self.collection,
+                    filter=id_list_expr(chunk),
+                    output_fields=["item_id", field],
+                    consistency_level="Strong",
+                )
             )
             found.update((row["item_id"], row[field]) for row in rows)
         return found
@@ -128,13 +145,15 @@ class MilvusVectorStore(VectorStore):
             return []
         widest = max((len(e) for e in exclude), default=0) if exclude else 0
         limit = min(MILVUS_MAX_TOPK, k + widest)
-        results = self._client.search(
-            self.collection,
-            data=queries.tolist(),
-            limit=limit,
-            output_fields=["item_id"],
-            search_params={"metric_type": "COSINE"},
-            consistency_level="Strong",
+        results = self._read(
+            lambda: self._client.search(
+                self.collection,
+                data=queries.tolist(),
+                limit=limit,
+                output_fields=["item_id"],
+                search_params={"metric_type": "COSINE"},
+                consistency_level="Strong",
+            )
         )
         return [
             rank_hits(
@@ -146,8 +165,8 @@ class MilvusVectorStore(VectorStore):
         ]
 
     def count(self) -> int:
-        rows = self._client.query(
-            self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"
+        rows = self._read(
+            lambda: self._client.query(self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong")
         )
         return int(rows[0]["count(*)"])
 

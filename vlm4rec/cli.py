@@ -121,7 +121,14 @@ def _product_services(settings: Settings) -> list[Any]:
     metrics_ports = [(host, settings.worker_metrics_port)] if settings.worker_metrics_port else []
     return [
         Service(name="worker", argv=[*exe, "worker"], ready=lambda: True, restart=True, ports=metrics_ports),
-        Service(name="streams", argv=[*exe, "streams"], ready=lambda: True, restart=True, ports=[(host, settings.web_port)]),
+        Service(
+            name="streams", argv=[*exe, "streams"], ready=lambda: True, restart=True, ports=[(host, settings.web_port)],
+            # One record per producer batch (a Faust setting read from the environment): the
+            # embedded broker reports a partition's end offset as the start of its last batch,
+            # so Faust's table recovery stopped short of a batch's later records and a
+            # restarted stream processor lost those profile updates (docs/hardening.md).
+            env={"PRODUCER_MAX_BATCH_SIZE": "1"},
+        ),
     ]
 
 
@@ -343,8 +350,11 @@ def eval_command(
         write_outputs,
     )
 
-    if online:
-        raise click.ClickException("online evaluation needs the streams processor (vlm4rec streams), not available yet")
+    if online:  # replay through the running stack and score its pushes (vlm4rec/online_eval.py)
+        from vlm4rec.online_eval import run_cli
+
+        run_cli(settings, dataset_dir, out, methods, limit_users, _load_dataset)
+        return
     names = list(METHODS) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
@@ -569,6 +579,42 @@ def chaos_command(
     click.echo(f"wrote {out}")
     if not report["ok"]:
         raise click.ClickException("invariants violated: " + "; ".join(report["violations"]))
+
+
+@main.command("soak")
+@click.option("--minutes", type=click.FloatRange(min=0.5), default=10.0, show_default=True, help="Length of the steady phase; then it stops by itself.")
+@click.option("--rate", type=click.FloatRange(min=1), default=None, help="Interactions/s (default: 80% of the capacity measured by a short ramp first).")
+@click.option("--users", type=click.IntRange(min=1), default=2000, show_default=True, help="Distinct users the interactions come from.")
+@click.option("--items", type=click.IntRange(min=1), default=300, show_default=True, help="Items embedded before the load starts.")
+@click.option("--fresh-per-s", type=click.FloatRange(min=0), default=0.5, show_default=True, help="New items published per second during the soak.")
+@click.option("--sample-s", type=click.FloatRange(min=1), default=10.0, show_default=True, help="Seconds between samples.")
+@click.option("--out", type=click.Path(dir_okay=False), default="soak.json", show_default=True, help="Figures (JSON); the plot is written beside it (.png).")
+@click.pass_obj
+def soak_command(
+    settings: Settings, minutes: float, rate: float | None, users: int, items: int, fresh_per_s: float, sample_s: float, out: str
+) -> None:
+    """A bounded soak at a steady rate near capacity, on a local stack of its own.
+
+    Samples consumer lag (vlm4rec_streams_consumer_lag), the resident memory of every process
+    and p99 latencies every --sample-s seconds. Writes {"rate_per_s", "capacity_steps",
+    "samples": [{"t_s", "lag_interactions", "rss_mb", "p99_ms", ...}], "summary": {"lag",
+    "rss", "p99"}} and a PNG plot.
+    """
+    from pathlib import Path
+
+    from vlm4rec.localstack import StackError
+    from vlm4rec.soak import run_soak, write
+
+    try:
+        figures = run_soak(
+            settings, _stack_services, minutes, rate=rate, users=users, items=items,
+            fresh_per_s=fresh_per_s, sample_s=sample_s, log=click.echo,
+        )
+    except (StackError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    picture = write(figures, Path(out))
+    click.echo(json.dumps(figures["summary"], indent=2))
+    click.echo(f"wrote {out} and {picture}")
 
 
 if __name__ == "__main__":

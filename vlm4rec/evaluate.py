@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from streams.profile import Ranker, mean_profile
+from streams.rank import BlendRanker, Hits, RankConfig, Request
 from vlm4rec.dataset import Dataset, publish_times
 from vlm4rec.embedcache import EmbeddingCache, embed_items
 from workers.backends.base import EmbeddingBackend
@@ -36,8 +37,10 @@ KS = (10, 20)
 WINDOW_DAYS = 7.0
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 5
-#: what the `default` method is for now: the product's current ranking (issue 6 makes it a blend)
-DEFAULT_IS = "describe"
+#: the embedding strategy of the product's blend (the semantic source inside `default`)
+DEFAULT_STRATEGY: Strategy = "text"
+#: what the `default` method is: the product's ranking (`streams.rank.BlendRanker`)
+DEFAULT_IS = f"blend({DEFAULT_STRATEGY})"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class Stream:
     users: np.ndarray  # int64 per row, in stream order
     items: np.ndarray  # int64 per row
     ts: np.ndarray  # float64 per row
+    #: declared creation times (items.csv `created_at`) by item index; items published at
+    #: their first interaction are absent
+    created_at: Mapping[int, float] = field(default_factory=dict)
 
 
 def build_stream(dataset: Dataset) -> Stream:
@@ -70,6 +76,7 @@ def build_stream(dataset: Dataset) -> Stream:
         users=np.array([user_index[r.user_id] for r in rows], dtype=np.int64),
         items=np.array([item_index[r.item_id] for r in rows], dtype=np.int64),
         ts=np.array([r.ts for r in rows], dtype=np.float64),
+        created_at={item_index[i.item_id]: float(i.created_at) for i in dataset.items if i.created_at is not None and i.item_id in item_index},
     )
 
 
@@ -221,10 +228,111 @@ def content(strategy: Strategy) -> Scorer:
     return score
 
 
+class OfflineContent:
+    """`streams.rank.ContentSource` over one strategy's item vectors, as the vector store would
+    hold them at the moment `ts`: only items published by then, only items with a vector.
+    Search is exact (Milvus Lite's FLAT index is exact too); ties by item_id."""
+
+    def __init__(self, stream: Stream, index: ContentIndex) -> None:
+        vectors = index.vectors.astype(np.float32)
+        norms = np.linalg.norm(vectors, axis=1)
+        self.has = norms > 0
+        self.unit = np.divide(vectors, np.maximum(norms, 1e-12)[:, None]).astype(np.float32)
+        unique, inverse = np.unique(self.unit, axis=0, return_inverse=True)
+        self._unique, self._inverse = unique, inverse.reshape(-1)
+        self.stream = stream
+        self.index = {item_id: n for n, item_id in enumerate(stream.item_ids)}
+        self.tiebreak = Ranker(stream.item_ids).tiebreak
+        self.ts = np.inf
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Any]) -> list[Hits]:
+        stream = self.stream
+        allowed = self.has & (stream.published_at <= self.ts)
+        scores = (self._unique @ np.asarray(queries, dtype=np.float32).T)[self._inverse].T.astype(np.float64)
+        scores[:, ~allowed] = -np.inf
+        masks: dict[int, list[int]] = {}
+        out: list[Hits] = []
+        for row, skip in zip(scores, exclude, strict=True):
+            if id(skip) not in masks:
+                masks[id(skip)] = [self.index[i] for i in skip if i in self.index]
+            row[masks[id(skip)]] = -np.inf
+            take = min(k, len(row))
+            threshold = -np.partition(-row, take - 1)[take - 1] if take > 0 else np.inf
+            top = np.flatnonzero((row >= threshold) & (row > -np.inf))
+            top = top[np.lexsort((self.tiebreak[top], -row[top]))][:take]
+            out.append([(stream.item_ids[j], float(row[j])) for j in top])
+        return out
+
+    def vectors(self, ids: Any) -> dict[str, np.ndarray]:
+        index, has = self.index, self.has
+        return {i: self.unit[index[i]] for i in ids if i in index and has[index[i]]}
+
+    def profile(self, history: Sequence[str]) -> np.ndarray | None:
+        """The streams' `mean_profile` of the history items that have a vector."""
+        rows = [self.index[i] for i in history]
+        return mean_profile(self.unit[[r for r in rows if self.has[r]]])
+
+
+class Blend:
+    """The product's ranking (`streams.rank.BlendRanker`) walked along the stream: every row
+    before a target is folded in, in order (a sampled row first becomes a training group, from
+    the state just before it), then the target is ranked. It never sees a row at or after the
+    target it ranks."""
+
+    def __init__(self, stream: Stream, index: ContentIndex, config: RankConfig | None = None) -> None:
+        self.stream = stream
+        self.content = OfflineContent(stream, index)
+        self.ranker = BlendRanker(config)
+        for item, created in sorted(stream.created_at.items(), key=lambda kv: (kv[1], kv[0])):
+            self.ranker.stats.declare(stream.item_ids[item], created)
+        # per user: distinct items by latest interaction, oldest first (the profile's `seen`)
+        self.recent: list[dict[str, None]] = [{} for _ in stream.user_ids]
+        self.position = 0
+
+    def request(self, user: int, ts: float) -> Request:
+        history = list(self.recent[user])
+        return Request(history, self.content.profile(history), ts)
+
+    def advance(self, to: int) -> None:
+        stream, ranker = self.stream, self.ranker
+        for position in range(self.position, to):
+            user, ts = int(stream.users[position]), float(stream.ts[position])
+            item = stream.item_ids[int(stream.items[position])]
+            recent = self.recent[user]
+            if ranker.wants_example():
+                self.content.ts = ts
+                ranker.learn([self.request(user, ts)], [item], self.content)
+            ranker.record(list(recent), item, ts)
+            recent.pop(item, None)
+            recent[item] = None
+        self.position = max(self.position, to)
+
+    def __call__(self, state: StreamState, target: Target) -> np.ndarray:
+        self.advance(target.row)
+        self.content.ts = target.ts
+        top = self.ranker.rank([self.request(target.user, target.ts)], self.content, max(KS))[0]
+        primary = np.zeros(len(self.stream.item_ids))
+        for position, (item_id, _) in enumerate(top):
+            primary[self.content.index[item_id]] = len(top) - position
+        return lexicographic(primary, state.counts)
+
+
 @dataclass(frozen=True)
 class Method:
-    score: Scorer
+    score: Scorer | None = None  # stateless methods
     strategy: Strategy | None = None  # the item vectors the method reads, if any
+    #: stateful methods: a fresh scorer per walk, from the stream and the content indexes
+    make: Callable[[Stream, Mapping[str, ContentIndex]], Scorer] | None = None
+
+    def scorer(self, stream: Stream, content_indexes: Mapping[str, ContentIndex]) -> Scorer:
+        if self.make is not None:
+            return self.make(stream, content_indexes)
+        assert self.score is not None
+        return self.score
+
+
+def blend(strategy: Strategy) -> Method:
+    return Method(strategy=strategy, make=lambda stream, indexes: Blend(stream, indexes[strategy]))
 
 
 METHODS: dict[str, Method] = {
@@ -235,13 +343,22 @@ METHODS: dict[str, Method] = {
     "text": Method(content("text"), "text"),
     "describe": Method(content("describe"), "describe"),
     "fused": Method(content("fused"), "fused"),
-    "default": Method(content(DEFAULT_IS), DEFAULT_IS),
+    "default": blend(DEFAULT_STRATEGY),
 }
+#: the strategy comparison inside the blend (reported beside `methods` when `default` runs)
+BLEND_STRATEGIES: tuple[Strategy, ...] = ("image", "text", "describe", "fused")
 
 
 def strategies_of(methods: Sequence[str]) -> list[Strategy]:
     """The embedding strategies the chosen methods need, in a stable order."""
     return list(dict.fromkeys(s for m in methods if (s := METHODS[m].strategy) is not None))
+
+
+def method_of(name: str) -> Method:
+    """A method of `METHODS`, or `blend:STRATEGY` (the blend over another semantic source)."""
+    if name.startswith("blend:"):
+        return blend(name.split(":", 1)[1])  # type: ignore[arg-type]
+    return METHODS[name]
 
 
 # --- the walk ----------------------------------------------------------------------------
@@ -260,14 +377,18 @@ def states(
         yield state, Target(row, int(stream.users[row]), item, ts, cold=bool(state.counts[item] == 0))
 
 
-def recommend(state: StreamState, target: Target, method: str, ranker: Ranker, k: int = max(KS)) -> list[str]:
+def recommend(
+    state: StreamState, target: Target, method: str, ranker: Ranker, k: int = max(KS), scorer: Scorer | None = None
+) -> list[str]:
     """The method's top k for the target: items published up to and including the target's ts,
-    the user's own history excluded, ties by item_id (the `Ranker`)."""
+    the user's own history excluded, ties by item_id (the `Ranker`). A stateful method passes
+    its walk's `scorer`."""
     stream = state.stream
     candidates = stream.published_at <= target.ts
     history = state.history[target.user]
     k = min(k, int(candidates.sum()) - int(candidates[history].sum()))
-    scores = np.where(candidates, METHODS[method].score(state, target), -np.inf)
+    score = scorer if scorer is not None else METHODS[method].scorer(stream, state.content)
+    scores = np.where(candidates, score(state, target), -np.inf)
     return [item_id for item_id, _ in ranker.top_k(scores, k, [stream.item_ids[i] for i in history])]
 
 
@@ -286,6 +407,7 @@ def walk(
 ) -> tuple[list[Target], dict[str, MethodResult]]:
     """Every target scored by every method."""
     ranker = Ranker(stream.item_ids)
+    scorers = {m: method_of(m).scorer(stream, content_indexes) for m in methods}
     results = {m: MethodResult([], set()) for m in methods}
     targets: list[Target] = []
     n_targets = len(select_targets(stream)) if progress else None
@@ -294,7 +416,7 @@ def walk(
         targets.append(target)
         wanted = stream.item_ids[target.item]
         for name in methods:
-            top = recommend(state, target, name, ranker)
+            top = recommend(state, target, name, ranker, scorer=scorers[name])
             results[name].ranks.append(top.index(wanted) + 1 if wanted in top else 0)
             results[name].recommended.update(top[: KS[0]])
     return targets, results
@@ -332,22 +454,33 @@ def evaluate(
     window_days: float = WINDOW_DAYS,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The report of issue 5: {"dataset", "targets", "cold_targets", "default", "methods"}."""
-    targets, results = walk(stream, methods, content_indexes, window_days, progress)
+    """The report of issue 5: {"dataset", "targets", "cold_targets", "default", "methods"};
+    when `default` runs, also "blend_by_strategy": the same blend with each other embedding
+    strategy at hand as its semantic source (issue 6), on the same targets."""
+    compared = [s for s in BLEND_STRATEGIES if s in content_indexes] if "default" in methods else []
+    extra = [f"blend:{s}" for s in compared if s != DEFAULT_STRATEGY]
+    targets, results = walk(stream, list(methods) + extra, content_indexes, window_days, progress)
     if not targets:
         raise ValueError(f"{stream.name}: no user has a target (a last interaction after 2 others, not a repeat)")
     cold = np.array([t.cold for t in targets])
     published = int((stream.published_at <= targets[-1].ts).sum())
     resamples = bootstrap_resamples(len(targets))
-    return {
+
+    def summary(name: str) -> dict[str, Any]:
+        return summarise(results[name].ranks, cold, results[name].recommended, published, resamples)
+
+    report: dict[str, Any] = {
         "dataset": stream.name,
         "targets": len(targets),
         "cold_targets": int(cold.sum()),
         "default": DEFAULT_IS,
-        "methods": {
-            m: summarise(results[m].ranks, cold, results[m].recommended, published, resamples) for m in methods
-        },
+        "methods": {m: summary(m) for m in methods},
     }
+    if compared:
+        report["blend_by_strategy"] = {
+            s: report["methods"]["default"] if s == DEFAULT_STRATEGY else summary(f"blend:{s}") for s in compared
+        }
+    return report
 
 
 # --- output ------------------------------------------------------------------------------
@@ -370,6 +503,21 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             f"| {name} | {num(m['HR@10'])} | {num(low)}–{num(high)} | {num(m['NDCG@10'])} | "
             f"{num(m['HR@20'])} | {num(m['NDCG@20'])} | {num(m['coverage@10'])} | {num(m['HR@10_cold'])} |"
         )
+    if report.get("blend_by_strategy"):
+        lines += [
+            "",
+            "The blend with each embedding strategy as its semantic source (`default` uses "
+            f"`{DEFAULT_STRATEGY}`):",
+            "",
+            "| semantic source | HR@10 | HR@10 95% CI | NDCG@10 | HR@20 | NDCG@20 | coverage@10 | HR@10 cold |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, m in report["blend_by_strategy"].items():
+            low, high = m["HR@10_ci"]
+            lines.append(
+                f"| {name} | {num(m['HR@10'])} | {num(low)}–{num(high)} | {num(m['NDCG@10'])} | "
+                f"{num(m['HR@20'])} | {num(m['NDCG@20'])} | {num(m['coverage@10'])} | {num(m['HR@10_cold'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 

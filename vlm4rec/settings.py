@@ -12,7 +12,10 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.rank import RankConfig
 from topics import TopicNames
+
+_RANK = RankConfig()  # the ranker's defaults: `vlm4rec eval` scores exactly these as `default`
 
 
 def _default_data_dir() -> Path:
@@ -124,6 +127,25 @@ class Settings(BaseSettings):
     )
     popularity_half_life_s: float = Field(21600.0, gt=0, description="half-life of recent popularity (cold users)")
     milvus_users_collection: str = Field("users", description="collection of user profile vectors (fan-out)")
+
+    # --- Ranking (streams.rank: the online-trained blend) ------------------------------------
+    rank_content_k: int = Field(_RANK.content_k, ge=1, le=1000, description="ANN candidates per profile vector")
+    rank_interests: int = Field(
+        _RANK.interests, ge=0, description="last items used as extra profile vectors and by the co-occurrence source"
+    )
+    rank_cooc_window: int = Field(
+        _RANK.cooc_window, ge=0, description="earlier items of the user a new interaction co-occurs with"
+    )
+    rank_cooc_neighbours: int = Field(_RANK.cooc_neighbours, ge=1, description="co-occurrence neighbours kept per item")
+    rank_train_rate: float = Field(
+        _RANK.train_rate, ge=0, le=1, description="share of applied interactions that become training groups"
+    )
+    rank_negatives: int = Field(_RANK.negatives, ge=1, description="sampled negative candidates per training group")
+    rank_buffer: int = Field(_RANK.buffer, ge=1, description="training groups kept (the most recent)")
+    rank_refit_every: int = Field(_RANK.refit_every, ge=1, description="new training groups between refits, at most")
+    rank_min_groups: int = Field(
+        _RANK.min_groups, ge=1, description="training groups before the first fit (until then: profile cosine)"
+    )
 
     # --- Local stack ---------------------------------------------------------------------
     data_dir: Path = Field(

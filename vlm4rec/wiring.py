@@ -72,6 +72,7 @@ def build_loader(settings: Settings) -> ImageLoader:
 def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp, imported lazily (faust is heavy)
     from streams.app import StreamsApp, StreamsConfig
     from streams.profile import ProfileRule
+    from streams.rank import RankConfig
     from streams.web import register_ui
 
     config = StreamsConfig(
@@ -88,6 +89,7 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
         store=settings.streams_store,
         session_timeout_s=settings.kafka_session_timeout_ms / 1000,
         partitions=settings.topic_partitions,
+        replication=settings.topic_replication,
         web_host=settings.web_host,
         web_port=settings.web_port,
         k=settings.streams_k,
@@ -100,6 +102,17 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
             half_life_s=settings.profile_half_life_s,
         ),
         popularity_half_life_s=settings.popularity_half_life_s,
+        rank=RankConfig(
+            content_k=settings.rank_content_k,
+            interests=settings.rank_interests,
+            cooc_window=settings.rank_cooc_window,
+            cooc_neighbours=settings.rank_cooc_neighbours,
+            train_rate=settings.rank_train_rate,
+            negatives=settings.rank_negatives,
+            buffer=settings.rank_buffer,
+            refit_every=settings.rank_refit_every,
+            min_groups=settings.rank_min_groups,
+        ),
     )
     token = settings.milvus_token.get_secret_value()
     items = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection, token)

@@ -1,0 +1,135 @@
+"""Item-item co-occurrence, kept incrementally as interactions stream in, with bounded memory.
+
+When a user interacts with an item for the first time, the item co-occurs with the user's
+`window` most recent distinct earlier items (a session-like neighbourhood, not the whole
+history: what a user took just before says more about what comes next than what they took a
+year ago, and an update costs O(window), not O(history)). Each item keeps at most
+`max_neighbours` neighbours: when a list grows past twice that, the weakest half is dropped
+(counts of dropped pairs restart from zero if they come back). At most `max_items` items are
+tracked; past that the items that gained a user least recently are forgotten (a stream moves
+on: what nobody took for a long time stops mattering, and a fresh item must get a chance to
+gather users).
+
+A user's score for a candidate j is the cosine of binary user vectors, summed over the query
+items i: cooc(i, j) / sqrt(n_i n_j), with n_i the number of distinct users of i.
+
+Faust-free; the stream processor feeds it per applied interaction and the offline evaluator
+feeds it per row of the replay, so both rank with the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+class CoOccurrence:
+    def __init__(self, window: int = 50, max_neighbours: int = 500, max_items: int = 500_000) -> None:
+        self.window = window
+        self.max_neighbours = max_neighbours
+        self.max_items = max_items
+        self.ids: list[str] = []  # internal index -> item id
+        self.index: dict[str, int] = {}
+        self._users = np.zeros(1024)  # distinct users per internal index
+        self._touched = np.zeros(1024)  # when each item last gained a user (a running count)
+        self._adds = 0
+        self._neighbours: list[dict[int, float]] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def users(self, item: str) -> int:
+        """Distinct users of `item` so far (0 for an unknown item)."""
+        n = self.index.get(item)
+        return 0 if n is None else int(self._users[n])
+
+    def neighbours(self, item: str) -> dict[str, float]:
+        n = self.index.get(item)
+        return {} if n is None else {self.ids[j]: c for j, c in self._neighbours[n].items()}
+
+    def _intern(self, item: str) -> int:
+        n = self.index.get(item)
+        if n is None:
+            n = self.index[item] = len(self.ids)
+            self.ids.append(item)
+            self._neighbours.append({})
+            if n >= len(self._users):
+                self._users = np.concatenate([self._users, np.zeros(len(self._users))])
+                self._touched = np.concatenate([self._touched, np.zeros(len(self._touched))])
+        return n
+
+    def add(self, item: str, earlier: Sequence[str]) -> None:
+        """A user whose distinct earlier items are `earlier` (oldest first) interacts with
+        `item` for the first time. Repeats must not be passed (the caller knows the user's
+        history; a repeat would count the user twice)."""
+        n = self._intern(item)
+        self._users[n] += 1
+        self._adds += 1
+        self._touched[n] = self._adds
+        mine = self._neighbours[n]
+        for other in earlier[-self.window :] if self.window else ():
+            m = self._intern(other)
+            if m == n:
+                continue
+            mine[m] = mine.get(m, 0.0) + 1.0
+            theirs = self._neighbours[m]
+            theirs[n] = theirs.get(n, 0.0) + 1.0
+            if len(theirs) > 2 * self.max_neighbours:
+                self._prune(theirs)
+        if len(mine) > 2 * self.max_neighbours:
+            self._prune(mine)
+        if len(self.ids) > self.max_items * 1.2:
+            self._forget()
+
+    def _prune(self, neighbours: dict[int, float]) -> None:
+        keep = sorted(neighbours.items(), key=lambda kv: (-kv[1], self.ids[kv[0]]))[: self.max_neighbours]
+        neighbours.clear()
+        neighbours.update(keep)
+
+    def _forget(self) -> None:
+        """Keep the `max_items` items that gained a user most recently, re-indexed."""
+        order = sorted(range(len(self.ids)), key=lambda n: -self._touched[n])[: self.max_items]
+        new_of = {old: new for new, old in enumerate(order)}
+        self.ids = [self.ids[old] for old in order]
+        self.index = {item: n for n, item in enumerate(self.ids)}
+        self._neighbours = [
+            {new_of[j]: c for j, c in self._neighbours[old].items() if j in new_of} for old in order
+        ]
+        users, touched = np.zeros(max(1024, 2 * len(order))), np.zeros(max(1024, 2 * len(order)))
+        users[: len(order)] = self._users[order]
+        touched[: len(order)] = self._touched[order]
+        self._users, self._touched = users, touched
+
+    def dense(self, query: Iterable[str]) -> np.ndarray:
+        """Scores over the internal index (`ids`): sum over the query items i of
+        cooc(i, j) / sqrt(n_i n_j). Query items co-occurring with each other score too; the
+        caller drops what the user has seen."""
+        size = len(self.ids)
+        users = self._users[:size]
+        columns: list[np.ndarray] = []
+        weights: list[np.ndarray] = []
+        for item in query:
+            n = self.index.get(item)
+            if n is None or users[n] == 0 or not self._neighbours[n]:
+                continue
+            neighbours = self._neighbours[n]
+            columns.append(np.fromiter(neighbours.keys(), dtype=np.int64, count=len(neighbours)))
+            weights.append(np.fromiter(neighbours.values(), dtype=np.float64, count=len(neighbours)) / np.sqrt(users[n]))
+        if not columns:
+            return np.zeros(size)
+        total = np.bincount(np.concatenate(columns), weights=np.concatenate(weights), minlength=size)
+        np.divide(total, np.sqrt(users), out=total, where=users > 0)
+        return total
+
+    def scores(self, query: Iterable[str]) -> dict[str, float]:
+        """`dense` as {item: score} for the items that score above zero."""
+        total = self.dense(query)
+        return {self.ids[j]: float(total[j]) for j in np.flatnonzero(total > 0)}
+
+    def lookup(self, dense: np.ndarray, items: Sequence[str]) -> np.ndarray:
+        """`dense`'s values for `items` (0 for items it does not know)."""
+        index = self.index
+        rows = np.fromiter((index.get(i, -1) for i in items), dtype=np.int64, count=len(items))
+        rows[rows >= len(dense)] = -1
+        return np.where(rows >= 0, dense[np.maximum(rows, 0)], 0.0) if len(dense) else np.zeros(len(items))

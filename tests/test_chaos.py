@@ -1,0 +1,203 @@
+"""Faults: Milvus Lite under SIGKILL, and a small `vlm4rec chaos` run on a dataset made here;
+and the figures of `vlm4rec soak` (no stack).
+
+The chaos run kills the embedding worker, the stream processor and the Milvus Lite server with
+SIGKILL during a replay and asserts the invariants of issue 9: every item in Milvus once with
+its latest content, every interaction counted once (those on an item that never got a vector
+excepted, and accounted for), recs resume for every active user."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import RunningStack, free_port
+from topics import Interaction, ItemNew
+from vectorstore import MilvusVectorStore, VectorRecord
+from vlm4rec.chaos import TARGETS, plan_faults, with_updates
+from vlm4rec.localstack import LocalStack, milvus_service
+from vlm4rec.replay import Scheduled
+
+
+# --- the plan (no stack) ------------------------------------------------------------------
+def test_fault_plan_is_seeded_sorted_within_the_window_and_hits_every_target() -> None:
+    plan = plan_faults(7, seed=3, window_s=100.0)
+    assert plan == plan_faults(7, seed=3, window_s=100.0)
+    assert plan != plan_faults(7, seed=4, window_s=100.0)
+    times = [t for t, _ in plan]
+    assert times == sorted(times) and all(5.0 <= t <= 95.0 for t in times)
+    assert {name for _, name in plan} == set(TARGETS)
+    assert plan_faults(0, seed=1, window_s=10.0) == []
+
+
+def test_updates_follow_their_original_with_new_content() -> None:
+    items = [Scheduled(float(n), ItemNew(item_id=f"i{n}", title=f"Item {n}")) for n in range(20)]
+    clicks = [Scheduled(20.0 + n, Interaction(user_id="u", item_id=f"i{n}", event="click", ts=20.0 + n)) for n in range(20)]
+    events = with_updates(items + clicks, share=0.1, seed=5)
+    assert len(events) == 42
+    assert [s.ts for s in events] == sorted(s.ts for s in events)
+    seen: dict[str, int] = {}
+    for position, scheduled in enumerate(events):
+        if isinstance(scheduled.event, ItemNew):
+            if scheduled.event.item_id in seen:
+                assert scheduled.event.title.endswith("(v2)"), "the second version is the new content"
+                assert position > seen[scheduled.event.item_id]
+            seen.setdefault(scheduled.event.item_id, position)
+    assert with_updates(items, share=0.0, seed=5) == items
+
+
+# --- Milvus Lite under SIGKILL ------------------------------------------------------------
+@pytest.mark.integration
+def test_milvus_lite_keeps_acknowledged_writes_through_sigkill_and_the_store_reloads(tmp_path: Path) -> None:
+    """Milvus Lite writes each insert to its WAL (flushed to the OS) before answering, so a
+    SIGKILL loses nothing acknowledged; the restarted server comes back with every collection
+    released, which the vector store must reload by itself (else every read fails for good)."""
+    port = free_port()
+    service = milvus_service("127.0.0.1", port, tmp_path / "milvus")
+    service.restart = True
+    stack = LocalStack([service], log_dir=tmp_path / "logs")
+    stack.start()
+    try:
+        store = MilvusVectorStore(f"http://127.0.0.1:{port}", "items")
+        store.open(4, "test/m", "describe")
+        rng = np.random.default_rng(0)
+        store.upsert([VectorRecord(f"i{n}", rng.normal(size=4), content_hash="v1") for n in range(200)])
+        store.upsert([VectorRecord(f"i{n}", rng.normal(size=4), content_hash="v2") for n in range(20)])
+
+        assert service.process is not None
+        os.killpg(service.process.pid, signal.SIGKILL)
+        service.process.wait()
+        deadline = time.monotonic() + 60
+        while not (service.alive() and service.ready()):
+            assert time.monotonic() < deadline, "Milvus Lite did not come back"
+            stack.supervise_once()
+            time.sleep(0.2)
+
+        assert store.count() == 200, "every acknowledged row survives, none twice"
+        hashes = store.get_hashes([f"i{n}" for n in range(200)])
+        assert [hashes[f"i{n}"] for n in (0, 19, 20, 199)] == ["v2", "v2", "v1", "v1"], "the latest upsert wins"
+        assert len(store.search(rng.normal(size=(1, 4)), 5)[0]) == 5
+        store.close()
+    finally:
+        stack.stop()
+
+
+# --- a small chaos run --------------------------------------------------------------------
+def make_dataset(root: Path, users: int = 6, items: int = 24) -> None:
+    """Items with small pictures of their own colour, one item whose picture is missing (the
+    worker dead-letters it, so interactions on it stay deferred), and 8 clicks per user that
+    touch every item (an item nobody touches is never published)."""
+    (root / "images").mkdir(parents=True)
+    with open(root / "items.csv", "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["item_id", "title", "text", "image", "category", "created_at"])
+        for n in range(items):
+            colour = ((n * 53) % 256, (n * 97) % 256, (n * 31) % 256)
+            out = io.BytesIO()
+            Image.new("RGB", (32, 32), colour).save(out, "PNG")
+            (root / "images" / f"{n}.png").write_bytes(out.getvalue())
+            writer.writerow([f"item-{n}", f"Item {n}", f"colour {colour}", f"images/{n}.png", "test", ""])
+        writer.writerow(["lost", "Lost picture", "", "images/missing.png", "test", ""])
+    with open(root / "interactions.csv", "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["user_id", "item_id", "ts", "event", "value"])
+        ts = 1_600_000_000
+        for round_ in range(8):
+            for user in range(users):
+                ts += 60
+                n = round_ * users + user
+                item = "lost" if n in (12, 33) else f"item-{n % items}"  # every item twice but these
+                writer.writerow([f"user-{user}", item, ts, "click", ""])
+
+
+@pytest.mark.integration
+def test_chaos_keeps_every_invariant(tmp_path: Path, infra: RunningStack) -> None:
+    """Worker, stream processor and Milvus each SIGKILLed once during the replay."""
+    from vlm4rec.chaos import run_chaos
+    from vlm4rec.cli import _stack_services
+    from vlm4rec.settings import Settings
+
+    make_dataset(tmp_path / "data")
+    # the session stack's data folder: its exported image model is reused, not exported again
+    settings = Settings(data_dir=Path(infra.env["VLM4REC_DATA_DIR"]), topic_partitions=2)
+    report = run_chaos(
+        settings, tmp_path / "data", _stack_services, limit_users=None, faults=3, seed=11,
+        duration_s=20.0, timeout_s=150.0, run_dir=tmp_path / "run", log=lambda _: None,
+    )
+    assert report["violations"] == [] and report["ok"]
+    assert report["faults"] == report["faults_recovered"] == 3
+    assert {f["target"] for f in report["fault_details"]} == set(TARGETS)
+    milvus = next(f for f in report["fault_details"] if f["target"] == "milvus")
+    assert milvus["milvus_rows_after"] is None or milvus["milvus_rows_after"] >= milvus["milvus_rows_before"]
+
+    assert report["items_published"] == 25
+    assert report["items_in_milvus"] == 24 and report["item_duplicates"] == 0
+    assert list(report["items_dead_lettered"]) == ["lost"]
+    assert "image" in report["items_dead_lettered"]["lost"]
+    assert report["interactions_published"] == 48
+    assert report["interactions_on_items_without_vector"] == 2
+    assert report["interactions_counted"] == report["interactions_expected"] == 46
+    assert report["users_with_recs"] == report["active_users"] == 6
+
+
+# --- soak figures (no stack) --------------------------------------------------------------
+def _histogram(counts: dict[float, float]) -> list[tuple[str, dict[str, str], float]]:
+    return [("h_seconds_bucket", {"le": str(le)}, value) for le, value in counts.items()]
+
+
+def test_window_quantile_interpolates_within_the_bucket_like_prometheus() -> None:
+    from vlm4rec.soak import Scrape, window_quantile
+
+    before = Scrape(_histogram({0.1: 10, 0.5: 10, 1.0: 10, float("inf"): 10}))
+    after = Scrape(_histogram({0.1: 60, 0.5: 100, 1.0: 110, float("inf"): 110}))
+    assert window_quantile(before, after, "h_seconds", 0.5) == pytest.approx(0.1)
+    assert window_quantile(before, after, "h_seconds", 0.99) == pytest.approx(0.5 + 0.5 * (99 - 90) / 10)
+    assert window_quantile(after, after, "h_seconds", 0.99) is None, "nothing observed in the window"
+    beyond = Scrape(_histogram({0.1: 10, 0.5: 10, 1.0: 10, float("inf"): 20}))
+    assert window_quantile(before, beyond, "h_seconds", 0.99) == 1.0, "past the last bucket: its bound"
+
+
+def test_scrape_sums_samples_whose_labels_match() -> None:
+    from vlm4rec.soak import Scrape, lag
+
+    scraped = Scrape([
+        ("vlm4rec_streams_consumer_lag", {"topic": "interactions", "partition": "0"}, 3.0),
+        ("vlm4rec_streams_consumer_lag", {"topic": "interactions", "partition": "1"}, 4.0),
+        ("vlm4rec_streams_consumer_lag", {"topic": "items.embedded", "partition": "0"}, 9.0),
+    ])
+    assert lag(scraped, "interactions") == 7.0
+
+
+def _sample(t: float, lag: float, worker_mb: float, p99_ms: float) -> dict:
+    return {
+        "t_s": t, "sent": int(t * 100), "applied_per_s": 100.0, "lag_interactions": lag, "lag_items_embedded": 0, "backlog": lag,
+        "rss_mb": {"worker": worker_mb, "streams": 200.0}, "p99_ms": {"interaction_to_recs": p99_ms},
+    }
+
+
+def test_summary_tells_flat_from_growing(tmp_path: Path) -> None:
+    from vlm4rec.soak import summarise, write
+
+    steady = [_sample(10.0 * n, lag=5.0, worker_mb=800.0 + (n % 2), p99_ms=120.0) for n in range(1, 31)]
+    summary = summarise(steady)
+    assert summary["lag"]["flat"] and summary["p99"]["interaction_to_recs"]["flat"]
+    assert summary["rss"]["worker"]["bounded"] and summary["rss"]["streams"]["bounded"]
+
+    leaking = [_sample(10.0 * n, lag=500.0 * n, worker_mb=800.0 + 20 * n, p99_ms=100.0 * n) for n in range(1, 31)]
+    summary = summarise(leaking)
+    assert not summary["lag"]["flat"] and not summary["backlog"]["flat"] and not summary["p99"]["interaction_to_recs"]["flat"]
+    assert not summary["rss"]["worker"]["bounded"] and summary["rss"]["worker"]["growth_mb_per_min_second_half"] == pytest.approx(120.0)
+
+    figures = {"samples": steady, "summary": summarise(steady), "rate_per_s": 100, "minutes": 5, "cpu_cores": 2}
+    picture = write(figures, tmp_path / "soak.json")
+    assert picture.read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "soak.json").read_text())["rate_per_s"] == 100

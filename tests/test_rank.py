@@ -1,0 +1,336 @@
+"""The product's ranking (`streams.rank`, `streams.cooccur`): candidates, features, the model
+that the stream trains on itself, and the rule that it never learns from the future.
+
+Synthetic worlds small enough to run in a few seconds; the content source is the online one
+(`streams.recommend.StoreContent`) over the in-memory vector store."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streams.cooccur import CoOccurrence
+from streams.profile import mean_profile
+from streams.rank import FEATURES, BlendRanker, Group, ItemStats, PairwiseLogistic, RankConfig, Request
+from streams.recommend import StoreContent, VectorCache
+from vectorstore import MemoryVectorStore, VectorRecord
+
+N_ITEMS, DIM = 120, 16
+
+
+def world(seed: int = 7) -> tuple[StoreContent, list[str], np.ndarray]:
+    """Items with random unit vectors: content that says nothing about what users take next."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"i{n:03d}" for n in range(N_ITEMS)]
+    store = MemoryVectorStore()
+    store.open(DIM, "test", "text")
+    store.upsert([VectorRecord(i, v) for i, v in zip(ids, vectors, strict=True)])
+    return StoreContent(store, VectorCache(store)), ids, vectors
+
+
+def chain_stream(ids: list[str], users: int, steps: int, seed: int) -> list[tuple[str, str, float]]:
+    """Every user walks a fixed hidden chain of items (next = successor): co-occurrence with the
+    last items is informative, content cosine is noise. Users interleave in time."""
+    rng = np.random.default_rng(seed)
+    successor = {ids[n]: ids[m] for n, m in enumerate(rng.permutation(len(ids)))}
+    walks = []
+    for u in range(users):
+        item = ids[int(rng.integers(len(ids)))]
+        walk = []
+        for _ in range(steps):
+            walk.append(item)
+            item = successor[item]
+        walks.append((f"u{u}", walk))
+    rows, ts = [], 1_700_000_000.0
+    for step in range(steps):
+        for user, walk in walks:
+            ts += 60.0
+            rows.append((user, walk[step], ts))
+    return rows
+
+
+class Replay:
+    """Feeds rows to a ranker the way the stream processor does: sampled rows become training
+    groups from the state just before them, then every row is recorded."""
+
+    def __init__(self, ranker: BlendRanker, content: StoreContent) -> None:
+        self.ranker, self.content = ranker, content
+        self.seen: dict[str, dict[str, None]] = {}
+
+    def request(self, user: str, ts: float) -> Request:
+        history = list(self.seen.get(user, {}))
+        profile = mean_profile(self.content.vectors(history).values()) if history else None
+        return Request(history, profile, ts)
+
+    def feed(self, rows: list[tuple[str, str, float]]) -> None:
+        for user, item, ts in rows:
+            if self.ranker.wants_example():
+                self.ranker.learn([self.request(user, ts)], [item], self.content)
+            seen = self.seen.setdefault(user, {})
+            self.ranker.record(list(seen), item, ts)
+            seen.pop(item, None)
+            seen[item] = None
+
+    def hit_rate(self, rows: list[tuple[str, str, float]], k: int = 5) -> float:
+        """Share of `rows` whose item is in the top k just before it (prequential)."""
+        hits = 0
+        for user, item, ts in rows:
+            top = [i for i, _ in self.ranker.rank([self.request(user, ts)], self.content, k)[0]]
+            hits += item in top
+            self.feed([(user, item, ts)])
+        return hits / len(rows)
+
+
+FAST = RankConfig(train_rate=1.0, min_groups=50, refit_every=100, negatives=20, content_k=20)
+
+
+# --- the model learns which source to trust ---------------------------------------------------
+
+
+def test_pairwise_logistic_weighs_the_informative_feature_and_not_the_noise() -> None:
+    rng = np.random.default_rng(0)
+    groups = []
+    for _ in range(300):
+        x = rng.normal(size=(11, 3))  # informative, noise, constant
+        x[:, 2] = 1.0
+        x[0, 0] += 2.0  # the positive stands out on feature 0 only
+        groups.append(Group(x))
+    model = PairwiseLogistic(3, l2=1.0)
+    model.fit(groups)
+    assert model.weights is not None
+    assert model.weights[0] > 1.0
+    assert abs(model.weights[1]) < 0.2 * model.weights[0]
+    assert model.weights[2] == 0.0  # a feature equal on every candidate cannot matter
+
+
+#: the features of each source
+SIGNALS = {
+    "content": ("cos_mean", "cos_max", "cos_last", "hist_cos_max", "tail_cos_max", "rr_profile", "rr_interests"),
+    "cooc": ("cooc_recent", "cooc_rel", "hist_cooc", "rr_cooc"),
+    "popularity": ("pop_count", "pop_short", "pop_long", "hist_pop", "rr_popular"),
+}
+
+
+def hit_rates_without_each_signal(rows: list[tuple[str, str, float]]) -> dict[str | None, float]:
+    """Train on the first 3/4 of `rows` (bots included), then the prequential hit rate on the
+    walkers' rest: with the learned model, and with one source's weights zeroed (frozen)."""
+    content, _, _ = world()
+    split = len(rows) * 3 // 4
+    test = [r for r in rows[split:] if not r[0].startswith("bot")]
+    rates: dict[str | None, float] = {}
+    for drop in (None, *SIGNALS):
+        replay = Replay(BlendRanker(FAST), content)
+        replay.feed(rows[:split])
+        assert replay.ranker.fits >= 2 and replay.ranker.model.weights is not None
+        if drop is not None:
+            weights = replay.ranker.model.weights.copy()
+            weights[[FEATURES.index(f) for f in SIGNALS[drop]]] = 0.0
+            replay.ranker.model.weights = weights
+            replay.ranker.config = dataclasses.replace(replay.ranker.config, train_rate=0.0)
+        rates[drop] = replay.hit_rate(test)
+    prior = Replay(BlendRanker(RankConfig(train_rate=0.0, warmup_rate=0.0)), content)
+    prior.feed(rows[:split])
+    rates["prior"] = prior.hit_rate(test)
+    return rates
+
+
+def bots(rows: list[tuple[str, str, float]], ids: list[str], seed: int) -> list[tuple[str, str, float]]:
+    """Interleave noise: bots hitting 5 items that no walker takes next (popularity is noise)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for user, item, ts in rows:
+        out.append((user, item, ts))
+        out.append((f"bot{int(rng.integers(50))}", ids[int(rng.integers(5))], ts + 1.0))
+    return out
+
+
+def test_ranker_learns_to_rely_on_co_occurrence_where_content_is_noise() -> None:
+    _, ids, _ = world()
+    rates = hit_rates_without_each_signal(bots(chain_stream(ids, users=60, steps=8, seed=1), ids, 1))
+    assert rates[None] > 0.8 > 0.2 > rates["prior"], rates  # the paper's cosine is noise here
+    assert rates["cooc"] < 0.2, rates  # the model rests on co-occurrence ...
+    assert rates["content"] > 0.7 and rates["popularity"] > 0.7, rates  # ... not on the noise
+
+
+def test_ranker_learns_to_rely_on_content_where_co_occurrence_is_sparse() -> None:
+    _, ids, vectors = world()
+    rng = np.random.default_rng(1)
+    similar = vectors @ vectors.T
+    walks = []
+    for u in range(60):  # each step: one of the 3 unseen items nearest the last one
+        walk = [int(rng.integers(N_ITEMS))]
+        for _ in range(7):
+            nearest = [int(j) for j in np.argsort(-similar[walk[-1]]) if j not in walk]
+            walk.append(nearest[int(rng.integers(3))])
+        walks.append(walk)
+    rows = [(f"u{u}", ids[walk[step]], 1e9 + 60.0 * (step * 60 + u)) for step in range(8) for u, walk in enumerate(walks)]
+    rates = hit_rates_without_each_signal(bots(rows, ids, 2))
+    assert rates[None] > 0.8 and rates[None] > rates["prior"] + 0.3, rates
+    assert rates["content"] < 0.3, rates
+    assert rates["cooc"] > 0.7 and rates["popularity"] > 0.7, rates
+
+
+def test_before_the_first_fit_the_ranking_is_the_profile_cosine() -> None:
+    content, ids, vectors = world()
+    ranker = BlendRanker(RankConfig(min_groups=10**6))
+    history = [ids[0], ids[1]]
+    profile = mean_profile(vectors[:2])
+    top = ranker.rank([Request(history, profile, 0.0)], content, 5)[0]
+    cosine = vectors @ profile
+    cosine[:2] = -np.inf
+    assert [i for i, _ in top] == [ids[n] for n in np.argsort(-cosine)[:5]]
+
+
+# --- never the future --------------------------------------------------------------------------
+
+
+def test_a_training_group_is_built_from_the_state_before_its_interaction() -> None:
+    content, ids, _ = world()
+    ranker = BlendRanker(RankConfig(train_rate=1.0, warmup_rate=1.0, min_groups=10**6, negatives=5))
+    replay = Replay(ranker, content)
+    replay.feed([("a", ids[0], 100.0), ("a", ids[1], 160.0), ("b", ids[0], 200.0)])
+    # b's first interaction with ids[1], about to happen: ids[1] has one earlier interaction (a's)
+    request = replay.request("b", 260.0)
+    ranker.learn([request], [ids[1]], content)
+    positive = ranker.groups[-1].x[0]
+    col = {f: n for n, f in enumerate(FEATURES)}
+    # the decayed count sees a's interaction only (1 at 100 s ago with a 1-day half-life),
+    # not b's own; co-occurrence sees a's pair (ids[0], ids[1]) only: 1 / sqrt(2 * 1)
+    assert positive[col["pop_short"]] == pytest.approx(math.log1p(2 ** (-100 / 86400)), rel=1e-5)
+    assert positive[col["cooc_recent"]] == pytest.approx(1 / math.sqrt(2), rel=1e-5)
+    # an item nobody touched yet looks exactly like one touched once long ago (no leak)
+    fresh, old = ids[50], ids[51]
+    ranker.record([], old, -10 * 86400.0 * 365)
+    x = ranker.features(request, [fresh, old], content.vectors([fresh, old]))
+    popularity = [col[f] for f in ("pop_count", "pop_short", "pop_long", "hist_pop")]
+    assert np.array_equal(x[0, popularity], x[1, popularity])
+
+
+def test_the_ranking_of_a_target_depends_on_earlier_rows_only(tmp_path: Path) -> None:
+    """The evaluator's `default` at a target is the same whatever the target row and the rows
+    after it say: it would differ if training or counts used them."""
+    from vlm4rec.evaluate import Blend, ContentIndex, Stream, StreamState, Target
+
+    content, ids, vectors = world()
+    rows = chain_stream(ids, users=30, steps=6, seed=3)
+    target_row = len(rows) - 10
+
+    def stream_of(rows: list[tuple[str, str, float]]) -> Stream:
+        users = sorted({u for u, _, _ in rows})
+        return Stream(
+            name="t",
+            item_ids=ids,
+            published_at=np.zeros(len(ids)),  # all published from the start: one catalogue
+            user_ids=users,
+            users=np.array([users.index(u) for u, _, _ in rows]),
+            items=np.array([ids.index(i) for _, i, _ in rows]),
+            ts=np.array([t for _, _, t in rows]),
+        )
+
+    def top_at_target(rows: list[tuple[str, str, float]], extra: int = 0) -> list[int]:
+        stream = stream_of(rows)
+        blend = Blend(stream, ContentIndex(vectors), FAST)
+        state = StreamState(stream, {}, 7.0)
+        state.advance(target_row)
+        blend.advance(target_row + extra)  # extra > 0: a leaky ranker that saw the target
+        target = Target(target_row, int(stream.users[target_row]), int(stream.items[target_row]), float(stream.ts[target_row]), False)
+        scores = blend(state, target)
+        return list(np.argsort(-scores, kind="stable")[:20])
+
+    honest = top_at_target(rows)
+    assert Blend(stream_of(rows), ContentIndex(vectors), FAST).ranker.config.train_rate == 1.0
+    # another target item, and the future rewritten: nothing changes
+    user, item, ts = rows[target_row]
+    other = next(i for i in ids if i != item and i not in {r[1] for r in rows if r[0] == user})
+    rewritten = rows[:target_row] + [(user, other, ts)] + [(u, ids[(ids.index(i) + 7) % N_ITEMS], t) for u, i, t in rows[target_row + 1 :]]
+    assert top_at_target(rewritten) == honest
+    assert top_at_target(rows[: target_row + 1]) == honest
+    # the check has teeth: folding the target row in first changes the list
+    assert top_at_target(rows, extra=1) != honest
+
+
+# --- candidates -------------------------------------------------------------------------------
+
+
+def test_candidates_are_the_deduplicated_union_of_the_sources_without_seen_items() -> None:
+    content, ids, vectors = world()
+    ranker = BlendRanker(RankConfig(content_k=5, interests=2, cooc_k=3, popular_k=4, fresh_k=2))
+    history_of: dict[str, list[str]] = {}
+    for user, n, ts in [("a", 10, 1.0), ("b", 10, 2.0), ("c", 10, 3.0), ("a", 11, 4.0), ("b", 11, 5.0), ("b", 12, 6.0), ("c", 13, 7.0)]:
+        history = history_of.setdefault(user, [])
+        ranker.record(list(history), ids[n], ts)
+        history.append(ids[n])
+    ranker.stats.declare(ids[90], 7.0)  # a fresh item with a declared creation time
+    ranker.stats.declare(ids[91], 7.0 - 30 * 86400)  # too old to be fresh
+    history = [ids[0], ids[10]]
+    request = Request(history, mean_profile(vectors[[0, 10]]), 8.0, exclude={ids[11]})
+    pool = ranker.candidates([request], content)[0]
+    sources = pool.sources
+    assert pool.ids == sorted(set(pool.ids)), "sorted, no duplicates"
+    assert set(pool.ids) == set().union(*(set(offered) for offered in sources.values()))
+    assert not {ids[0], ids[10], ids[11]} & set(pool.ids), "seen and excluded items are dropped"
+    assert len(sources["profile"]) == 5 and 5 <= len(sources["interests"]) <= 10
+    assert set(sources["cooc"]) == {ids[12], ids[13]}  # co-occur with ids[10]; ids[11] is excluded
+    assert set(sources["popular"]) == {ids[12], ids[13]}  # ids[10], ids[11]: seen / excluded
+    assert set(sources["fresh"]) == {ids[90]}
+    # each source's offer carries 1 / log2(1 + rank) of its best rank
+    best = sorted(range(N_ITEMS), key=lambda n: -float(vectors[n] @ request.profile))
+    first = next(ids[n] for n in best if ids[n] not in {ids[0], ids[10], ids[11]})
+    assert sources["profile"][first] == 1.0
+    ranked = ranker.rank([request], content, 1000)[0]
+    assert sorted(i for i, _ in ranked) == pool.ids
+
+
+def test_cooccurrence_counts_distinct_users_within_a_window_and_stays_bounded() -> None:
+    cooc = CoOccurrence(window=2, max_neighbours=3)
+    cooc.add("x", [])
+    cooc.add("y", ["x"])
+    cooc.add("x", ["a", "b", "y"])  # a second user of x; only the last 2 earlier items count
+    assert cooc.users("x") == 2 and cooc.users("y") == 1
+    assert cooc.neighbours("x") == {"y": 2.0, "b": 1.0}
+    assert cooc.scores(["y"]) == pytest.approx({"x": 2 / math.sqrt(1 * 2)})
+    for n in range(20):  # x meets many items: its list is pruned to the strongest
+        cooc.add(f"n{n}", ["x"])
+    assert len(cooc.neighbours("x")) <= 2 * 3 and cooc.neighbours("x")["y"] == 2.0
+    small = CoOccurrence(window=2, max_items=10)
+    for n in range(30):
+        small.add(f"i{n:02d}", [f"i{n - 1:02d}"] if n else [])
+        small.add(f"i{n:02d}", [])  # a second user: every item has 2
+    small.add("i29", [])
+    assert len(small) <= 12 and small.users("i29") == 3 and small.users("i00") == 0, "the latest are kept"
+    assert small.scores(["i29"]) == pytest.approx({"i28": 1 / math.sqrt(3 * 2)})
+
+
+def test_item_stats_decay_and_floor() -> None:
+    stats = ItemStats(short_half_life_s=100.0, long_half_life_s=1000.0)
+    stats.add("a", 0.0)
+    stats.add("a", 100.0)
+    stats.add("b", 100.0)
+    expected = [[2**-2 + 2**-1, 2**-0.2 + 2**-0.1], [2**-1, 2**-0.1], [0.0, 0.0]]  # (short, long)
+    assert stats.decayed(["a", "b", "zzz"], 200.0) == pytest.approx(np.array(expected))
+    assert stats.decayed(["a"], 100.0 + 100.0 * 20)[0, 0] == 0.0  # below the floor reads 0
+    assert stats.popular(1, 200.0, exclude=()) == ["a"] and stats.popular(5, 200.0, exclude={"a"}) == ["b"]
+    assert stats.clock == 100.0 and stats.count("a") == 2 and stats.count("zzz") == 0
+
+
+# --- determinism -------------------------------------------------------------------------------
+
+
+def test_same_seed_same_model_and_ranking() -> None:
+    content, ids, _ = world()
+    rows = chain_stream(ids, users=40, steps=6, seed=2)
+
+    def run(seed: int) -> tuple[dict[str, float], list]:
+        replay = Replay(BlendRanker(RankConfig(train_rate=0.5, min_groups=40, refit_every=50, negatives=10, seed=seed)), content)
+        replay.feed(rows[:-5])
+        return replay.ranker.weights(), [replay.ranker.rank([replay.request(u, t)], content, 10)[0] for u, _, t in rows[-5:]]
+
+    first = run(0)
+    assert run(0) == first
+    assert run(1)[0] != first[0]

@@ -1,0 +1,433 @@
+"""`vlm4rec soak --minutes M --out soak.json`: a bounded soak at a steady rate near the measured
+capacity, sampling what would grow if something leaked or fell behind.
+
+The soak starts a local stack of its own (`vlm4rec.chaos.own_stack`: free ports, a fresh data
+folder), rather than driving a running `vlm4rec up`: it must know the process id of every
+part to sample their resident memory, and counts that start at zero make the figures its own.
+
+Phases: seed a catalogue of synthetic items (small generated pictures, so the image model
+runs) and wait until they are embedded; unless `--rate` is given, ramp the interaction rate
+in short steps to find the capacity (the highest step whose interactions were applied within
+the step, at >= 95 %, with p99 interaction-to-recs under 1 s) and soak at 80 % of it; then
+send interactions at that rate from a fixed population of users, with fresh items arriving
+meanwhile, for M minutes, and stop by itself. Every `sample_s` seconds it records consumer lag
+(`vlm4rec_streams_consumer_lag`, from the stream processor's /metrics), the resident memory of
+every process (psutil, children included), and p99 latencies over the last interval (from the
+histograms' bucket deltas, as Prometheus' histogram_quantile computes them).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from topics import Interaction, ItemNew, encode
+from vlm4rec.chaos import OwnStack, StackServices, own_stack
+from vlm4rec.settings import Settings
+
+RAMP_RATES = (50, 100, 200, 400, 800, 1600, 3200)
+SOAK_SHARE = 0.8  # of the measured capacity
+
+COLOURS = ("red", "blue", "green", "black", "white", "yellow", "pink", "grey", "beige", "navy")
+GARMENTS = ("dress", "shirt", "trousers", "jacket", "scarf", "skirt", "sweater", "coat", "shorts", "top")
+
+
+# --- reading /metrics -------------------------------------------------------------------
+@dataclass
+class Scrape:
+    """One /metrics page: (sample name, labels, value) rows."""
+
+    samples: list[tuple[str, dict[str, str], float]]
+    at: float = field(default_factory=time.monotonic)
+
+    def total(self, name: str, **labels: str) -> float:
+        """Sum of the samples named `name` whose labels include `labels`."""
+        return sum(v for n, ls, v in self.samples if n == name and labels.items() <= ls.items())
+
+    def buckets(self, histogram: str) -> list[tuple[float, float]]:
+        """(upper bound, cumulative count) of a histogram, summed over its other labels."""
+        counts: dict[float, float] = {}
+        for name, labels, value in self.samples:
+            if name == f"{histogram}_bucket":
+                le = float(labels["le"])
+                counts[le] = counts.get(le, 0.0) + value
+        return sorted(counts.items())
+
+
+def scrape(url: str) -> Scrape:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    rows = [(s.name, dict(s.labels), s.value) for family in text_string_to_metric_families(text) for s in family.samples]
+    return Scrape(rows)
+
+
+def window_quantile(before: Scrape, after: Scrape, histogram: str, q: float) -> float | None:
+    """The q-quantile of the observations made between two scrapes, interpolated within its
+    bucket like Prometheus' histogram_quantile; None when nothing was observed."""
+    then = dict(before.buckets(histogram))
+    deltas = [(le, count - then.get(le, 0.0)) for le, count in after.buckets(histogram)]
+    if not deltas or deltas[-1][1] <= 0:
+        return None
+    rank = q * deltas[-1][1]
+    lower, below = 0.0, 0.0
+    for le, cumulative in deltas:
+        if cumulative >= rank:
+            if le == float("inf"):
+                return lower  # beyond the last finite bucket: its bound is all we know
+            return lower + (le - lower) * (rank - below) / max(cumulative - below, 1e-12)
+        lower, below = le, cumulative
+    return lower
+
+
+def lag(scraped: Scrape, topic: str) -> float:
+    """Consumer lag of the stream processor on `topic`, all partitions."""
+    return scraped.total("vlm4rec_streams_consumer_lag", topic=topic)
+
+
+def applied(scraped: Scrape) -> float:
+    return scraped.total("vlm4rec_streams_interactions_total", outcome="applied")
+
+
+# --- memory --------------------------------------------------------------------------------
+def rss_mb(pid: int | None) -> float | None:
+    """Resident memory of a process and all its children, MiB (None if it is gone)."""
+    if pid is None:
+        return None
+    try:
+        process = psutil.Process(pid)
+        total = process.memory_info().rss
+        for child in process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        return None
+    return round(total / 2**20, 1)
+
+
+# --- load ----------------------------------------------------------------------------------
+def synthetic_items(count: int, prefix: str, seed: int) -> list[ItemNew]:
+    """Items with a small picture of their own colour (inline, so no file roots are needed)."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    items = []
+    for n in range(count):
+        colour, garment = rng.choice(COLOURS), rng.choice(GARMENTS)
+        out = io.BytesIO()
+        Image.new("RGB", (32, 32), (rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(out, "PNG")
+        items.append(
+            ItemNew(
+                item_id=f"{prefix}-{n}",
+                title=f"{colour.title()} {garment}",
+                text=f"A {colour} {garment}, style {rng.randrange(50)}",
+                image_url="data:image/png;base64," + base64.b64encode(out.getvalue()).decode(),
+            )
+        )
+    return items
+
+
+class Load:
+    """Sends interactions at a steady rate (and fresh items) from a thread until stopped."""
+
+    def __init__(self, settings: Settings, item_ids: Sequence[str], users: int, fresh: Sequence[ItemNew], fresh_per_s: float, seed: int) -> None:
+        from topics.producer import EventProducer
+
+        self.settings = settings
+        self.item_ids = list(item_ids)
+        self.users = users
+        self.fresh = list(fresh)
+        self.fresh_per_s = fresh_per_s
+        self.rng = random.Random(seed)
+        self.producer = EventProducer(settings.kafka_config())
+        self.sent = 0
+        self.fresh_sent = 0
+
+    def run(self, rate: float, seconds: float, stop: threading.Event) -> None:
+        """Keep the pace against the start, so that slow sends do not add up to drift."""
+        topics = self.settings.topics
+        started = time.monotonic()
+        sent_before, fresh_before = self.sent, self.fresh_sent
+        while not stop.is_set() and (elapsed := time.monotonic() - started) < seconds:
+            for _ in range(int(elapsed * rate) - (self.sent - sent_before)):
+                user = f"soak-user-{self.rng.randrange(self.users)}"
+                event = Interaction(user_id=user, item_id=self.rng.choice(self.item_ids), event="click", ts=time.time())
+                self.producer.send_raw(topics.interactions, encode(event), user.encode())
+                self.sent += 1
+            if self.fresh and int(elapsed * self.fresh_per_s) > self.fresh_sent - fresh_before:
+                self.producer.send(topics.items_new, self.fresh.pop())
+                self.fresh_sent += 1
+            stop.wait(0.01)
+        self.producer.flush()
+
+
+# --- the run -------------------------------------------------------------------------------
+def run_soak(
+    settings: Settings,
+    stack_services: StackServices,
+    minutes: float,
+    rate: float | None = None,
+    users: int = 2000,
+    items: int = 300,
+    fresh_per_s: float = 0.5,
+    sample_s: float = 10.0,
+    seed: int = 0,
+    run_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Seed, measure capacity (unless `rate`), soak for `minutes`, and return the figures."""
+    from vectorstore import MilvusVectorStore
+    from topics.producer import EventProducer
+
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_dir = run_dir or settings.data_dir / "soak" / f"{stamp}-{os.getpid()}"
+    seeded = synthetic_items(items, "soak-item", seed)
+    fresh = synthetic_items(int(minutes * 60 * fresh_per_s) + 1, "soak-fresh", seed + 1)
+    with own_stack(settings, run_dir, stack_services) as own:
+        s = own.settings
+        metrics_url = f"{own.web_url}/metrics"
+        worker_url = f"http://{s.web_host}:{s.worker_metrics_port}/metrics"
+        log(f"soak: seeding {items} items (run folder {run_dir})")
+        with EventProducer(s.kafka_config()) as producer:
+            for item in seeded:
+                producer.send(s.topics.items_new, item)
+        store = MilvusVectorStore(s.milvus_uri, s.milvus_collection, s.milvus_token.get_secret_value())
+        deadline = time.monotonic() + 600
+        while len(store.get_vectors([i.item_id for i in seeded]) if store.space() else {}) < items:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the seed items were not embedded within 10 minutes")
+            own.stack.supervise_once()
+            time.sleep(1)
+        store.close()
+
+        load = Load(s, [i.item_id for i in seeded], users, fresh, fresh_per_s, seed)
+        stop = threading.Event()
+        steps: list[dict[str, Any]] = []
+        if rate is None:
+            steps = _ramp(load, metrics_url, stop, log)
+            passed = [step["rate_per_s"] for step in steps if step["ok"]]
+            rate = round(SOAK_SHARE * max(passed or [RAMP_RATES[0]]))
+        log(f"soak: {rate}/s for {minutes:g} min, {users} users, {fresh_per_s}/s fresh items")
+        samples = _soak(own, load, rate, minutes * 60, sample_s, metrics_url, worker_url, stop)
+        drained = _drain(metrics_url, s.topics.interactions)
+    figures = {
+        "minutes": minutes,
+        "rate_per_s": rate,
+        "rate_source": "measured" if steps else "given",
+        "capacity_steps": steps,
+        "users": users,
+        "items_seeded": items,
+        "fresh_items_per_s": fresh_per_s,
+        "interactions_sent": load.sent,
+        "fresh_items_sent": load.fresh_sent,
+        "lag_after_drain": drained,
+        "sample_s": sample_s,
+        "samples": samples,
+        "cpu_cores": os.cpu_count(),
+        "run_dir": str(run_dir),
+    }
+    figures["summary"] = summarise(samples)
+    return figures
+
+
+def _ramp(load: Load, metrics_url: str, stop: threading.Event, log: Callable[[str], None], step_s: float = 10.0) -> list[dict[str, Any]]:
+    """Rising rates until one is not kept up with; each step's figures."""
+    steps = []
+    for rate in RAMP_RATES:
+        before, sent_before = scrape(metrics_url), load.sent
+        load.run(rate, step_s, stop)
+        time.sleep(2.0)  # the tail of the step
+        after = scrape(metrics_url)
+        sent = load.sent - sent_before
+        share = (applied(after) - applied(before)) / max(1, sent)
+        p99 = window_quantile(before, after, "vlm4rec_streams_interaction_to_recs_seconds", 0.99)
+        ok = share >= 0.95
+        steps.append({"rate_per_s": rate, "applied_share": round(share, 3), "p99_ms": _ms(p99), "ok": ok})
+        log(f"soak: ramp {rate}/s: {share:.0%} applied in the step, p99 {_ms(p99)} ms")
+        if not ok:
+            break
+    time.sleep(5.0)  # let a backlog of the failed step drain before the soak
+    return steps
+
+
+def _soak(
+    own: OwnStack, load: Load, rate: float, seconds: float, sample_s: float, metrics_url: str, worker_url: str, stop: threading.Event
+) -> list[dict[str, Any]]:
+    thread = threading.Thread(target=load.run, args=(rate, seconds, stop), name="soak-load", daemon=True)
+    started = time.monotonic()
+    sent_before = load.sent
+    previous, previous_worker = scrape(metrics_url), scrape(worker_url)
+    applied_before = applied(previous)
+    thread.start()
+    samples = []
+    try:
+        while thread.is_alive():
+            stop.wait(sample_s)
+            own.stack.supervise_once()
+            now, now_worker = scrape(metrics_url), scrape(worker_url)
+            topics = own.settings.topics
+            samples.append(
+                {
+                    "t_s": round(now.at - started, 1),
+                    "sent": load.sent - sent_before,
+                    "applied_per_s": round((applied(now) - applied(previous)) / (now.at - previous.at), 1),
+                    "lag_interactions": lag(now, topics.interactions),
+                    "lag_items_embedded": lag(now, topics.items_embedded),
+                    # the same from the soak's own counts: the gauge relies on the broker's
+                    # end offsets, which the embedded broker reports low (docs/hardening.md)
+                    "backlog": load.sent - sent_before - (applied(now) - applied_before),
+                    "rss_mb": {s.name: rss_mb(s.process.pid if s.process else None) for s in own.stack.services},
+                    "p99_ms": {
+                        "interaction_to_recs": _ms(window_quantile(previous, now, "vlm4rec_streams_interaction_to_recs_seconds", 0.99)),
+                        "fresh_item_to_push": _ms(window_quantile(previous, now, "vlm4rec_streams_fresh_item_seconds", 0.99)),
+                        "item_embedding": _ms(window_quantile(previous_worker, now_worker, "vlm4rec_worker_item_latency_seconds", 0.99)),
+                    },
+                    "restarts": {s.name: s.restarts for s in own.stack.services if s.restart},
+                }
+            )
+            previous, previous_worker = now, now_worker
+    finally:
+        stop.set()
+        thread.join(30)
+    return samples
+
+
+def _drain(metrics_url: str, topic: str, timeout_s: float = 60.0) -> float:
+    """Lag left once the load stopped, after at most `timeout_s` (0: everything was consumed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        time.sleep(5.5)  # the lag gauge is refreshed every 5 s
+        left = lag(scrape(metrics_url), topic)
+        if left == 0 or time.monotonic() > deadline:
+            return left
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+# --- judging -------------------------------------------------------------------------------
+def _slope_per_min(points: Sequence[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, value) points, per minute."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    return 0.0 if var == 0 else 60 * sum((t - mean_t) * (v - mean_v) for t, v in points) / var
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return round(sum(kept) / len(kept), 1) if kept else None
+
+
+def summarise(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """First third against last third, and memory growth over the second half.
+
+    Flat lag (the gauge, and the backlog counted by the soak itself): the last third's mean is
+    within one second of input plus 100 messages of the first third's. Bounded memory: a process grows less than 1 % of its size per minute over
+    the second half (a leak grows for as long as the load lasts). Flat p99: the last third's
+    mean p99 is at most 1.5 times the first third's plus 50 ms."""
+    if len(samples) < 3:
+        return {"note": "too few samples to judge"}
+    third = len(samples) // 3
+    first, last = samples[:third], samples[-third:]
+    half = samples[len(samples) // 2 :]
+    rate = samples[-1]["sent"] / max(samples[-1]["t_s"], 1e-9)
+    lag_first = _mean([s["lag_interactions"] for s in first]) or 0.0
+    lag_last = _mean([s["lag_interactions"] for s in last]) or 0.0
+    backlog_first = _mean([s["backlog"] for s in first]) or 0.0
+    backlog_last = _mean([s["backlog"] for s in last]) or 0.0
+    memory = {}
+    for name in samples[0]["rss_mb"]:
+        points = [(s["t_s"], s["rss_mb"][name]) for s in half if s["rss_mb"][name] is not None]
+        sizes = [v for _, v in points] or [0.0]
+        slope = _slope_per_min(points)
+        memory[name] = {
+            "start_mb": samples[0]["rss_mb"][name],
+            "end_mb": samples[-1]["rss_mb"][name],
+            "max_mb": max(sizes),
+            "growth_mb_per_min_second_half": round(slope, 2),
+            "bounded": slope < 0.01 * max(sizes),
+        }
+    p99 = {}
+    for name in samples[0]["p99_ms"]:
+        a = _mean([s["p99_ms"][name] for s in first])
+        b = _mean([s["p99_ms"][name] for s in last])
+        p99[name] = {"first_third_ms": a, "last_third_ms": b, "flat": None if a is None or b is None else b <= 1.5 * a + 50}
+    return {
+        "sent_per_s": round(rate, 1),
+        "lag": {
+            "first_third_mean": lag_first,
+            "last_third_mean": lag_last,
+            "max": max(s["lag_interactions"] for s in samples),
+            "flat": lag_last <= lag_first + rate + 100,
+        },
+        "backlog": {
+            "first_third_mean": backlog_first,
+            "last_third_mean": backlog_last,
+            "max": max(s["backlog"] for s in samples),
+            "flat": backlog_last <= backlog_first + rate + 100,
+        },
+        "rss": memory,
+        "p99": p99,
+    }
+
+
+def plot(figures: dict[str, Any], path: Path) -> None:
+    """Rate, lag, memory and p99 over time, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = figures["samples"]
+    t = [s["t_s"] / 60 for s in samples]
+    fig, axes = plt.subplots(4, 1, figsize=(9, 12), sharex=True)
+    axes[0].plot(t, [s["applied_per_s"] for s in samples], label="applied/s")
+    axes[0].axhline(figures["rate_per_s"], color="grey", linestyle="--", label="sent/s (target)")
+    axes[0].set_ylabel("interactions/s")
+    axes[1].plot(t, [s["lag_interactions"] for s in samples], label="interactions")
+    axes[1].plot(t, [s["lag_items_embedded"] for s in samples], label="items.embedded")
+    axes[1].plot(t, [s["backlog"] for s in samples], label="backlog (sent - applied)", linestyle=":")
+    axes[1].set_ylabel("consumer lag (messages)")
+    for name in samples[0]["rss_mb"]:
+        axes[2].plot(t, [s["rss_mb"][name] for s in samples], label=name)
+    axes[2].set_ylabel("RSS (MiB)")
+    for name in samples[0]["p99_ms"]:
+        axes[3].plot(t, [s["p99_ms"][name] for s in samples], label=name)
+    axes[3].set_ylabel("p99 over the interval (ms)")
+    axes[3].set_yscale("log")
+    axes[3].set_xlabel("minutes")
+    for axis in axes:
+        axis.legend(loc="upper left", fontsize=8)
+        axis.grid(alpha=0.3)
+    fig.suptitle(f"vlm4rec soak: {figures['rate_per_s']}/s for {figures['minutes']:g} min, {figures['cpu_cores']} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write(figures: dict[str, Any], out: Path) -> Path:
+    """The JSON at `out` and the plot beside it (same name, .png); returns the plot's path."""
+    out.write_text(json.dumps(figures, indent=2))
+    picture = out.with_suffix(".png")
+    plot(figures, picture)
+    return picture
