@@ -251,6 +251,9 @@ def _rr(rank: int) -> float:
     return 1.0 / math.log2(1.0 + rank)
 
 
+_RR = [_rr(rank) for rank in range(1, 1025)]
+
+
 @dataclass
 class Candidates:
     ids: list[str]
@@ -263,8 +266,11 @@ class Candidates:
     def offer(self, source: str, ranked: Sequence[str]) -> None:
         """`ranked`: best first; an item keeps its best rank."""
         offered = self.sources[source]
-        for rank, item in enumerate(ranked, start=1):
-            offered[item] = max(offered.get(item, 0.0), _rr(rank))
+        get = offered.get
+        for position, item in enumerate(ranked):
+            rr = _RR[position] if position < len(_RR) else _rr(position + 1)
+            if get(item, 0.0) < rr:
+                offered[item] = rr
 
     def sources_union(self) -> set[str]:
         return set().union(*(set(o) for o in self.sources.values()))
@@ -274,10 +280,14 @@ class BlendRanker:
     """Candidates, features and the online-trained blend. Not thread-safe: the stream
     processor calls it from its single vector-store thread."""
 
-    def __init__(self, config: RankConfig | None = None) -> None:
+    def __init__(
+        self, config: RankConfig | None = None, stats: ItemStats | None = None, cooc: CoOccurrence | None = None
+    ) -> None:
+        """`stats` and `cooc`: counts shared with other rankers over the same stream (each
+        interaction then `record`-ed by one of them only)."""
         self.config = config = config or RankConfig()
-        self.stats = ItemStats(config.short_half_life_s, config.long_half_life_s)
-        self.cooc = CoOccurrence(config.cooc_window, config.cooc_neighbours)
+        self.stats = stats or ItemStats(config.short_half_life_s, config.long_half_life_s)
+        self.cooc = cooc or CoOccurrence(config.cooc_window, config.cooc_neighbours)
         self.model = PairwiseLogistic(len(FEATURES), config.l2)
         self.prior = np.array([PRIOR.get(f, 0.0) for f in FEATURES])
         self.groups: deque[Group] = deque(maxlen=config.buffer)

@@ -235,7 +235,7 @@ def test_the_ranking_of_a_target_depends_on_earlier_rows_only(tmp_path: Path) ->
 
     def top_at_target(rows: list[tuple[str, str, float]], extra: int = 0) -> list[int]:
         stream = stream_of(rows)
-        blend = Blend(stream, ContentIndex(vectors), FAST)
+        blend = Blend.alone(stream, ContentIndex(vectors), FAST)
         state = StreamState(stream, {}, 7.0)
         state.advance(target_row)
         blend.advance(target_row + extra)  # extra > 0: a leaky ranker that saw the target
@@ -244,7 +244,7 @@ def test_the_ranking_of_a_target_depends_on_earlier_rows_only(tmp_path: Path) ->
         return list(np.argsort(-scores, kind="stable")[:20])
 
     honest = top_at_target(rows)
-    assert Blend(stream_of(rows), ContentIndex(vectors), FAST).ranker.config.train_rate == 1.0
+    assert Blend.alone(stream_of(rows), ContentIndex(vectors), FAST).ranker.config.train_rate == 1.0
     # another target item, and the future rewritten: nothing changes
     user, item, ts = rows[target_row]
     other = next(i for i in ids if i != item and i not in {r[1] for r in rows if r[0] == user})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from streams.profile import Ranker, mean_profile
-from streams.rank import BlendRanker, Hits, RankConfig, Request
+from streams.cooccur import CoOccurrence
+from streams.rank import BlendRanker, Hits, ItemStats, RankConfig, Request
 from vlm4rec.dataset import Dataset, publish_times
 from vlm4rec.embedcache import EmbeddingCache, embed_items
 from workers.backends.base import EmbeddingBackend
@@ -250,68 +252,104 @@ class OfflineContent:
         allowed = self.has & (stream.published_at <= self.ts)
         scores = (self._unique @ np.asarray(queries, dtype=np.float32).T)[self._inverse].T.astype(np.float64)
         scores[:, ~allowed] = -np.inf
-        masks: dict[int, list[int]] = {}
+        rows_of: dict[int, list[int]] = {}
+        for row, skip in enumerate(exclude):
+            rows_of.setdefault(id(skip), []).append(row)
+        for rows in rows_of.values():
+            skipped = [self.index[i] for i in exclude[rows[0]] if i in self.index]
+            scores[np.ix_(rows, skipped)] = -np.inf
+        take = min(k, scores.shape[1])
+        if take <= 0:
+            return [[] for _ in exclude]
+        kth = -np.partition(-scores, take - 1, axis=1)[:, take - 1]
         out: list[Hits] = []
-        for row, skip in zip(scores, exclude, strict=True):
-            if id(skip) not in masks:
-                masks[id(skip)] = [self.index[i] for i in skip if i in self.index]
-            row[masks[id(skip)]] = -np.inf
-            take = min(k, len(row))
-            threshold = -np.partition(-row, take - 1)[take - 1] if take > 0 else np.inf
-            top = np.flatnonzero((row >= threshold) & (row > -np.inf))
+        for row, threshold in zip(scores, kth.tolist(), strict=True):
+            top = np.flatnonzero(row >= max(threshold, -np.finfo(np.float64).max))  # every tie of the k-th
             top = top[np.lexsort((self.tiebreak[top], -row[top]))][:take]
-            out.append([(stream.item_ids[j], float(row[j])) for j in top])
+            out.append(list(zip([stream.item_ids[j] for j in top], row[top].tolist(), strict=True)))
         return out
 
     def vectors(self, ids: Any) -> dict[str, np.ndarray]:
         index, has = self.index, self.has
         return {i: self.unit[index[i]] for i in ids if i in index and has[index[i]]}
 
-    def profile(self, history: Sequence[str]) -> np.ndarray | None:
-        """The streams' `mean_profile` of the history items that have a vector."""
-        rows = [self.index[i] for i in history]
-        return mean_profile(self.unit[[r for r in rows if self.has[r]]])
+class BlendWalk:
+    """The product's rankers of one walk, one per semantic source, advanced together row by
+    row: each ranker that samples a row first learns from the state just before it, then the
+    row is recorded once into the counts and co-occurrence the rankers share (they do not
+    depend on the embedding)."""
 
-
-class Blend:
-    """The product's ranking (`streams.rank.BlendRanker`) walked along the stream: every row
-    before a target is folded in, in order (a sampled row first becomes a training group, from
-    the state just before it), then the target is ranked. It never sees a row at or after the
-    target it ranks."""
-
-    def __init__(self, stream: Stream, index: ContentIndex, config: RankConfig | None = None) -> None:
+    def __init__(self, stream: Stream, config: RankConfig | None = None) -> None:
         self.stream = stream
-        self.content = OfflineContent(stream, index)
-        self.ranker = BlendRanker(config)
+        self.config = config or RankConfig()
+        self.blends: list[Blend] = []
+        self.stats = ItemStats(self.config.short_half_life_s, self.config.long_half_life_s)
+        self.cooc = CoOccurrence(self.config.cooc_window, self.config.cooc_neighbours)
         for item, created in sorted(stream.created_at.items(), key=lambda kv: (kv[1], kv[0])):
-            self.ranker.stats.declare(stream.item_ids[item], created)
+            self.stats.declare(stream.item_ids[item], created)
         # per user: distinct items by latest interaction, oldest first (the profile's `seen`)
         self.recent: list[dict[str, None]] = [{} for _ in stream.user_ids]
         self.position = 0
 
-    def request(self, user: int, ts: float) -> Request:
-        history = list(self.recent[user])
-        return Request(history, self.content.profile(history), ts)
+    def add(self, index: ContentIndex) -> Blend:
+        blend = Blend(self, OfflineContent(self.stream, index), BlendRanker(self.config, self.stats, self.cooc))
+        self.blends.append(blend)
+        return blend
 
     def advance(self, to: int) -> None:
-        stream, ranker = self.stream, self.ranker
+        stream = self.stream
         for position in range(self.position, to):
-            user, ts = int(stream.users[position]), float(stream.ts[position])
-            item = stream.item_ids[int(stream.items[position])]
+            user, item_n, ts = int(stream.users[position]), int(stream.items[position]), float(stream.ts[position])
+            item = stream.item_ids[item_n]
             recent = self.recent[user]
-            if ranker.wants_example():
-                self.content.ts = ts
-                ranker.learn([self.request(user, ts)], [item], self.content)
-            ranker.record(list(recent), item, ts)
+            for blend in self.blends:
+                if blend.ranker.wants_example():
+                    blend.content.ts = ts
+                    blend.ranker.learn([blend.request(user, ts)], [item], blend.content)
+            history = list(recent)
+            if self.blends:
+                self.blends[0].ranker.record(history, item, ts)  # the shared counts, once
+            if item not in recent:
+                for blend in self.blends:
+                    blend.fold(user, item_n)
             recent.pop(item, None)
             recent[item] = None
         self.position = max(self.position, to)
 
+
+class Blend:
+    """`default` (or the blend over another semantic source): the product's ranking,
+    `streams.rank.BlendRanker`, walked along the stream (`BlendWalk`). At a target it has
+    folded in every row before the target and none at or after it."""
+
+    def __init__(self, walk: BlendWalk, content: OfflineContent, ranker: BlendRanker) -> None:
+        self.walk, self.content, self.ranker = walk, content, ranker
+        # the semantic profile per user: the sum of the distinct history items' unit vectors,
+        # kept as rows arrive (its direction is `mean_profile` of the history)
+        self.sums = np.zeros((len(walk.stream.user_ids), content.unit.shape[1]))
+
+    @classmethod
+    def alone(cls, stream: Stream, index: ContentIndex, config: RankConfig | None = None) -> Blend:
+        return BlendWalk(stream, config).add(index)
+
+    def fold(self, user: int, item: int) -> None:
+        if self.content.has[item]:
+            self.sums[user] += self.content.unit[item]
+
+    def request(self, user: int, ts: float) -> Request:
+        total = self.sums[user]
+        norm = float(np.linalg.norm(total))
+        profile = (total / norm).astype(np.float32) if norm > 1e-9 else None
+        return Request(list(self.walk.recent[user]), profile, ts)
+
+    def advance(self, to: int) -> None:
+        self.walk.advance(to)
+
     def __call__(self, state: StreamState, target: Target) -> np.ndarray:
-        self.advance(target.row)
+        self.walk.advance(target.row)
         self.content.ts = target.ts
         top = self.ranker.rank([self.request(target.user, target.ts)], self.content, max(KS))[0]
-        primary = np.zeros(len(self.stream.item_ids))
+        primary = np.zeros(len(self.walk.stream.item_ids))
         for position, (item_id, _) in enumerate(top):
             primary[self.content.index[item_id]] = len(top) - position
         return lexicographic(primary, state.counts)
@@ -321,18 +359,28 @@ class Blend:
 class Method:
     score: Scorer | None = None  # stateless methods
     strategy: Strategy | None = None  # the item vectors the method reads, if any
-    #: stateful methods: a fresh scorer per walk, from the stream and the content indexes
-    make: Callable[[Stream, Mapping[str, ContentIndex]], Scorer] | None = None
+    #: stateful methods: a fresh scorer per walk, from the stream, the content indexes and a
+    #: dict the walk's scorers share
+    make: Callable[[Stream, Mapping[str, ContentIndex], dict[str, Any]], Scorer] | None = None
 
-    def scorer(self, stream: Stream, content_indexes: Mapping[str, ContentIndex]) -> Scorer:
+    def scorer(
+        self, stream: Stream, content_indexes: Mapping[str, ContentIndex], shared: dict[str, Any] | None = None
+    ) -> Scorer:
         if self.make is not None:
-            return self.make(stream, content_indexes)
+            return self.make(stream, content_indexes, {} if shared is None else shared)
         assert self.score is not None
         return self.score
 
 
 def blend(strategy: Strategy) -> Method:
-    return Method(strategy=strategy, make=lambda stream, indexes: Blend(stream, indexes[strategy]))
+    """The product's blend over `strategy`'s vectors; the blends of one walk share a
+    `BlendWalk`."""
+
+    def make(stream: Stream, indexes: Mapping[str, ContentIndex], shared: dict[str, Any]) -> Scorer:
+        walk = shared.setdefault("blend", BlendWalk(stream))
+        return walk.add(indexes[strategy])
+
+    return Method(strategy=strategy, make=make)
 
 
 METHODS: dict[str, Method] = {
@@ -407,7 +455,8 @@ def walk(
 ) -> tuple[list[Target], dict[str, MethodResult]]:
     """Every target scored by every method."""
     ranker = Ranker(stream.item_ids)
-    scorers = {m: method_of(m).scorer(stream, content_indexes) for m in methods}
+    shared: dict[str, Any] = {}
+    scorers = {m: method_of(m).scorer(stream, content_indexes, shared) for m in methods}
     results = {m: MethodResult([], set()) for m in methods}
     targets: list[Target] = []
     n_targets = len(select_targets(stream)) if progress else None
@@ -447,6 +496,18 @@ def summarise(
     return {key: out[key] for key in ordered}
 
 
+def single_threaded_blas() -> AbstractContextManager[Any]:
+    """The walk makes tens of thousands of small matrix products (a few profile vectors
+    against the catalogue, per training group and target), where BLAS threads cost more than
+    they give: measured on ml100k, 3x the CPU time on 2 cores. One thread, where threadpoolctl
+    is at hand (scikit-learn brings it)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - only slower
+        return nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def evaluate(
     stream: Stream,
     methods: Sequence[str],
@@ -459,7 +520,8 @@ def evaluate(
     strategy at hand as its semantic source (issue 6), on the same targets."""
     compared = [s for s in BLEND_STRATEGIES if s in content_indexes] if "default" in methods else []
     extra = [f"blend:{s}" for s in compared if s != DEFAULT_STRATEGY]
-    targets, results = walk(stream, list(methods) + extra, content_indexes, window_days, progress)
+    with single_threaded_blas():
+        targets, results = walk(stream, list(methods) + extra, content_indexes, window_days, progress)
     if not targets:
         raise ValueError(f"{stream.name}: no user has a target (a last interaction after 2 others, not a repeat)")
     cold = np.array([t.cold for t in targets])
