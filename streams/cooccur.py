@@ -35,7 +35,6 @@ class CoOccurrence:
         self._touched = np.zeros(1024)  # when each item last gained a user (a running count)
         self._adds = 0
         self._neighbours: list[dict[int, float]] = []
-        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # neighbours as arrays, while unchanged
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -69,14 +68,11 @@ class CoOccurrence:
         self._adds += 1
         self._touched[n] = self._adds
         mine = self._neighbours[n]
-        arrays = self._arrays
-        arrays.pop(n, None)
         for other in earlier[-self.window :] if self.window else ():
             m = self._intern(other)
             if m == n:
                 continue
             mine[m] = mine.get(m, 0.0) + 1.0
-            arrays.pop(m, None)
             theirs = self._neighbours[m]
             theirs[n] = theirs.get(n, 0.0) + 1.0
             if len(theirs) > 2 * self.max_neighbours:
@@ -100,7 +96,6 @@ class CoOccurrence:
         self._neighbours = [
             {new_of[j]: c for j, c in self._neighbours[old].items() if j in new_of} for old in order
         ]
-        self._arrays = {}
         users, touched = np.zeros(max(1024, 2 * len(order))), np.zeros(max(1024, 2 * len(order)))
         users[: len(order)] = self._users[order]
         touched[: len(order)] = self._touched[order]
@@ -118,15 +113,9 @@ class CoOccurrence:
             n = self.index.get(item)
             if n is None or users[n] == 0 or not self._neighbours[n]:
                 continue
-            cached = self._arrays.get(n)
-            if cached is None:
-                neighbours = self._neighbours[n]
-                cached = self._arrays[n] = (
-                    np.fromiter(neighbours.keys(), dtype=np.int64, count=len(neighbours)),
-                    np.fromiter(neighbours.values(), dtype=np.float64, count=len(neighbours)),
-                )
-            columns.append(cached[0])
-            weights.append(cached[1] / np.sqrt(users[n]))
+            neighbours = self._neighbours[n]
+            columns.append(np.fromiter(neighbours.keys(), dtype=np.int64, count=len(neighbours)))
+            weights.append(np.fromiter(neighbours.values(), dtype=np.float64, count=len(neighbours)) / np.sqrt(users[n]))
         if not columns:
             return np.zeros(size)
         total = np.bincount(np.concatenate(columns), weights=np.concatenate(weights), minlength=size)

@@ -12,18 +12,24 @@ Sources (union, de-duplicated, the user's own items dropped):
 - fresh items: items with a declared creation time (`created_at`) in the last
   `fresh_window_s`, nearest to the profile first.
 
-Features of a (user, candidate) pair: the content cosines (to the mean profile, the best of the
-last items, the last item), co-occurrence scores (with the last items, with the longer window;
-raw and relative to the best candidate), popularity (all-time count, decayed counts at two
-half-lives), the item's age since its declared creation, and the user's history length crossed
-with the main signals (how much to trust content vs. collaborative evidence depends on it).
+Features of a (user, candidate) pair (`FEATURES`): the content cosines (to the mean profile,
+the best of the last items, the last item), co-occurrence with the last items (raw and relative
+to the best candidate), popularity (all-time count, decayed counts at two half-lives), the
+item's age since its declared creation, the user's history length crossed with the main
+signals (how much to trust content vs. collaborative evidence depends on it), the content
+cosine of items seen at most once (content is all the evidence they have), and each source's
+normalised score: 1 / log2(1 + the candidate's rank there).
 
-The model is a pairwise logistic regression (RankNet with a linear scorer): every sampled
-interaction is a positive, compared with negatives sampled from the candidates the sources
-offered for that user at that moment. Groups are built from the state just *before* the
-interaction and kept in a bounded buffer of the most recent ones; the model is refit every
-`refit_every` new groups. Until the first fit the ranking is the paper's (cosine to the mean
-profile). What is fixed here is the procedure, not weights per dataset.
+The model is a pairwise logistic regression (RankNet with a linear scorer): a sampled
+interaction whose item is among the candidates the sources offered for that user at that moment
+is a positive, compared with negatives sampled from the same candidates (the model's job is to
+order the candidates; an interaction the sources missed says nothing about that order, and
+training on it taught the model to prefer what the sources do not offer). Groups are built
+from the state just *before* the interaction and kept in a bounded buffer of the most recent
+ones. Every interaction is sampled until the first fit (`min_groups` groups), then
+`train_rate` of them; the model is refit after `refit_share` of the buffer (at most
+`refit_every` groups) is new. Until the first fit the ranking is the paper's (cosine to the
+mean profile). What is fixed here is the procedure, not weights per dataset.
 
 No peeking at publication: an item's age is taken from a declared `created_at` only. Where an
 item is "published" at its first interaction (a replay without `created_at`), its age and the
@@ -286,8 +292,8 @@ class BlendRanker:
         """`stats` and `cooc`: counts shared with other rankers over the same stream (each
         interaction then `record`-ed by one of them only)."""
         self.config = config = config or RankConfig()
-        self.stats = stats or ItemStats(config.short_half_life_s, config.long_half_life_s)
-        self.cooc = cooc or CoOccurrence(config.cooc_window, config.cooc_neighbours)
+        self.stats = ItemStats(config.short_half_life_s, config.long_half_life_s) if stats is None else stats
+        self.cooc = CoOccurrence(config.cooc_window, config.cooc_neighbours) if cooc is None else cooc
         self.model = PairwiseLogistic(len(FEATURES), config.l2)
         self.prior = np.array([PRIOR.get(f, 0.0) for f in FEATURES])
         self.groups: deque[Group] = deque(maxlen=config.buffer)

@@ -13,12 +13,11 @@ ranks by the profile cosine until its first fit)."""
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
 import numpy as np
-
-import random
 
 from streams import metrics
 from streams.popularity import RecentPopularity

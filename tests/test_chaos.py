@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import signal
 import time
@@ -163,7 +164,7 @@ def test_window_quantile_interpolates_within_the_bucket_like_prometheus() -> Non
     assert window_quantile(before, after, "h_seconds", 0.99) == pytest.approx(0.5 + 0.5 * (99 - 90) / 10)
     assert window_quantile(after, after, "h_seconds", 0.99) is None, "nothing observed in the window"
     beyond = Scrape(_histogram({0.1: 10, 0.5: 10, 1.0: 10, float("inf"): 20}))
-    assert window_quantile(before, beyond, "h_seconds", 0.99) == 1.0, "past the last bucket: its bound"
+    assert window_quantile(before, beyond, "h_seconds", 0.99) == math.inf, "past the last bucket: only larger"
 
 
 def test_scrape_sums_samples_whose_labels_match() -> None:
@@ -180,7 +181,8 @@ def test_scrape_sums_samples_whose_labels_match() -> None:
 def _sample(t: float, lag: float, worker_mb: float, p99_ms: float) -> dict:
     return {
         "t_s": t, "sent": int(t * 100), "applied_per_s": 100.0, "lag_interactions": lag, "lag_items_embedded": 0, "backlog": lag,
-        "rss_mb": {"worker": worker_mb, "streams": 200.0}, "p99_ms": {"interaction_to_recs": p99_ms},
+        "rss_mb": {"worker": worker_mb, "streams": 200.0}, "cpu_percent": {"worker": 50.0, "streams": 80.0},
+        "p99_ms": {"interaction_to_recs": p99_ms}, "p99_beyond_buckets": [],
     }
 
 
@@ -196,6 +198,10 @@ def test_summary_tells_flat_from_growing(tmp_path: Path) -> None:
     summary = summarise(leaking)
     assert not summary["lag"]["flat"] and not summary["backlog"]["flat"] and not summary["p99"]["interaction_to_recs"]["flat"]
     assert not summary["rss"]["worker"]["bounded"] and summary["rss"]["worker"]["growth_mb_per_min_second_half"] == pytest.approx(120.0)
+
+    saturated = [{**s, "p99_ms": {"interaction_to_recs": None}, "p99_beyond_buckets": ["interaction_to_recs"]} if n >= 20 else s
+                 for n, s in enumerate(steady)]
+    assert summarise(saturated)["p99"]["interaction_to_recs"]["flat"] is False, "beyond the buckets at the end only"
 
     figures = {"samples": steady, "summary": summarise(steady), "rate_per_s": 100, "minutes": 5, "cpu_cores": 2}
     picture = write(figures, tmp_path / "soak.json")

@@ -42,6 +42,14 @@ def test_describe_uses_one_call_per_stage_and_the_description() -> None:
     assert np.allclose(result.vectors[2], text_only.vectors[2])  # no image: text alone
 
 
+def test_describe_encodes_title_and_description_like_the_paper() -> None:
+    """The description takes the place of the item's own text (the paper's `title. description`)."""
+    item = ITEMS[0]
+    vector = Embedder(FakeBackend(), "describe").embed([item]).vectors[0]
+    expected = FakeBackend().embed_texts([join_text(item.title, "colour (255, 0, 0)")])[0]
+    assert np.allclose(vector, expected / np.linalg.norm(expected), atol=1e-6)
+
+
 def test_image_strategy_refuses_imageless_items_without_a_joint_space() -> None:
     result = Embedder(FakeBackend(), "image").embed(ITEMS)
     assert result.item_ids == ["a", "b"]
@@ -59,7 +67,7 @@ def test_fused_is_the_mean_of_the_two_cosines() -> None:
 
 
 def test_model_id_names_every_model_and_the_strategy() -> None:
-    assert Embedder(FakeBackend(), "describe").model_id == "fake/describe:fake-describer+fake-text"
+    assert Embedder(FakeBackend(), "describe").model_id == "fake/describe:fake-describer+fake-text(title.description)"
     assert Embedder(FakeBackend(), "image").model_id == "fake/image:fake-image"
     assert Embedder(FakeBackend(), "fused").dim == 14
     with pytest.raises(ValueError, match="unknown strategy"):

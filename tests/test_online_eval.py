@@ -117,7 +117,10 @@ def test_online_eval_scores_the_pushes_of_the_running_stack(tmp_path: Path) -> N
         assert report["online"]["targets_with_push"] == 10, report["online"]
         assert report["online"]["quiescence"]["reason"] == "caught up"
         assert report["online"]["top10_not_in_catalogue"] == 0.0
-        assert set(report["agreement"]["methods"]) == {"popularity", "describe", "default"}
+        from vlm4rec.settings import Settings
+
+        strategy = Settings.model_fields["embed_strategy"].default  # the stack's item space
+        assert set(report["agreement"]["methods"]) == {"popularity", strategy, "default"}
         assert all(isinstance(a["agree"], bool) for a in report["agreement"]["methods"].values())
         assert out.with_suffix(".md").read_text().count("agree") >= 1
         # a second run on the same stack is refused: the rows would be applied twice

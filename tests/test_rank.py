@@ -6,6 +6,7 @@ Synthetic worlds small enough to run in a few seconds; the content source is the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from streams.cooccur import CoOccurrence
 from streams.profile import mean_profile
 from streams.rank import FEATURES, BlendRanker, Group, ItemStats, PairwiseLogistic, RankConfig, Request
-from streams.recommend import StoreContent, VectorCache
+from streams.recommend import Recommender, StoreContent, VectorCache
 from vectorstore import MemoryVectorStore, VectorRecord
 
 N_ITEMS, DIM = 120, 16
@@ -118,21 +119,22 @@ SIGNALS = {
 
 
 def hit_rates_without_each_signal(rows: list[tuple[str, str, float]]) -> dict[str | None, float]:
-    """Train on the first 3/4 of `rows` (bots included), then the prequential hit rate on the
-    walkers' rest: with the learned model, and with one source's weights zeroed (frozen)."""
+    """Train on the first 3/4 of `rows` (bots included), then freeze the model: the prequential
+    hit rate on the walkers' rest, with the learned weights and with one source's zeroed."""
     content, _, _ = world()
     split = len(rows) * 3 // 4
     test = [r for r in rows[split:] if not r[0].startswith("bot")]
+    trained = Replay(BlendRanker(FAST), content)
+    trained.feed(rows[:split])
+    assert trained.ranker.fits >= 2 and trained.ranker.model.weights is not None
     rates: dict[str | None, float] = {}
     for drop in (None, *SIGNALS):
-        replay = Replay(BlendRanker(FAST), content)
-        replay.feed(rows[:split])
-        assert replay.ranker.fits >= 2 and replay.ranker.model.weights is not None
+        replay = copy.deepcopy(trained)
+        replay.ranker.config = dataclasses.replace(replay.ranker.config, train_rate=0.0)  # frozen
         if drop is not None:
             weights = replay.ranker.model.weights.copy()
             weights[[FEATURES.index(f) for f in SIGNALS[drop]]] = 0.0
             replay.ranker.model.weights = weights
-            replay.ranker.config = dataclasses.replace(replay.ranker.config, train_rate=0.0)
         rates[drop] = replay.hit_rate(test)
     prior = Replay(BlendRanker(RankConfig(train_rate=0.0, warmup_rate=0.0)), content)
     prior.feed(rows[:split])
@@ -255,6 +257,35 @@ def test_the_ranking_of_a_target_depends_on_earlier_rows_only(tmp_path: Path) ->
     assert top_at_target(rows, extra=1) != honest
 
 
+def test_blends_sharing_one_walk_rank_as_each_would_alone() -> None:
+    """The evaluator walks the blends of every semantic source together, sharing the counts and
+    co-occurrence: each must rank exactly as it would walked alone."""
+    from vlm4rec.evaluate import BlendWalk, ContentIndex, Stream, StreamState, Target
+
+    _, ids, vectors = world()
+    other = np.roll(vectors, 1, axis=1)
+    rows = chain_stream(ids, users=30, steps=6, seed=4)
+    users = sorted({u for u, _, _ in rows})
+    stream = Stream("t", ids, np.zeros(len(ids)), users, np.array([users.index(u) for u, _, _ in rows]),
+                    np.array([ids.index(i) for _, i, _ in rows]), np.array([t for _, _, t in rows]))
+    targets = range(len(rows) - 30, len(rows), 7)
+
+    def tops(indexes: list[np.ndarray]) -> list[list[list[int]]]:
+        walk = BlendWalk(stream, FAST)
+        blends = [walk.add(ContentIndex(v)) for v in indexes]
+        state = StreamState(stream, {}, 7.0)
+        out = []
+        for row in targets:
+            state.advance(row)
+            target = Target(row, int(stream.users[row]), int(stream.items[row]), float(stream.ts[row]), False)
+            out.append([list(np.argsort(-b(state, target), kind="stable")[:10]) for b in blends])
+        return out
+
+    together = tops([vectors, other])
+    assert [t[0] for t in together] == [t[0] for t in tops([vectors])]
+    assert [t[1] for t in together] == [t[0] for t in tops([other])]
+
+
 # --- candidates -------------------------------------------------------------------------------
 
 
@@ -334,3 +365,44 @@ def test_same_seed_same_model_and_ranking() -> None:
     first = run(0)
     assert run(0) == first
     assert run(1)[0] != first[0]
+
+
+# --- the online path ---------------------------------------------------------------------------
+
+
+def test_the_stream_processors_recommender_learns_and_ranks_with_the_blend() -> None:
+    """`Recommender` as the Faust app drives it: an observation taken before each profile
+    update, the batch observed, then recommend. Co-occurrence items the ANN cannot reach
+    (content is noise here) come first once the model has fit."""
+    from streams.popularity import RecentPopularity
+    from streams.profile import Profile, ProfileRule
+
+    _, ids, vectors = world()
+    items, users = MemoryVectorStore(), MemoryVectorStore()
+    items.open(DIM, "test", "text")
+    items.upsert([VectorRecord(i, v) for i, v in zip(ids, vectors, strict=True)])
+    rows = chain_stream(ids, users=60, steps=8, seed=1)
+    successor = {a: b for (ua, a, _), (ub, b, _) in zip(rows, rows[60:], strict=False) if ua == ub}
+
+    def run(rank: RankConfig) -> tuple[Recommender, list[Profile], list[list[tuple[str, float]]]]:
+        recommender = Recommender(items, users, RecentPopularity(), k=5, rank=rank)
+        profiles: dict[str, Profile] = {}
+        for start in range(0, len(rows) - 60, 20):  # batches of 20 interactions, the last step held out
+            batch = []
+            for user, item, ts in rows[start : start + 20]:
+                profile = profiles.setdefault(user, Profile(user))
+                batch.append(recommender.observation(profile, item, ts))
+                profile.apply(item, vectors[ids.index(item)], "click", None, ts, ProfileRule())
+            recommender.observe(batch)
+        last = [profiles[u] for u in sorted(profiles)]
+        return recommender, last, recommender.recommend(last)
+
+    def hits(last: list[Profile], tops: list[list[tuple[str, float]]]) -> int:
+        return sum(top[0][0] == successor[p.seen[-1]] for p, top in zip(last, tops, strict=True))
+
+    recommender, last, tops = run(FAST)
+    assert recommender.ranker.fits >= 2
+    _, _, prior = run(RankConfig(min_groups=10**6))  # never fits: the profile cosine
+    assert hits(last, tops) > 0.5 * len(last) > 0.1 * len(last) > hits(last, prior)
+    assert all(not {i for i, _ in top} & set(p.seen) for p, top in zip(last, tops, strict=True))
+    assert recommender.recommend([Profile("nobody")])[0], "a user without history gets popular items"

@@ -67,7 +67,9 @@ class Settings(BaseSettings):
         "cpu", description="embedding backend"
     )
     embed_strategy: Literal["describe", "image", "text", "fused"] = Field(
-        "describe", description="how an item becomes a vector (describe = the paper)"
+        "text",
+        description="how an item becomes a vector: text (measured best inside the blend with the CPU "
+        "backend, docs/quality.md), describe (the paper: a VLM caption + text), image, fused",
     )
     embed_device: str = Field("auto", description="torch device of the cpu backend: auto, cpu, cuda")
     embed_threads: int = Field(0, ge=0, description="CPU threads of the cpu backend (0: all cores)")

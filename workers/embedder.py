@@ -2,7 +2,8 @@
 
 Strategies (the model id and strategy are stored with every vector):
 - `describe` (the paper): the describer writes words from the image; the text encoder embeds
-  "title. description. text".
+  "title. description", as the paper does (the description takes the place of the item's own
+  text; an item without an image keeps its text).
 - `text`: the text encoder embeds "title. text"; the image is not used.
 - `image`: the image encoder's vector. An item without an image is embedded from its text only
   when the backend's text and image spaces are one (CLIP-like); otherwise it cannot be placed in
@@ -89,10 +90,10 @@ class Embedder:
         """Names every model that shaped the vector, so one collection never mixes spaces."""
         b = self.backend
         parts = {
-            "describe": [b.describer_model, b.text_model],
+            "describe": [b.describer_model, f"{b.text_model}(title.description)"],
             "text": [b.text_model],
             "image": [b.image_model],
-            "fused": [b.describer_model, b.text_model, b.image_model],
+            "fused": [b.describer_model, f"{b.text_model}(title.description)", b.image_model],
         }[self.strategy]
         return f"{b.name}/{self.strategy}:" + "+".join(parts)
 
@@ -144,9 +145,11 @@ class Embedder:
             if self.strategy != "image" or i.image is None  # image strategy: text only stands in
         ]
         if needs_text:
+            # The paper encodes `title. description`: the description stands in for the item's
+            # own text. An item without an image has no description and keeps its text.
             inputs = [
-                join_text(i.title, descriptions.get(i.item_id, ""), i.text)
-                if self.strategy in ("describe", "fused")
+                join_text(i.title, descriptions[i.item_id])
+                if i.item_id in descriptions
                 else join_text(i.title, i.text)
                 for i in needs_text
             ]
