@@ -2,8 +2,14 @@
 
 Topics and agents:
 - `interactions` (+ the internal `control` topic, co-partitioned): the profile agent. Batches of
-  events (coalesced within a short window) update the `profiles` table once per user per batch,
-  then one vector-store search for all changed users yields their `recs`.
+  events (coalesced within a short window) update the `profiles` table once per user per batch
+  and mark the users' recs as due.
+- the recs refresher (a task): takes the users whose recs are due, oldest first, at most
+  `refresh_max` per round, ranks them with one vector-store search for all of them, and pushes
+  their `recs`. A user marked again while due keeps their place (coalescing): when interactions
+  come faster than the vector store can answer, a push answers several of a user's interactions
+  and the profiles still keep up with the stream. Recs are derived state: a worker that dies
+  may skip a due push, and the user's next interaction or fresh item brings one.
   An interaction whose item has no vector yet is deferred to the `pending` topic (keyed by item)
   and comes back through `control` once the item is embedded: no signal is lost.
 - `items.embedded` (+ `pending`, co-partitioned by item_id): the item agent. It releases the
@@ -73,6 +79,9 @@ class StreamsConfig:
     fanout_users: int = 50
     batch_max: int = 1000
     batch_within_s: float = 0.05
+    refresh_max: int = 256
+    learn_max: int = 64
+    neighbour_ttl_s: float = 60.0
     rule: ProfileRule = field(default_factory=ProfileRule)
     popularity_half_life_s: float = 6 * 3600
     rank: RankConfig = field(default_factory=RankConfig)
@@ -130,6 +139,25 @@ def _source(event: faust.EventT) -> str:
     return f"{event.message.topic}:{event.message.partition}"
 
 
+@dataclass
+class Due:
+    """A user whose recs are due: when the oldest interaction not yet answered by a push
+    reached the broker (None: only a fresh item asked), when that fresh item was published,
+    and the user's stream partition (kept with their vector for the fan-out)."""
+
+    partition: int
+    arrived: float | None = None
+    published_at: float | None = None
+
+    def merge(self, other: Due) -> None:
+        """Keep the oldest times: latency is counted from the first unanswered event."""
+        self.partition = other.partition
+        if other.arrived is not None:
+            self.arrived = other.arrived if self.arrived is None else min(self.arrived, other.arrived)
+        if other.published_at is not None:
+            self.published_at = other.published_at if self.published_at is None else min(self.published_at, other.published_at)
+
+
 class StreamsApp:
     """Builds the Faust app around a `Recommender`; the app object is `self.app`."""
 
@@ -138,10 +166,17 @@ class StreamsApp:
         self.items = items
         self.users = users
         self.popularity = RecentPopularity(config.popularity_half_life_s)
-        self.recommender = Recommender(items, users, self.popularity, k=config.k, rank=config.rank)
+        self.recommender = Recommender(
+            items, users, self.popularity, k=config.k, rank=config.rank, neighbour_ttl_s=config.neighbour_ttl_s
+        )
         self.model = ""
         self.last_recs: OrderedDict[str, Recs] = OrderedDict()  # latest push per user, bounded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vector-store")  # calls in order
+        # the profile agent's vector lookups, so that they never wait behind a refresh round
+        self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="vector-fetch")
+        self.due: OrderedDict[str, Due] = OrderedDict()  # oldest first
+        self._observed: list[Observation] = []  # applied, not yet folded into the ranker
+        self._wake = asyncio.Event()
         brokers = ";".join(f"kafka://{b.strip()}" for b in config.bootstrap_servers.split(","))
         self.app = faust.App(
             config.app_id,
@@ -177,6 +212,7 @@ class StreamsApp:
         self.app.agent(self.interactions, name="profiles-agent")(self._profiles_agent)
         self.app.agent(self.items_topic, name="items-agent")(self._items_agent)
         self.app.task(self._discover_space)
+        self.app.task(self._refresher)
         self.app.timer(5.0)(self._report_lag)
         self._register_views()
 
@@ -243,6 +279,13 @@ class StreamsApp:
     async def _process_interactions(self, events: list[faust.EventT]) -> None:
         while not self.model:
             await asyncio.sleep(0.2)
+        with metrics.STAGE_SECONDS.labels("apply").time():
+            await self._apply(events)
+        metrics.RECS_DUE.set(len(self.due))
+        self._wake.set()
+
+    async def _apply(self, events: list[faust.EventT]) -> None:
+        """Apply a batch to the profiles and mark the users whose recs are due."""
         by_user: dict[str, list[tuple[faust.EventT, Interaction, str | None]]] = defaultdict(list)
         refresh: dict[str, tuple[faust.EventT, float | None]] = {}
         for event in events:
@@ -256,7 +299,8 @@ class StreamsApp:
                 by_user[interaction.user_id].append((event, interaction, origin))
 
         item_ids = {i.item_id for rows in by_user.values() for _, i, _ in rows}
-        vectors = await self._store(self.recommender.vectors.get, item_ids) if item_ids else {}
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._fetch_pool, self.recommender.vectors.get, item_ids) if item_ids else {}
         changed: dict[str, tuple[Profile, faust.EventT]] = {}
         arrival: dict[str, float] = {}
         deferrals: list[Awaitable[Any]] = []
@@ -276,7 +320,7 @@ class StreamsApp:
                 profile.apply(interaction.item_id, vector, interaction.event, interaction.value, interaction.ts, self.config.rule)
                 self.popularity.add(interaction.item_id, interaction.ts, 1.0)
                 metrics.INTERACTIONS.labels("applied").inc()
-                arrival[user_id] = max(arrival.get(user_id, 0.0), event.message.timestamp)
+                arrival[user_id] = min(arrival.get(user_id, event.message.timestamp), event.message.timestamp)
             changed[user_id] = (profile, rows[-1][0])
         # Deferrals are delivered before the profiles that mark their events seen: a crash in
         # between would otherwise skip the re-delivered events as duplicates and lose them.
@@ -286,34 +330,62 @@ class StreamsApp:
             self.profiles[user_id] = profile.to_dict()
             metrics.PROFILE_UPDATES.inc()
         _fence(self.profiles, [event for _, event in changed.values()])
-        if observed:  # the ranker learns from what was applied, then ranks with it
-            await self._store(self.recommender.observe, observed)
-
-        targets = {u: p for u, (p, _) in changed.items() if u in arrival}
-        for user_id, (event, _) in refresh.items():
-            if user_id not in targets and (stored := self.stored_profile(user_id)) is not None:
-                targets[user_id] = Profile.from_dict(stored)
-        if not targets:
-            return
-        users = list(targets)
-        profiles = [targets[u] for u in users]
-        partitions = [self._partition_of(u, changed, refresh) for u in users]
-        await self._store(self.recommender.save_profiles, profiles, partitions)
-        lists = await self._store(self.recommender.recommend, profiles)
-        now = time.time()
-        for user_id, items in zip(users, lists, strict=True):
-            trigger = "interaction" if user_id in arrival else "fresh_item"
-            await self._push(user_id, items, trigger)
+        self._observed.extend(observed)
+        for user_id, (_, event) in changed.items():
             if user_id in arrival:
-                metrics.INTERACTION_TO_RECS.observe(max(0.0, now - arrival[user_id]))
-        for user_id, (_, published_at) in refresh.items():
-            if published_at is not None and user_id in users:
-                metrics.FRESH_ITEM_SECONDS.observe(max(0.0, now - published_at))
+                self._mark_due(user_id, Due(event.message.partition, arrived=arrival[user_id]))
+        for user_id, (event, published_at) in refresh.items():
+            if user_id in changed or self.stored_profile(user_id) is not None:
+                self._mark_due(user_id, Due(event.message.partition, published_at=published_at))
 
-    @staticmethod
-    def _partition_of(user_id: str, changed: dict, refresh: dict) -> int:
-        event = changed[user_id][1] if user_id in changed else refresh[user_id][0]
-        return event.message.partition
+    def _mark_due(self, user_id: str, due: Due) -> None:
+        if (queued := self.due.get(user_id)) is not None:
+            queued.merge(due)
+        else:
+            self.due[user_id] = due
+
+    # --- recs ----------------------------------------------------------------------------
+    async def _refresher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.due or self._observed:
+                await self._until_done("recs refresh", self._refresh_round)
+
+    async def _refresh_round(self) -> None:
+        """Fold the applied interactions into the ranker, then rank and push the oldest due
+        users. A failed round puts them back (an older arrival wins) before it is retried."""
+        while not self.model:
+            await asyncio.sleep(0.2)
+        observed, self._observed = self._observed, []
+        taken = [self.due.popitem(last=False) for _ in range(min(self.config.refresh_max, len(self.due)))]
+        try:
+            if observed:  # the ranker learns from what was applied, then ranks with it
+                with metrics.STAGE_SECONDS.labels("learn").time():
+                    await self._store(self.recommender.observe, observed, self.config.learn_max)
+            ready = [(u, d, Profile.from_dict(stored)) for u, d in taken if (stored := self.stored_profile(u)) is not None]
+            profiles = [p for _, _, p in ready]
+            with metrics.STAGE_SECONDS.labels("save_profiles").time():
+                await self._store(self.recommender.save_profiles, profiles, [d.partition for _, d, _ in ready])
+            with metrics.STAGE_SECONDS.labels("rank").time():
+                lists = await self._store(self.recommender.recommend, profiles)
+        except BaseException:
+            self._observed[:0] = observed
+            for user_id, due in reversed(taken):
+                if (queued := self.due.get(user_id)) is not None:
+                    due.merge(queued)
+                self.due[user_id] = due
+                self.due.move_to_end(user_id, last=False)
+            raise
+        with metrics.STAGE_SECONDS.labels("push").time():
+            now = time.time()
+            for (user_id, due, _), items in zip(ready, lists, strict=True):
+                await self._push(user_id, items, "interaction" if due.arrived is not None else "fresh_item")
+                if due.arrived is not None:
+                    metrics.INTERACTION_TO_RECS.observe(max(0.0, now - due.arrived))
+                if due.published_at is not None:
+                    metrics.FRESH_ITEM_SECONDS.observe(max(0.0, now - due.published_at))
+        metrics.RECS_DUE.set(len(self.due))
 
     async def _parse(self, event: faust.EventT) -> tuple[str, Interaction, str | None, float | None] | None:
         """An interaction from producers, or a control message (a released deferred interaction
@@ -406,7 +478,7 @@ class StreamsApp:
         except EventError as exc:
             log.warning("ignoring a malformed items.embedded message: %s", exc.reason)
             return
-        self.recommender.vectors.forget(item.item_id)
+        await self._store(self.recommender.forget, item.item_id)
         if item.created_at is not None:
             await self._store(self.recommender.declare, item.item_id, item.created_at)
         state = self.waiting.get(item.item_id) or {"embedded": False, "waiting": []}

@@ -41,5 +41,14 @@ CONSUMER_LAG = Gauge(
     "Messages behind the end of the topic, per partition (the embedded broker reports one low)",
     ["topic", "partition"],
 )
+RECS_DUE = Gauge("vlm4rec_streams_recs_due", "Users whose recs are due (waiting for a refresh round)")
+STAGE_SECONDS = Histogram(
+    "vlm4rec_streams_stage_seconds",
+    "Time per batch or round in each stage of the hot path: apply (profile agent: parse, "
+    "vectors, profiles, table), learn (ranker training), save_profiles (users collection), "
+    "rank (candidates incl. searches, features, scores), push",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
 DEAD_LETTERS = Counter("vlm4rec_streams_dead_letters_total", "Events sent to a dead-letter topic", ["topic"])
 PROFILES = Gauge("vlm4rec_streams_profiles", "User profiles held by this worker")

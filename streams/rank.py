@@ -6,7 +6,9 @@ same code.
 Sources (union, de-duplicated, the user's own items dropped):
 - content: nearest items (vector ANN) to the user's semantic profile (the mean of the history's
   unit vectors, the paper's profile) and to each of the user's last `interests` items (several
-  profile vectors, so that one mean does not blur distinct tastes);
+  profile vectors, so that one mean does not blur distinct tastes). The latter are the items'
+  own `neighbour_depth` nearest neighbours less what the user has seen, cut to `content_k`:
+  one list per item, shared by every user who touched it;
 - co-occurrence with the user's recent items (`streams.cooccur.CoOccurrence`, incremental);
 - recent popularity (exponentially decayed interaction counts);
 - fresh items: items with a declared creation time (`created_at`) in the last
@@ -88,10 +90,16 @@ class ContentSource(Protocol):
     def vectors(self, ids: Collection[str]) -> Mapping[str, np.ndarray]:
         """Unit vectors of the ids that have one."""
 
+    def neighbours(self, items: Collection[str], depth: int) -> Mapping[str, Hits]:
+        """The `depth` nearest items of each item that has a vector (itself included), best
+        first. Unlike a profile, an item's neighbours hardly change, so the stream processor
+        caches them: one search per item now and then, not per user and interaction."""
+
 
 @dataclass(frozen=True)
 class RankConfig:
     content_k: int = 50  # ANN hits per profile vector
+    neighbour_depth: int = 100  # nearest neighbours looked at per recent item (before the seen are dropped)
     interests: int = 5  # last items used as profile vectors (and by cos_max / cooc_recent)
     cooc_k: int = 100  # co-occurrence candidates
     cooc_window: int = 50  # earlier items a new interaction co-occurs with
@@ -354,24 +362,26 @@ class BlendRanker:
         search for all requests' profile vectors."""
         c = self.config
         excluded = [r.excluded() for r in requests]
-        queries: list[np.ndarray] = []
-        owner: list[tuple[int, str]] = []
-        recent = {i for r in requests for i in r.history[-c.interests :]}
-        recent_vectors = content.vectors(recent) if recent else {}
-        for n, request in enumerate(requests):
-            if request.profile is not None:
-                queries.append(np.asarray(request.profile, dtype=np.float32))
-                owner.append((n, "profile"))
-            for item in reversed(request.history[-c.interests :]):  # the latest first
-                if (v := recent_vectors.get(item)) is not None:
-                    queries.append(np.asarray(v, dtype=np.float32))
-                    owner.append((n, "interests"))
-        hits = content.search(np.stack(queries), c.content_k, [excluded[n] for n, _ in owner]) if queries else []
+        profiled = [n for n, r in enumerate(requests) if r.profile is not None]
+        hits = (
+            content.search(
+                np.stack([np.asarray(requests[n].profile, dtype=np.float32) for n in profiled]),
+                c.content_k,
+                [excluded[n] for n in profiled],
+            )
+            if profiled
+            else []
+        )
         out = [Candidates([]) for _ in requests]
-        for (n, source), row in zip(owner, hits, strict=True):
-            out[n].offer(source, [item for item, _ in row])
+        for n, row in zip(profiled, hits, strict=True):
+            out[n].offer("profile", [item for item, _ in row])
+        recent = {i for r in requests for i in r.history[-c.interests :]}
+        neighbours = content.neighbours(recent, c.neighbour_depth) if recent and c.interests else {}
         for n, request in enumerate(requests):
             pool = out[n]
+            for item in reversed(request.history[-c.interests :]):  # the latest first
+                if near := neighbours.get(item):
+                    pool.offer("interests", [i for i, _ in near if i not in excluded[n]][: c.content_k])
             pool.cooc = recent_co = self._cooc(request)
             pool.offer("cooc", self._top(recent_co, self.cooc.ids, c.cooc_k, excluded[n]))
             pool.offer("popular", self.stats.popular(c.popular_k, request.ts, excluded[n]))
@@ -418,10 +428,8 @@ class BlendRanker:
         col = {f: j for j, f in enumerate(FEATURES)}
         dim = next((len(v) for v in vectors.values()), 0)
         if dim:
-            matrix = np.zeros((n, dim), dtype=np.float32)
-            for row, item in enumerate(ids):
-                if (v := vectors.get(item)) is not None:
-                    matrix[row] = v
+            missing = np.zeros(dim, dtype=np.float32)
+            matrix = np.stack([vectors.get(item, missing) for item in ids]).astype(np.float32, copy=False)
             if request.profile is not None:
                 x[:, col["cos_mean"]] = matrix @ np.asarray(request.profile, dtype=np.float32)
             recent = [vectors[i] for i in request.history[-c.interests :] if i in vectors]
@@ -475,6 +483,6 @@ class BlendRanker:
                 continue
             x = self.features(request, pool.ids, vectors, pool)
             scores = self.score(x)
-            order = sorted(range(len(pool.ids)), key=lambda j: (-scores[j], pool.ids[j]))[:k]
-            out.append([(pool.ids[j], float(scores[j])) for j in order])
+            order = np.argsort(-scores, kind="stable")[:k]  # pool.ids is sorted: ties by item_id
+            out.append([(pool.ids[j], float(scores[j])) for j in order.tolist()])
         return out

@@ -14,8 +14,10 @@ ranks by the profile cosine until its first fit)."""
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -28,50 +30,100 @@ from vectorstore import VectorRecord, VectorStore
 
 class VectorCache:
     """Bounded LRU of item vectors in front of the store: an item a user touches is usually
-    touched again soon by others."""
+    touched again soon by others. Thread-safe: the profile agent and the recs refresher look
+    vectors up from two threads (the store is called outside the lock)."""
 
     def __init__(self, store: VectorStore, size: int = 20_000) -> None:
         self.store = store
         self.size = size
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, ids: Collection[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         missing = []
-        for item_id in ids:
-            vector = self._cache.get(item_id)
-            if vector is None:
-                missing.append(item_id)
-            else:
-                self._cache.move_to_end(item_id)
-                found[item_id] = vector
+        with self._lock:
+            for item_id in ids:
+                vector = self._cache.get(item_id)
+                if vector is None:
+                    missing.append(item_id)
+                else:
+                    self._cache.move_to_end(item_id)
+                    found[item_id] = vector
         if missing:
             fetched = self.store.get_vectors(missing)
-            for item_id, vector in fetched.items():
-                self._cache[item_id] = vector
+            with self._lock:
+                for item_id, vector in fetched.items():
+                    self._cache[item_id] = vector
+                while len(self._cache) > self.size:
+                    self._cache.popitem(last=False)
             found.update(fetched)
-            while len(self._cache) > self.size:
-                self._cache.popitem(last=False)
         return found
 
     def forget(self, item_id: str) -> None:
         """An item was re-embedded: drop its stale vector."""
-        self._cache.pop(item_id, None)
+        with self._lock:
+            self._cache.pop(item_id, None)
 
 
 class StoreContent:
     """`streams.rank.ContentSource` over the items collection: ANN search there, vectors
-    through the cache."""
+    through the cache, and items' neighbour lists kept for `neighbour_ttl_s` (bounded LRU).
 
-    def __init__(self, store: VectorStore, cache: VectorCache) -> None:
+    Without the neighbour cache every refreshed user cost one search per recent item, five
+    times the searches of the profile alone, and the search rate of Milvus Lite (about 500 to
+    1,000 queries/s on two cores) bounded the stream. A cached list misses items embedded
+    since it was fetched; they still reach users through the profile search, the fresh source
+    and the fan-out."""
+
+    def __init__(
+        self,
+        store: VectorStore,
+        cache: VectorCache,
+        neighbour_ttl_s: float = 60.0,
+        neighbour_lists: int = 20_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.cache = cache
+        self.neighbour_ttl_s = neighbour_ttl_s
+        self.neighbour_lists = neighbour_lists
+        self._clock = clock
+        self._neighbours: OrderedDict[str, tuple[float, int, Hits]] = OrderedDict()
 
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[Collection[str]]) -> list[Hits]:
         return self.store.search(queries, k, exclude=list(exclude))
 
     def vectors(self, ids: Collection[str]) -> dict[str, np.ndarray]:
         return self.cache.get(ids)
+
+    def neighbours(self, items: Collection[str], depth: int) -> dict[str, Hits]:
+        now = self._clock()
+        found: dict[str, Hits] = {}
+        missing = []
+        for item in items:
+            kept = self._neighbours.get(item)
+            if kept is not None and kept[1] == depth and now - kept[0] < self.neighbour_ttl_s:
+                self._neighbours.move_to_end(item)
+                found[item] = kept[2]
+            else:
+                missing.append(item)
+        vectors = self.cache.get(missing) if missing else {}
+        if vectors:
+            ids = list(vectors)
+            hits = self.store.search(np.stack([vectors[i] for i in ids]), depth)
+            for item, row in zip(ids, hits, strict=True):
+                found[item] = row
+                self._neighbours[item] = (now, depth, row)
+                self._neighbours.move_to_end(item)
+            while len(self._neighbours) > self.neighbour_lists:
+                self._neighbours.popitem(last=False)
+        return found
+
+    def forget(self, item_id: str) -> None:
+        """An item was (re-)embedded: drop its stale vector and neighbour list."""
+        self.cache.forget(item_id)
+        self._neighbours.pop(item_id, None)
 
 
 #: (the user's state just before the interaction, or None when it is not a training example;
@@ -88,13 +140,14 @@ class Recommender:
         k: int = 20,
         cache_size: int = 20_000,
         rank: RankConfig | None = None,
+        neighbour_ttl_s: float = 60.0,
     ) -> None:
         self.items = items
         self.users = users
         self.popularity = popularity
         self.k = k
         self.vectors = VectorCache(items, cache_size)
-        self.content = StoreContent(items, self.vectors)
+        self.content = StoreContent(items, self.vectors, neighbour_ttl_s)
         self.ranker = BlendRanker(rank)
         # the training-example draw happens on the caller's thread (see `observation`)
         self._draw = random.Random(self.ranker.config.seed)
@@ -110,15 +163,22 @@ class Recommender:
         request = Request(list(profile.seen), profile.as_array(), ts) if sampled else None
         return request, list(profile.seen), item_id, ts
 
-    def observe(self, observations: Sequence[Observation]) -> None:
+    def observe(self, observations: Sequence[Observation], learn_max: int | None = None) -> None:
         """Fold applied interactions into the ranker, in order: the sampled ones first become
         training groups from the state before the batch, then every one is recorded (and the
-        model is refit when due)."""
+        model is refit when due). `learn_max`: at most this many groups (the latest), so that
+        under load training does not crowd out ranking; every interaction is still counted."""
         learning = [(r, item) for r, _, item, _ in observations if r is not None]
+        if learn_max is not None:
+            learning = learning[max(0, len(learning) - learn_max) :]
         if learning:
             self.ranker.learn([r for r, _ in learning], [i for _, i in learning], self.content)
         for _, history, item, ts in observations:
             self.ranker.record(history, item, ts)
+
+    def forget(self, item_id: str) -> None:
+        """An item was (re-)embedded: its cached vector and neighbours are stale."""
+        self.content.forget(item_id)
 
     def declare(self, item_id: str, created_at: float) -> None:
         """An embedded item with a declared creation time: a candidate of the fresh source."""

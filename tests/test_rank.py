@@ -129,7 +129,8 @@ def hit_rates_without_each_signal(rows: list[tuple[str, str, float]]) -> dict[st
     assert trained.ranker.fits >= 2 and trained.ranker.model.weights is not None
     rates: dict[str | None, float] = {}
     for drop in (None, *SIGNALS):
-        replay = copy.deepcopy(trained)
+        replay = Replay(copy.deepcopy(trained.ranker), content)
+        replay.seen = copy.deepcopy(trained.seen)
         replay.ranker.config = dataclasses.replace(replay.ranker.config, train_rate=0.0)  # frozen
         if drop is not None:
             weights = replay.ranker.model.weights.copy()

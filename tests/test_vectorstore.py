@@ -100,6 +100,22 @@ def test_search_many_queries_in_one_call(store: VectorStore) -> None:
         assert np.allclose([s for _, s in h], want, atol=1e-4)
 
 
+def test_rows_with_exclusions_of_very_different_sizes(store: VectorStore) -> None:
+    """Each row gets its own top k after its own exclusions, however long the others' are
+    (Milvus groups rows by how many hits they need)."""
+    rng = np.random.default_rng(2)
+    vectors = unit(rng.normal(size=(300, 16)))
+    store.open(16, "m", "text")
+    ids = [f"i{n:03d}" for n in range(300)]
+    store.upsert([VectorRecord(ids[n], vectors[n]) for n in range(300)])
+    exact = vectors[:4] @ vectors.T
+    nearest = [[ids[j] for j in np.argsort(-row)] for row in exact]
+    exclude = [set(), set(nearest[1][:40]), set(nearest[2][:200]), {"not-stored"}]
+    hits = store.search(vectors[:4], k=5, exclude=exclude)
+    for n, row in enumerate(hits):
+        assert [i for i, _ in row] == [i for i in nearest[n] if i not in exclude[n]][:5]
+
+
 def test_meta_and_space(store: VectorStore) -> None:
     assert store.space() is None
     store.open(2, "m", "text")

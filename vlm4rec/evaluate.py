@@ -273,6 +273,15 @@ class OfflineContent:
         index, has = self.index, self.has
         return {i: self.unit[index[i]] for i in ids if i in index and has[index[i]]}
 
+    def neighbours(self, items: Any, depth: int) -> dict[str, Hits]:
+        """Exact and current (the stream processor's cached lists can be a minute old)."""
+        vectors = self.vectors(items)
+        if not vectors:
+            return {}
+        ids = list(vectors)
+        hits = self.search(np.stack([vectors[i] for i in ids]), depth, [()] * len(ids))
+        return dict(zip(ids, hits, strict=True))
+
 class BlendWalk:
     """The product's rankers of one walk, one per semantic source, advanced together row by
     row: each ranker that samples a row first learns from the state just before it, then the

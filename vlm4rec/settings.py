@@ -119,6 +119,16 @@ class Settings(BaseSettings):
     streams_fanout_users: int = Field(50, ge=0, description="users a fresh item is pushed to")
     streams_batch_max: int = Field(1000, ge=1, description="interactions coalesced per batch at most")
     streams_batch_ms: int = Field(50, ge=1, description="coalescing window for a user's interactions")
+    streams_refresh_max: int = Field(
+        256, ge=1, description="users whose recs one refresh round ranks at most (one batched search)"
+    )
+    streams_learn_max: int = Field(
+        64, ge=0, description="ranker training groups built per refresh round at most (the rest of the round's "
+        "interactions are still counted); bounds training cost under load"
+    )
+    streams_neighbour_ttl_s: float = Field(
+        60.0, ge=0, description="how long an item's cached nearest-neighbour list is reused (0: never cached)"
+    )
     profile_weights: dict[str, float] = Field(
         default_factory=dict,
         description="weight per event type, JSON (empty: the paper's plain mean; see DEFAULT_EVENT_WEIGHTS)",
