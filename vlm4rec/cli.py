@@ -469,6 +469,7 @@ def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: f
 
     from vectorstore import MilvusVectorStore
     from vlm4rec.bench import bench_stream
+    from vlm4rec.soak import applied, scrape
     from vlm4rec.dataset import read_items
 
     root = Path(dataset_dir).resolve()
@@ -501,7 +502,8 @@ def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: f
     result = bench_stream(
         settings.kafka_config(), settings.topics.interactions, settings.topics.items_new, settings.topics.recs,
         settings.topic_partitions, item_ids, fresh, [int(r) for r in rates.split(",")], step_s, users, store,
-        search_batch=min(256, settings.streams_batch_max),
+        search_batch=min(256, settings.streams_refresh_max),
+        applied_count=lambda: applied(scrape(f"http://{settings.web_host}:{settings.web_port}/metrics")),
     )
     Path(out).write_text(json.dumps(result, indent=2))
     click.echo(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=2))
