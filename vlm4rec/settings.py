@@ -50,6 +50,10 @@ class Settings(BaseSettings):
         description="consumer session timeout; short because the first group join on the "
         "embedded broker waits about half of it",
     )
+    kafka_fetch_max_wait_ms: int = Field(
+        100, ge=1, le=1500, description="longest wait of a consumer's fetch for new data; the embedded "
+        "broker answers a fetch only when the wait ends, so this is latency there (Kafka answers on arrival)"
+    )
     topic_partitions: int = Field(4, ge=1, description="partitions of every product topic")
     topic_replication: int = Field(1, ge=1, description="replication factor of every topic")
     topic_items_new: str = Field("items.new", description="new/updated items (key item_id)")
@@ -211,6 +215,7 @@ class Settings(BaseSettings):
             "heartbeat.interval.ms": max(500, self.kafka_session_timeout_ms // 3),
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": self.kafka_fetch_max_wait_ms,
         }
 
     def topic_partitions_map(self) -> dict[str, int]:

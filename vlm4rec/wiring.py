@@ -97,6 +97,7 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
         batch_max=settings.streams_batch_max,
         batch_within_s=settings.streams_batch_ms / 1000,
         refresh_max=settings.streams_refresh_max,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         learn_max=settings.streams_learn_max,
         neighbour_ttl_s=settings.streams_neighbour_ttl_s,
         rule=ProfileRule(
