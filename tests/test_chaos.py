@@ -167,6 +167,18 @@ def test_window_quantile_interpolates_within_the_bucket_like_prometheus() -> Non
     assert window_quantile(before, beyond, "h_seconds", 0.99) == math.inf, "past the last bucket: only larger"
 
 
+def test_stage_means_are_per_batch_over_the_interval() -> None:
+    from vlm4rec.soak import Scrape, stage_means_ms
+
+    def page(count: float, seconds: float) -> Scrape:
+        labels = {"stage": "rank"}
+        return Scrape([("vlm4rec_streams_stage_seconds_count", labels, count), ("vlm4rec_streams_stage_seconds_sum", labels, seconds)])
+
+    means = stage_means_ms(page(10, 5.0), page(14, 7.0))
+    assert means["rank"] == pytest.approx(500.0), "2 s over 4 rounds"
+    assert means["apply"] is None, "a stage that did not run in the interval"
+
+
 def test_scrape_sums_samples_whose_labels_match() -> None:
     from vlm4rec.soak import Scrape, lag
 

@@ -100,6 +100,24 @@ def lag(scraped: Scrape, topic: str) -> float:
     return scraped.total("vlm4rec_streams_consumer_lag", topic=topic)
 
 
+STAGES = ("apply", "learn", "save_profiles", "rank", "push")
+
+
+def stage_means_ms(before: Scrape, after: Scrape) -> dict[str, float | None]:
+    """Mean time per batch or round of each stage of the stream processor's hot path over the
+    interval (None: the stage did not run), to tell which stage a growing latency comes from."""
+    out: dict[str, float | None] = {}
+    for stage in STAGES:
+        count = after.total("vlm4rec_streams_stage_seconds_count", stage=stage) - before.total(
+            "vlm4rec_streams_stage_seconds_count", stage=stage
+        )
+        seconds = after.total("vlm4rec_streams_stage_seconds_sum", stage=stage) - before.total(
+            "vlm4rec_streams_stage_seconds_sum", stage=stage
+        )
+        out[stage] = round(1000 * seconds / count, 1) if count > 0 else None
+    return out
+
+
 def applied(scraped: Scrape) -> float:
     return scraped.total("vlm4rec_streams_interactions_total", outcome="applied")
 
@@ -332,6 +350,8 @@ def _soak(
                     "cpu_percent": {name: cpu.percent(pid) for name, pid in pids.items()},
                     "p99_ms": {name: _ms(q) for name, q in p99.items()},
                     "p99_beyond_buckets": sorted(name for name, q in p99.items() if q == math.inf),
+                    "stage_mean_ms": stage_means_ms(previous, now),
+                    "recs_due": now.total("vlm4rec_streams_recs_due"),
                     "restarts": {s.name: s.restarts for s in own.stack.services if s.restart},
                 }
             )
