@@ -137,14 +137,11 @@ def read_topic(kafka_config: dict, topic: str, want: int, timeout_s: float = 60.
     return messages
 
 
-@pytest.fixture
-def isolated(infra: RunningStack) -> RunningStack:
-    """The session's broker and Milvus with this test's own topics and collection."""
-    import uuid
-
+def isolate(infra: RunningStack, uid: str, **extra: str) -> RunningStack:
+    """The session's broker and Milvus with topics, collections, groups and ports named by
+    `uid` (created here); `extra` adds or overrides settings."""
     from topics.admin import create_topics
 
-    uid = uuid.uuid4().hex[:8]
     env = {
         **infra.env,
         "VLM4REC_TOPIC_ITEMS_NEW": f"items.new.{uid}",
@@ -157,8 +154,17 @@ def isolated(infra: RunningStack) -> RunningStack:
         "VLM4REC_STREAMS_APP_ID": f"streams-{uid}",
         "VLM4REC_MILVUS_USERS_COLLECTION": f"users_{uid}",
         "VLM4REC_WEB_PORT": str(free_port()),
+        **extra,
     }
     stack = RunningStack(env, infra.process, infra.log_path)
     settings = stack.settings()
     create_topics(settings.kafka_config(), settings.topic_partitions_map())
     return stack
+
+
+@pytest.fixture
+def isolated(infra: RunningStack) -> RunningStack:
+    """The session's broker and Milvus with this test's own topics and collection."""
+    import uuid
+
+    return isolate(infra, uuid.uuid4().hex[:8])

@@ -40,7 +40,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import REPO, RunningStack, free_port, read_topic
+from conftest import REPO, RunningStack, free_port, isolate, read_topic
 from topics import DeadLetter, EventError, Interaction, ItemEmbedded, ItemNew, decode, encode
 from topics.events import MAX_ID_CHARS
 from topics.producer import EventProducer, event_key
@@ -144,8 +144,6 @@ SEED_ITEMS = ("sku-a", "sku-b")
 
 @pytest.fixture(scope="module")
 def processes(infra: RunningStack) -> Iterator[Processes]:
-    from topics.admin import create_topics
-
     server = ThreadingHTTPServer((ALLOWED_HOST, 0), _Images)
     server.bodies = {  # type: ignore[attr-defined]
         "/ok.png": ("image/png", png(colour=(10, 200, 10))),
@@ -156,25 +154,15 @@ def processes(infra: RunningStack) -> Iterator[Processes]:
     }
     threading.Thread(target=server.serve_forever, daemon=True).start()
     uid = uuid.uuid4().hex[:8]
-    env = {
-        **infra.env,
-        "VLM4REC_TOPIC_ITEMS_NEW": f"items.new.{uid}",
-        "VLM4REC_TOPIC_INTERACTIONS": f"interactions.{uid}",
-        "VLM4REC_TOPIC_ITEMS_EMBEDDED": f"items.embedded.{uid}",
-        "VLM4REC_TOPIC_RECS": f"recs.{uid}",
-        "VLM4REC_MILVUS_COLLECTION": f"items_{uid}",
-        "VLM4REC_MILVUS_USERS_COLLECTION": f"users_{uid}",
-        "VLM4REC_WORKER_GROUP": f"embedders-{uid}",
-        "VLM4REC_STREAMS_APP_ID": f"streams-{uid}",
-        "VLM4REC_WEB_PORT": str(free_port()),
-        "VLM4REC_WORKER_METRICS_PORT": str(free_port()),
-        "VLM4REC_IMAGE_ALLOWED_HOSTS": json.dumps([ALLOWED_HOST]),
-        "VLM4REC_IMAGE_MAX_BYTES": str(MAX_IMAGE_BYTES),
-        "VLM4REC_IMAGE_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
-    }
-    stack = RunningStack(env, infra.process, infra.log_path)
-    settings = stack.settings()
-    create_topics(settings.kafka_config(), settings.topic_partitions_map())
+    stack = isolate(
+        infra,
+        uid,
+        VLM4REC_WORKER_METRICS_PORT=str(free_port()),
+        VLM4REC_IMAGE_ALLOWED_HOSTS=json.dumps([ALLOWED_HOST]),
+        VLM4REC_IMAGE_MAX_BYTES=str(MAX_IMAGE_BYTES),
+        VLM4REC_IMAGE_READ_TIMEOUT_S=str(READ_TIMEOUT_S),
+    )
+    env, settings = stack.env, stack.settings()
     logs = Path(env["VLM4REC_DATA_DIR"])
 
     def start(command: str) -> subprocess.Popen[bytes]:

@@ -557,38 +557,40 @@ def evaluate(
 # --- output ------------------------------------------------------------------------------
 
 
-def markdown_table(report: Mapping[str, Any]) -> str:
+def _metric_rows(first_column: str, methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """A Markdown table of the report's metrics, one row per method."""
+
     def num(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     lines = [
-        f"{report['dataset']}: {report['targets']} targets, {report['cold_targets']} cold "
-        f"(`default` = `{report['default']}`)",
-        "",
-        "| method | HR@10 | HR@10 95% CI | NDCG@10 | HR@20 | NDCG@20 | coverage@10 | HR@10 cold |",
+        f"| {first_column} | HR@10 | HR@10 95% CI | NDCG@10 | HR@20 | NDCG@20 | coverage@10 | HR@10 cold |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, m in report["methods"].items():
+    for name, m in methods.items():
         low, high = m["HR@10_ci"]
         lines.append(
             f"| {name} | {num(m['HR@10'])} | {num(low)}–{num(high)} | {num(m['NDCG@10'])} | "
             f"{num(m['HR@20'])} | {num(m['NDCG@20'])} | {num(m['coverage@10'])} | {num(m['HR@10_cold'])} |"
         )
+    return lines
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    lines = [
+        f"{report['dataset']}: {report['targets']} targets, {report['cold_targets']} cold "
+        f"(`default` = `{report['default']}`)",
+        "",
+        *_metric_rows("method", report["methods"]),
+    ]
     if report.get("blend_by_strategy"):
         lines += [
             "",
             "The blend with each embedding strategy as its semantic source (`default` uses "
             f"`{DEFAULT_STRATEGY}`):",
             "",
-            "| semantic source | HR@10 | HR@10 95% CI | NDCG@10 | HR@20 | NDCG@20 | coverage@10 | HR@10 cold |",
-            "|---|---|---|---|---|---|---|---|",
+            *_metric_rows("semantic source", report["blend_by_strategy"]),
         ]
-        for name, m in report["blend_by_strategy"].items():
-            low, high = m["HR@10_ci"]
-            lines.append(
-                f"| {name} | {num(m['HR@10'])} | {num(low)}–{num(high)} | {num(m['NDCG@10'])} | "
-                f"{num(m['HR@20'])} | {num(m['NDCG@20'])} | {num(m['coverage@10'])} | {num(m['HR@10_cold'])} |"
-            )
     return "\n".join(lines) + "\n"
 
 
