@@ -199,6 +199,10 @@ class StreamsApp:
         self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="vector-fetch")
         self.due: OrderedDict[str, Due] = OrderedDict()  # oldest first
         self._observed: list[Observation] = []  # applied, not yet folded into the ranker
+        # embedded items (item_id, created_at) not yet told to the ranker, whose state only the
+        # vector-store thread touches; queued so that the item agent never waits behind a round
+        self._embedded: list[tuple[str, float | None]] = []
+        self._processed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
         self._wake = asyncio.Event()
         _set_fetch_wait(config.fetch_max_wait_ms)
         brokers = ";".join(f"kafka://{b.strip()}" for b in config.bootstrap_servers.split(","))
@@ -247,7 +251,12 @@ class StreamsApp:
     async def _discover_space(self) -> None:
         """The embedding workers choose the item space; the users collection follows it."""
         while True:
-            space = await self._store(self.items.space)
+            try:
+                space = await self._store(self.items.space)
+            except Exception as exc:  # noqa: BLE001 - a task that raises crashes the whole app
+                log.warning("vector store not answering (%s); asking again in 2s", exc)
+                await asyncio.sleep(2.0)
+                continue
             if space is not None:
                 await self._store(self.users.open, *space)
                 self.model = f"{space[1]}+profile-mean"
@@ -257,17 +266,23 @@ class StreamsApp:
             await asyncio.sleep(2.0)
 
     async def _report_lag(self) -> None:
-        """Consumer lag of the input topics this worker owns (the embedded broker reports end
-        offsets one low, so lag there reads one low per partition; clamped at zero)."""
+        """Messages not yet processed on each input partition this worker owns: the end offset
+        less the offset after the last message a handler finished (not the consumer's fetch
+        position, which runs ahead by whatever is buffered). The internal `control` and
+        `pending` topics count too: a fan-out storm queues there. The embedded broker reports
+        end offsets one low, so lag there reads one low per partition (clamped at zero)."""
         consumer = self.app.consumer
-        mine = [tp for tp in consumer.assignment() if tp.topic in (self.config.topics.interactions, self.config.topics.items_embedded)]
+        inputs = (self.config.topics.interactions, self.config.topics.items_embedded, *self.config.internal_topics())
+        mine = [tp for tp in consumer.assignment() if tp.topic in inputs]
         if not mine:
             return
         highwaters = await consumer.highwaters(*mine)
         for tp in mine:
-            position = await consumer.position(tp)
-            if position is not None and tp in highwaters:
-                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwaters[tp] - position))
+            done = self._processed.get((tp.topic, tp.partition))
+            if done is None:
+                done = await consumer.position(tp)  # nothing handled yet since this worker started
+            if done is not None and tp in highwaters:
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwaters[tp] - done))
 
     # --- profiles ----------------------------------------------------------------------
     async def _profiles_agent(self, stream: faust.StreamT) -> None:
@@ -284,6 +299,9 @@ class StreamsApp:
             event.message.incref()
         await self._until_done(what, handler, *args)
         for event in events:
+            message = event.message
+            key = (message.topic, message.partition)
+            self._processed[key] = max(self._processed.get(key, 0), message.offset + 1)
             await stream.ack(event)
 
     async def _until_done(self, what: str, handler: Any, *args: Any) -> None:
@@ -373,7 +391,7 @@ class StreamsApp:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.due or self._observed:
+            while self.due or self._observed or self._embedded:
                 await self._until_done("recs refresh", self._refresh_round)
 
     async def _refresh_round(self) -> None:
@@ -382,8 +400,11 @@ class StreamsApp:
         while not self.model:
             await asyncio.sleep(0.2)
         observed, self._observed = self._observed, []
+        embedded, self._embedded = self._embedded, []
         taken = [self.due.popitem(last=False) for _ in range(min(self.config.refresh_max, len(self.due)))]
         try:
+            if embedded:
+                await self._store(self.recommender.embedded, embedded)
             if observed:  # the ranker learns from what was applied, then ranks with it
                 with metrics.STAGE_SECONDS.labels("learn").time():
                     await self._store(self.recommender.observe, observed, self.config.learn_max)
@@ -395,6 +416,7 @@ class StreamsApp:
                 lists = await self._store(self.recommender.recommend, profiles)
         except BaseException:
             self._observed[:0] = observed
+            self._embedded[:0] = embedded
             for user_id, due in reversed(taken):
                 if (queued := self.due.get(user_id)) is not None:
                     due.merge(queued)
@@ -502,9 +524,9 @@ class StreamsApp:
         except EventError as exc:
             log.warning("ignoring a malformed items.embedded message: %s", exc.reason)
             return
-        await self._store(self.recommender.forget, item.item_id)
-        if item.created_at is not None:
-            await self._store(self.recommender.declare, item.item_id, item.created_at)
+        self.recommender.vectors.forget(item.item_id)  # before its waiting interactions return
+        self._embedded.append((item.item_id, item.created_at))
+        self._wake.set()
         state = self.waiting.get(item.item_id) or {"embedded": False, "waiting": []}
         # delivered before the table forgets them (a crash in between re-releases them, which
         # the profiles' origins make harmless, instead of losing them)
@@ -526,11 +548,12 @@ class StreamsApp:
         partition, where the profile agent recomputes and pushes their recs."""
         if not self.model or self.config.fanout_users <= 0:
             return
-        vectors = await self._store(self.recommender.vectors.get, [item.item_id])
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._fetch_pool, self.recommender.vectors.get, [item.item_id])
         vector = vectors.get(item.item_id)
         if vector is None:
             return
-        users = await self._store(self.recommender.nearest_users, vector, self.config.fanout_users)
+        users = await loop.run_in_executor(self._fetch_pool, self.recommender.nearest_users, vector, self.config.fanout_users)
         metrics.FANOUT_USERS.observe(len(users))
         for user_id, _, partition in users:
             control = {

@@ -176,13 +176,14 @@ class Recommender:
         for _, history, item, ts in observations:
             self.ranker.record(history, item, ts)
 
-    def forget(self, item_id: str) -> None:
-        """An item was (re-)embedded: its cached vector and neighbours are stale."""
-        self.content.forget(item_id)
-
-    def declare(self, item_id: str, created_at: float) -> None:
-        """An embedded item with a declared creation time: a candidate of the fresh source."""
-        self.ranker.stats.declare(item_id, created_at)
+    def embedded(self, items: Sequence[tuple[str, float | None]]) -> None:
+        """Items (re-)embedded since the last call, as (item_id, declared created_at): their
+        cached vectors and neighbour lists are stale, and those with a creation time are
+        candidates of the fresh source."""
+        for item_id, created_at in items:
+            self.content.forget(item_id)
+            if created_at is not None:
+                self.ranker.stats.declare(item_id, created_at)
 
     def recommend(self, profiles: Sequence[Profile], k: int | None = None) -> list[list[tuple[str, float]]]:
         """Top k per user, seen items excluded: the blend over Milvus ANN (one search call for

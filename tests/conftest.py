@@ -109,6 +109,23 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     stack.stop()
 
 
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Milvus 2.3 standalone server (`vlm4rec.milvusserver`, the `milvus` wheel that
+    the dev extra installs); yields its URI."""
+    from vlm4rec import milvusserver
+    from vlm4rec.localstack import milvus_server_service, LocalStack
+
+    if not milvusserver.available():
+        pytest.skip(milvusserver.INSTALL_HINT)
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("milvus-server")
+    stack = LocalStack([milvus_server_service("127.0.0.1", port, data_dir / "data")], data_dir / "logs", ready_timeout_s=180)
+    stack.start()
+    yield f"http://127.0.0.1:{port}"
+    stack.stop()
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The real datasets beside the project; tests that need them skip without them."""

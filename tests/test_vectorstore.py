@@ -1,4 +1,5 @@
-"""One suite over every vector store: the in-memory one and a real Milvus Lite server."""
+"""One suite over every vector store: the in-memory one, a Milvus Lite server and a real Milvus
+2.3 standalone server."""
 
 from __future__ import annotations
 
@@ -11,13 +12,22 @@ import pytest
 from vectorstore import CollectionMismatch, MemoryVectorStore, MilvusVectorStore, VectorRecord, VectorStore
 
 
-@pytest.fixture(params=["memory", pytest.param("milvus", marks=pytest.mark.integration)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("milvus-lite", marks=pytest.mark.integration),
+        pytest.param("milvus-server", marks=pytest.mark.integration),
+    ]
+)
 def store(request: pytest.FixtureRequest) -> Iterator[VectorStore]:
     if request.param == "memory":
         yield MemoryVectorStore()
         return
-    infra = request.getfixturevalue("infra")
-    milvus = MilvusVectorStore(infra.milvus_uri, collection=f"t_{uuid.uuid4().hex[:12]}")
+    if request.param == "milvus-lite":
+        uri = request.getfixturevalue("infra").milvus_uri
+    else:
+        uri = request.getfixturevalue("milvus_server")
+    milvus = MilvusVectorStore(uri, collection=f"t_{uuid.uuid4().hex[:12]}")
     yield milvus
     milvus.drop()
     milvus.close()

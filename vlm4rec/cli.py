@@ -92,7 +92,7 @@ def topics_schemas(out: str | None) -> None:
 
 
 def _stack_services(settings: Settings, infra_only: bool) -> tuple[list[Any], int]:
-    from vlm4rec.localstack import StackError, broker_service, milvus_service, parse_host_port
+    from vlm4rec.localstack import StackError, broker_service, milvus_server_service, milvus_service, parse_host_port
 
     broker_host, broker_port = parse_host_port(settings.bootstrap_servers.split(",")[0], 9092)
     milvus_host, milvus_port = parse_host_port(settings.milvus_uri, 19530)
@@ -104,7 +104,9 @@ def _stack_services(settings: Settings, infra_only: bool) -> tuple[list[Any], in
             )
     services = [
         broker_service(broker_host, broker_port),
-        milvus_service(milvus_host, milvus_port, settings.milvus_data_dir),
+        (milvus_service if settings.local_milvus == "lite" else milvus_server_service)(
+            milvus_host, milvus_port, settings.milvus_data_dir
+        ),
     ]
     infra = len(services)
     if not infra_only:
@@ -219,7 +221,8 @@ def up(settings: Settings, infra_only: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo("VLM4Rec local stack is up:")
     click.echo(f"  Kafka broker (Tansu, memory-only)  {settings.bootstrap_servers}")
-    click.echo(f"  Milvus Lite                        {settings.milvus_uri}  (data {settings.milvus_data_dir})")
+    milvus = "Milvus Lite" if settings.local_milvus == "lite" else "Milvus server (standalone)"
+    click.echo(f"  {milvus:<35}{settings.milvus_uri}  (data {settings.milvus_data_dir})")
     for service in services[infra:]:
         click.echo(f"  {service.name:34s} pid {service.process.pid if service.process else '?'}")
     if not infra_only:
