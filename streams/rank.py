@@ -44,15 +44,16 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol, TypeVar
 
 import numpy as np
 
 from streams.cooccur import CoOccurrence
 
 Hits = list[tuple[str, float]]
+T = TypeVar("T")
 
 FEATURES = (
     "cos_mean",  # cosine to the mean profile
@@ -74,6 +75,7 @@ FEATURES = (
     "rr_popular",  # the same in the recent-popularity source
 )
 SOURCES = ("profile", "interests", "cooc", "popular", "fresh")
+COLUMN = {f: j for j, f in enumerate(FEATURES)}
 #: what ranks before the model has seen enough of the stream: the paper's cosine to the mean
 PRIOR = {"cos_mean": 1.0, "pop_long": 1e-6}  # (popularity only breaks ties)
 #: decayed counts below this read as 0 (see the module docstring)
@@ -147,7 +149,12 @@ class ItemStats:
         self._origin: float | None = None
         self.clock = 0.0  # the latest interaction time seen: the stream's "now"
         self.created: dict[str, float] = {}
+        self._created = np.full(1024, np.nan)  # by index; NaN: no declared creation time
         self._fresh: deque[tuple[float, str]] = deque(maxlen=fresh_kept)
+        # a refresh round asks for the decayed counts and the top items of one moment once per
+        # user: computed once per (moment, state) instead
+        self._version = 0
+        self._memo: dict[tuple[str, float, int], object] = {}
 
     def _intern(self, item: str) -> int:
         n = self.index.get(item)
@@ -157,9 +164,20 @@ class ItemStats:
             if n >= len(self._counts):
                 self._counts = np.concatenate([self._counts, np.zeros(len(self._counts))])
                 self._decayed = np.concatenate([self._decayed, np.zeros_like(self._decayed)])
+                self._created = np.concatenate([self._created, np.full(len(self._created), np.nan)])
         return n
 
+    def _remember(self, what: str, ts: float, make: Callable[[], T]) -> T:
+        key = (what, ts, self._version)
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) > 8:
+                self._memo.clear()
+            found = self._memo[key] = make()
+        return found  # type: ignore[return-value]
+
     def add(self, item: str, ts: float) -> None:
+        self._version += 1
         n = self._intern(item)
         self._counts[n] += 1
         self.clock = max(self.clock, ts)
@@ -176,51 +194,99 @@ class ItemStats:
     def declare(self, item: str, created_at: float) -> None:
         """An item with a declared creation time (items.new `created_at`)."""
         if item not in self.created:
+            self._version += 1
             self.created[item] = created_at
+            self._created[self._intern(item)] = created_at
             self._fresh.append((created_at, item))
 
     def count(self, item: str) -> int:
         n = self.index.get(item)
         return 0 if n is None else int(self._counts[n])
 
-    def _rows(self, items: Sequence[str]) -> np.ndarray:
+    def rows(self, items: Sequence[str]) -> np.ndarray:
+        """Internal index of each item (-1: never seen), for `counts`, `decayed`, `ages`."""
         index = self.index
         return np.fromiter((index.get(i, -1) for i in items), dtype=np.int64, count=len(items))
 
-    def counts(self, items: Sequence[str]) -> np.ndarray:
-        rows = self._rows(items)
+    def counts(self, rows: np.ndarray) -> np.ndarray:
         return np.where(rows >= 0, self._counts[np.maximum(rows, 0)], 0.0)
 
     def _now(self, ts: float) -> np.ndarray:
-        """Decayed counts of every known item at `ts`, floored (see the module docstring)."""
-        size = len(self.ids)
-        if self._origin is None:
-            return np.zeros((size, 2))
-        out = self._decayed[:size] * np.exp2(-(ts - self._origin) / self.half_lives)
-        out[out < POP_FLOOR] = 0.0
-        return out
+        """Decayed counts of every known item at `ts`, floored (see the module docstring).
+        Shared between callers: read-only."""
 
-    def decayed(self, items: Sequence[str], ts: float) -> np.ndarray:
-        """(len(items), 2): decayed counts at `ts` (short, long half-life), floored."""
-        rows = self._rows(items)
+        def make() -> np.ndarray:
+            size = len(self.ids)
+            if self._origin is None:
+                return np.zeros((size, 2))
+            out = self._decayed[:size] * np.exp2(-(ts - self._origin) / self.half_lives)
+            out[out < POP_FLOOR] = 0.0
+            return out
+
+        return self._remember("now", ts, make)
+
+    def decayed(self, rows: np.ndarray, ts: float) -> np.ndarray:
+        """(len(rows), 2): decayed counts at `ts` (short, long half-life), floored."""
         now = self._now(ts)
         if not len(now):
-            return np.zeros((len(items), 2))
+            return np.zeros((len(rows), 2))
         return np.where((rows >= 0)[:, None], now[np.maximum(rows, 0)], 0.0)
+
+    def ages_days(self, rows: np.ndarray, ts: float) -> np.ndarray:
+        """log1p(days since the declared creation), 0 where none was declared."""
+        created = np.where(rows >= 0, self._created[np.maximum(rows, 0)], np.nan)
+        return np.where(np.isnan(created), 0.0, np.log1p(np.maximum(0.0, ts - created) / 86400.0))
 
     def popular(self, k: int, ts: float, exclude: Collection[str]) -> list[str]:
         """Top k by the long-half-life decayed count (above the floor), ties by item_id."""
-        scores = self._now(ts)[:, 1]
-        take = min(len(scores), k + len(exclude))
+        take = k + len(exclude)
+        ranked = self._popular_ranking(ts)
+        if take > len(ranked) and len(ranked) < int((self._now(ts)[:, 1] > 0).sum()):
+            ranked = self._ranking(self._now(ts)[:, 1], take)
+        return [i for i in ranked if i not in exclude][:k]
+
+    def _popular_ranking(self, ts: float, depth: int = 1024) -> list[str]:
+        """The `depth` most popular items at `ts`, best first (shared by a round's users)."""
+        return self._remember("popular", ts, lambda: self._ranking(self._now(ts)[:, 1], depth))
+
+    def _ranking(self, scores: np.ndarray, take: int) -> list[str]:
+        take = min(len(scores), take)
         if take <= 0:
             return []
         top = np.argpartition(-scores, take - 1)[:take]
-        best = sorted((-scores[n], self.ids[n]) for n in top if scores[n] > 0)
-        return [i for _, i in best if i not in exclude][:k]
+        return [i for _, i in sorted((-scores[n], self.ids[n]) for n in top if scores[n] > 0)]
 
     def fresh(self, ts: float, window_s: float) -> list[str]:
         """Declared items created in (ts - window_s, ts]."""
         return [i for created, i in self._fresh if ts - window_s < created <= ts]
+
+
+class VectorTable(Mapping[str, np.ndarray]):
+    """Item vectors as one matrix with an id index: a round's users gather their candidates'
+    rows with one lookup pass instead of stacking a vector per candidate."""
+
+    def __init__(self, vectors: Mapping[str, np.ndarray]) -> None:
+        self.index = {item: n for n, item in enumerate(vectors)}
+        self.dim = next((len(v) for v in vectors.values()), 0)
+        rows = [np.asarray(v, dtype=np.float32) for v in vectors.values()]
+        self.matrix = np.stack(rows + [np.zeros(self.dim, np.float32)]) if self.dim else np.zeros((1, 0), np.float32)
+
+    def take(self, ids: Sequence[str]) -> np.ndarray:
+        """(len(ids), dim), zeros for ids without a vector."""
+        index, missing = self.index, len(self.index)
+        return self.matrix[np.fromiter((index.get(i, missing) for i in ids), dtype=np.int64, count=len(ids))]
+
+    def __getitem__(self, item: str) -> np.ndarray:
+        return self.matrix[self.index[item]]
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
 
 
 @dataclass
@@ -425,41 +491,41 @@ class BlendRanker:
         c = self.config
         n = len(ids)
         x = np.zeros((n, len(FEATURES)))
-        col = {f: j for j, f in enumerate(FEATURES)}
-        dim = next((len(v) for v in vectors.values()), 0)
-        if dim:
-            missing = np.zeros(dim, dtype=np.float32)
-            matrix = np.stack([vectors.get(item, missing) for item in ids]).astype(np.float32, copy=False)
+        col = COLUMN
+        table = vectors if isinstance(vectors, VectorTable) else VectorTable(vectors)
+        if table.dim:
+            matrix = table.take(ids)
             if request.profile is not None:
                 x[:, col["cos_mean"]] = matrix @ np.asarray(request.profile, dtype=np.float32)
-            recent = [vectors[i] for i in request.history[-c.interests :] if i in vectors]
+            recent = [table[i] for i in request.history[-c.interests :] if i in table]
             if recent:
                 sims = matrix @ np.stack(recent).T.astype(np.float32)
                 x[:, col["cos_max"]] = sims.max(axis=1)
-                if request.history[-1] in vectors:
+                if request.history[-1] in table:
                     x[:, col["cos_last"]] = sims[:, -1]
         recent_co = pool.cooc if pool is not None else self._cooc(request)
         x[:, col["cooc_recent"]] = self.cooc.lookup(recent_co, ids)
         top = x[:, col["cooc_recent"]].max(initial=0.0)
         if top > 0:
             x[:, col["cooc_rel"]] = x[:, col["cooc_recent"]] / top
-        counts = self.stats.counts(ids)
+        rows = self.stats.rows(ids)
+        counts = self.stats.counts(rows)
         x[:, col["pop_count"]] = np.log1p(np.maximum(counts, 1.0))
-        decayed = np.log1p(self.stats.decayed(ids, request.ts))
+        decayed = np.log1p(self.stats.decayed(rows, request.ts))
         x[:, col["pop_short"]], x[:, col["pop_long"]] = decayed[:, 0], decayed[:, 1]
-        created = self.stats.created
-        x[:, col["age"]] = [
-            math.log1p(max(0.0, request.ts - created[i]) / 86400.0) if i in created else 0.0 for i in ids
-        ]
+        x[:, col["age"]] = self.stats.ages_days(rows, request.ts)
         h = math.log1p(len(request.history))
         x[:, col["hist_cos_max"]] = h * x[:, col["cos_max"]]
         x[:, col["hist_cooc"]] = h * x[:, col["cooc_recent"]]
         x[:, col["hist_pop"]] = h * x[:, col["pop_long"]]
         x[:, col["tail_cos_max"]] = np.where(counts <= 1, x[:, col["cos_max"]], 0.0)
         if pool is not None:
+            position = {item: j for j, item in enumerate(ids)}
             for source in ("profile", "interests", "cooc", "popular"):
-                offered = pool.sources[source]
-                x[:, col[f"rr_{source}"]] = [offered.get(i, 0.0) for i in ids]
+                column = x[:, col[f"rr_{source}"]]
+                for item, rr in pool.sources[source].items():
+                    if (j := position.get(item)) is not None:
+                        column[j] = rr
         return x
 
     def weights(self) -> dict[str, float]:
@@ -475,7 +541,7 @@ class BlendRanker:
         wanted = {i for p in pools for i in p.ids} | {
             i for r in requests for i in r.history[-self.config.interests :]
         }
-        vectors = content.vectors(wanted) if wanted else {}
+        vectors = VectorTable(content.vectors(wanted) if wanted else {})
         out: list[Hits] = []
         for request, pool in zip(requests, pools, strict=True):
             if not pool.ids:

@@ -76,7 +76,9 @@ THIRD_PARTY: dict[str, dict[str, Any]] = {
     # minio.accessKeyID -> MINIO_ACCESS_KEY_ID, common.security.* -> COMMON_SECURITY_*
     "milvusdb/milvus": {
         "programs": {"milvus", "curl"},
-        "env": {"ETCD_ENDPOINTS", "MINIO_ADDRESS", "MINIO_ACCESS_KEY_ID", "MINIO_SECRET_ACCESS_KEY", "MQ_TYPE", "COMMON_SECURITY_*"},
+        "env": {"ETCD_ENDPOINTS", "MINIO_ADDRESS", "MINIO_ACCESS_KEY_ID", "MINIO_SECRET_ACCESS_KEY", "MQ_TYPE", "COMMON_SECURITY_*",
+                # milvus.yaml's proxy.timeTickInterval (in every Milvus 2.x milvus.yaml)
+                "PROXY_TIMETICKINTERVAL"},
     },
     "vllm/vllm-openai": {"programs": {"vllm", "python3"}, "env": {"HF_TOKEN", "VLLM_API_KEY"}},
     "prom/prometheus": {"programs": {None, "wget"}, "env": set()},

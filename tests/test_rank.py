@@ -345,10 +345,15 @@ def test_item_stats_decay_and_floor() -> None:
     stats.add("a", 100.0)
     stats.add("b", 100.0)
     expected = [[2**-2 + 2**-1, 2**-0.2 + 2**-0.1], [2**-1, 2**-0.1], [0.0, 0.0]]  # (short, long)
-    assert stats.decayed(["a", "b", "zzz"], 200.0) == pytest.approx(np.array(expected))
-    assert stats.decayed(["a"], 100.0 + 100.0 * 20)[0, 0] == 0.0  # below the floor reads 0
+    assert stats.decayed(stats.rows(["a", "b", "zzz"]), 200.0) == pytest.approx(np.array(expected))
+    assert stats.decayed(stats.rows(["a"]), 100.0 + 100.0 * 20)[0, 0] == 0.0  # below the floor reads 0
     assert stats.popular(1, 200.0, exclude=()) == ["a"] and stats.popular(5, 200.0, exclude={"a"}) == ["b"]
     assert stats.clock == 100.0 and stats.count("a") == 2 and stats.count("zzz") == 0
+    stats.add("b", 150.0)
+    stats.add("b", 150.0)
+    assert stats.popular(1, 200.0, exclude=()) == ["b"], "a memoised ranking follows new interactions"
+    stats.declare("c", 200.0 - 86400.0)
+    assert stats.ages_days(stats.rows(["c", "a", "zzz"]), 200.0) == pytest.approx([math.log1p(1.0), 0.0, 0.0])
 
 
 # --- determinism -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import sys
 import threading
 from pathlib import Path
 
+TIME_TICK_MS = 20
 INSTALL_HINT = "the embedded Milvus server needs the `milvus` wheel: pip install 'milvus==2.3.5'"
 
 
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     server = MilvusServer()
     server.set_base_dir(str(args.data_dir.resolve()))
     server.listen_port = args.port
+    # Every read of the product is Strong (vectorstore/milvus.py), which waits for the proxy's
+    # next time tick: 200 ms by default. Measured here, one query: 401 ms at the default, 21 ms
+    # at 20 ms (256 queries: 499 vs 135 ms), for about a tenth of a core while idle.
+    server.config.extra_configs["proxy.timeTickInterval"] = TIME_TICK_MS
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
