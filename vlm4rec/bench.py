@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: `vlm4rec bench embed` and `vlm4rec bench stream`.
+"""Benchmarks that print figures: `vlm4rec bench embed`, `bench stream` and `bench search`.
 
 Both drive the product's own code paths (the worker's embedder, image loader and vector store;
 the running local stack's streams) and report what they measured, with the machine's core
@@ -167,6 +167,44 @@ def search_ceiling(store: VectorStore, dim: int, batch: int, seconds: float = 5.
         store.search(queries, 20)
         done += batch
     return done / (time.perf_counter() - started)
+
+
+def bench_search(store: VectorStore, items: int, dim: int, batch: int, k: int = 100, repeats: int = 5) -> dict[str, Any]:
+    """Search latency of a vector store holding `items` random unit vectors, through the
+    product's own client (`vectorstore`): one query per call and `batch` queries per call,
+    the median of `repeats` calls each, and the insert rate (upserts of 32 rows, like the
+    worker's batches)."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(items, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store.open(dim, "bench-random", "bench")
+    started = time.perf_counter()
+    for start in tqdm(range(0, items, 32), desc="inserting", unit="batch"):
+        store.upsert([VectorRecord(f"bench-{n}", vectors[n]) for n in range(start, min(items, start + 32))])
+    insert_s = time.perf_counter() - started
+    queries = rng.normal(size=(batch, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    store.search(queries[:1], k)  # a first call may load the collection
+
+    def median_s(rows: np.ndarray) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            store.search(rows, k)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    one, many = median_s(queries[:1]), median_s(queries)
+    return {
+        "items": items,
+        "dim": dim,
+        "k": k,
+        "insert_rows_per_s": round(items / insert_s, 1),
+        "one_query_ms": round(one * 1000, 1),
+        f"batch_{batch}_ms": round(many * 1000, 1),
+        "queries_per_s": round(batch / many, 1),
+        "cpu_cores": os.cpu_count(),
+    }
 
 
 def bench_stream(
