@@ -40,7 +40,7 @@ import faust
 from faust.streams import _current_event
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from streams import metrics
+from streams import faust_fixes, metrics
 from streams.popularity import RecentPopularity
 from streams.profile import Profile, ProfileRule
 from streams.rank import RankConfig
@@ -51,6 +51,7 @@ from vectorstore import VectorStore
 log = logging.getLogger("vlm4rec.streams")
 
 LAST_RECS_KEPT = 10_000
+COMMITTABLE_KEPT = 100_000
 #: Table keys no event can produce (ids never hold control characters): see `_fence`.
 FENCE_PREFIX = "\x00fence:"
 
@@ -136,28 +137,6 @@ def _fence(table: Any, events: list[faust.EventT]) -> None:
         table[f"{FENCE_PREFIX}{partition}"] = {"fence": True}
 
 
-def _set_fetch_wait(ms: int) -> None:
-    """Make Faust's consumer wait at most `ms` for data in a fetch.
-
-    Faust hard-codes `fetch_max_wait_ms=1500` for its consumer. Kafka answers a fetch as soon as
-    data arrives, but the embedded broker answers only when that wait ends (measured: 10 ms
-    from produce to consume with a 100 ms wait, up to 1.5 s with 1.5 s), so every interaction
-    waited 0.75 s on average before the profile agent saw it. aiokafka reads the value from its
-    consumer when the consumer starts, after Faust's factory made it."""
-    from faust.transport.drivers import aiokafka as driver
-
-    thread = driver.AIOKafkaConsumerThread
-    make = getattr(thread, "_vlm4rec_original_factory", thread._create_worker_consumer)
-    thread._vlm4rec_original_factory = make
-
-    def create(self: Any, transport: Any) -> Any:
-        consumer = make(self, transport)
-        consumer._fetch_max_wait_ms = ms
-        return consumer
-
-    thread._create_worker_consumer = create
-
-
 def _source(event: faust.EventT) -> str:
     return f"{event.message.topic}:{event.message.partition}"
 
@@ -203,8 +182,10 @@ class StreamsApp:
         # vector-store thread touches; queued so that the item agent never waits behind a round
         self._embedded: list[tuple[str, float | None]] = []
         self._processed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
+        # messages a handler finished and whose offsets may now be committed (faust_fixes)
+        self._committable: set[tuple[str, int, int]] = set()
         self._wake = asyncio.Event()
-        _set_fetch_wait(config.fetch_max_wait_ms)
+        faust_fixes.set_fetch_wait(config.fetch_max_wait_ms)
         brokers = ";".join(f"kafka://{b.strip()}" for b in config.bootstrap_servers.split(","))
         self.app = faust.App(
             config.app_id,
@@ -243,6 +224,19 @@ class StreamsApp:
         self.app.task(self._refresher)
         self.app.timer(5.0)(self._report_lag)
         self._register_views()
+        inputs = {t.interactions, t.items_embedded, *config.internal_topics()}
+        faust_fixes.commit_only_handled(self.app, lambda m: self._may_commit(m, inputs))
+
+    def _may_commit(self, message: Any, inputs: set[str]) -> bool:
+        """Whether an input message's offset may be committed: only once a handler finished
+        it (Faust acknowledges messages it skips during a rebalance too)."""
+        if message.topic not in inputs:
+            return True
+        key = (message.topic, message.partition, message.offset)
+        if key in self._committable:
+            self._committable.discard(key)
+            return True
+        return False
 
     async def _store(self, fn: Any, *args: Any) -> Any:
         """Vector-store calls are blocking gRPC; keep them off the event loop."""
@@ -302,6 +296,9 @@ class StreamsApp:
             message = event.message
             key = (message.topic, message.partition)
             self._processed[key] = max(self._processed.get(key, 0), message.offset + 1)
+            if len(self._committable) > COMMITTABLE_KEPT:  # keys whose final ack never came
+                self._committable.clear()  # (at worst their messages are read again: at-least-once)
+            self._committable.add((message.topic, message.partition, message.offset))
             await stream.ack(event)
 
     async def _until_done(self, what: str, handler: Any, *args: Any) -> None:

@@ -207,14 +207,6 @@ def test_restarted_worker_recovers_profiles_and_counts_each_event_once(streams: 
     assert streams.get("/users/frank")["interactions"] == 7, "re-delivered events must not count twice"
 
 
-@pytest.mark.xfail(
-    reason="known data loss, open: a worker stopped (SIGKILL or SIGTERM) in the middle of a burst "
-    "from many users sometimes comes back with a few users' last interactions missing. Suspected: "
-    "Faust restores tables only up to the end offset the broker reports, and the embedded Tansu "
-    "broker under-reports end offsets (one low at rest, more under load), so the newest changelog "
-    "records are skipped while their input offsets are already committed. See README, Known issues.",
-    strict=False,
-)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_worker_stopped_mid_burst_loses_nothing(streams: Streams, sig: int) -> None:
     s = streams.settings

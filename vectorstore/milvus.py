@@ -71,6 +71,10 @@ class MilvusVectorStore(VectorStore):
     def open(self, dim: int, model: str, strategy: str) -> None:
         client, name = self._client, self.collection
         have = self.space()
+        if have == (dim, "", ""):  # made by a version that wrote the space after the create,
+            # killed in between: nothing else makes a collection without one, so claim it
+            client.alter_collection_properties(name, properties={_PROPS[0]: model, _PROPS[1]: strategy})
+            have = (dim, model, strategy)
         if have is not None:
             if have != (dim, model, strategy):
                 raise CollectionMismatch(
@@ -90,8 +94,10 @@ class MilvusVectorStore(VectorStore):
         schema.add_field("meta", DataType.VARCHAR, max_length=MAX_META_BYTES)
         index = client.prepare_index_params()
         index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
-        client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
-        client.alter_collection_properties(name, properties={_PROPS[0]: model, _PROPS[1]: strategy})
+        # the space is written with the collection, in one call: a process killed between a
+        # create and a later property update left a collection no process would open again
+        properties = {_PROPS[0]: model, _PROPS[1]: strategy}
+        client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong", properties=properties)
 
     def _read(self, call: Callable[[], T]) -> T:
         """Run a read; on a released collection load it and try once more. A Milvus Lite

@@ -1,0 +1,74 @@
+"""Corrections to faust-streaming that the stream processor needs, applied at class level once
+per process (each is idempotent). Each one is a measured defect, described where it is fixed.
+
+They live apart from `streams.app` so that the app reads as the product's logic and what is
+patched into Faust is in one place, to drop when a Faust release fixes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from faust.transport import consumer as faust_consumer
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import Message
+
+#: the `Faust.App` attribute holding an app's commit guard (see `commit_only_handled`)
+GUARD_ATTRIBUTE = "_vlm4rec_commit_guard"
+
+
+def set_fetch_wait(ms: int) -> None:
+    """Make Faust's consumer wait at most `ms` for data in a fetch.
+
+    Faust hard-codes `fetch_max_wait_ms=1500` for its consumer. Kafka answers a fetch as soon as
+    data arrives, but the embedded broker answers only when that wait ends (measured: 10 ms
+    from produce to consume with a 100 ms wait, up to 1.5 s with 1.5 s), so every interaction
+    waited 0.75 s on average before the profile agent saw it. aiokafka reads the value from its
+    consumer when the consumer starts, after Faust's factory made it."""
+    thread = faust_aiokafka.AIOKafkaConsumerThread
+    make = getattr(thread, "_vlm4rec_original_factory", thread._create_worker_consumer)
+    thread._vlm4rec_original_factory = make
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = make(self, transport)
+        consumer._fetch_max_wait_ms = ms
+        return consumer
+
+    thread._create_worker_consumer = create
+
+
+def commit_only_handled(app: Any, handled: Callable[[Message], bool]) -> None:
+    """Let `app`'s consumer commit a message's offset only if `handled(message)` says the
+    product handled it, and never past an offset that is not acknowledged yet.
+
+    Two defects in faust-streaming 0.x together lost events after a restart or rebalance
+    (found with `vlm4rec chaos`, docs/hardening.md item 9):
+    - a stream *skips* a message fetched under an older consumer generation, or while flow is
+      suspended for a rebalance, and acknowledges it anyway (`Stream._py_aiter`), so its offset
+      is committed although no agent saw it, and the seek after the rebalance starts past it;
+    - `Consumer._new_offset` holds a commit back only when the first acknowledged offset is
+      *more than one* above the committed one, but the committed offset is the next one to
+      read: a single unacknowledged message right at it (one in flight, or one skipped as
+      above) was committed over.
+    With both fixed, a skipped message stays uncommitted and is read again after the seek."""
+    setattr(app, GUARD_ATTRIBUTE, handled)
+    consumer_class = faust_consumer.Consumer
+    if getattr(consumer_class, "_vlm4rec_guarded", False):
+        return
+    ack, new_offset = consumer_class.ack, consumer_class._new_offset
+
+    def guarded_ack(self: Any, message: Message) -> bool:
+        guard = getattr(self.app, GUARD_ATTRIBUTE, None)
+        if guard is not None and not guard(message):
+            return False
+        return ack(self, message)
+
+    def next_offset(self: Any, tp: Any) -> int | None:
+        acked, committed = self._acked[tp], self._committed_offset[tp]
+        if acked and committed is not None and not self._gap[tp] and min(acked) > committed:
+            return None  # the offset at `committed` is not acknowledged yet
+        return new_offset(self, tp)
+
+    consumer_class.ack = guarded_ack
+    consumer_class._new_offset = next_offset
+    consumer_class._vlm4rec_guarded = True

@@ -1,0 +1,49 @@
+"""The corrections to Faust's commit bookkeeping (streams/faust_fixes.py), on stand-ins for
+its consumer state; `tests/test_chaos.py` checks the effect end to end."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import faust
+from faust.transport.consumer import Consumer
+from faust.types import TP
+from intervaltree import IntervalTree
+
+from streams import faust_fixes
+
+TOPIC = TP("items.embedded", 0)
+
+
+def consumer_state(committed: int | None, acked: list[int]) -> SimpleNamespace:
+    state = SimpleNamespace(
+        _acked=defaultdict(list), _acked_index=defaultdict(set), _committed_offset=defaultdict(lambda: None), _gap=defaultdict(IntervalTree)
+    )
+    state._acked[TOPIC] = list(acked)
+    state._acked_index[TOPIC] = set(acked)
+    state._committed_offset[TOPIC] = committed
+    return state
+
+
+def test_no_commit_over_an_unacknowledged_offset_at_the_committed_one() -> None:
+    faust_fixes.commit_only_handled(faust.App("fixes-test-1"), lambda _m: True)
+    # committed 20 means "read 20 next": 20 is in flight (or was skipped), 21 and 22 are done
+    assert Consumer._new_offset(consumer_state(20, [21, 22]), TOPIC) is None
+    assert Consumer._new_offset(consumer_state(20, [20, 21, 23]), TOPIC) == 22
+    assert Consumer._new_offset(consumer_state(0, [1]), TOPIC) is None, "offset 0 is an offset too"
+    assert Consumer._new_offset(consumer_state(None, [5, 6]), TOPIC) == 7, "nothing committed yet: as before"
+
+
+def test_a_message_the_guard_refuses_is_not_acknowledged() -> None:
+    asked: list[int] = []
+
+    def handled(message: SimpleNamespace) -> bool:
+        asked.append(message.offset)
+        return False  # e.g. a message Faust skipped during a rebalance: no handler saw it
+
+    app = faust.App("fixes-test-2")
+    faust_fixes.commit_only_handled(app, handled)
+    skipped = SimpleNamespace(topic=TOPIC.topic, partition=0, offset=7, acked=False, tp=TOPIC)
+    assert Consumer.ack(SimpleNamespace(app=app), skipped) is False
+    assert asked == [7] and not skipped.acked, "it stays unacknowledged, so it is read again after the seek"
