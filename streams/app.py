@@ -236,6 +236,7 @@ class StreamsApp:
         if key in self._committable:
             self._committable.discard(key)
             return True
+        log.info("not committing %s[%d]@%d: Faust skipped it (rebalance); it is read again", *key)
         return False
 
     async def _store(self, fn: Any, *args: Any) -> Any:

@@ -6,12 +6,15 @@ patched into Faust is in one place, to drop when a Faust release fixes it."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import Message
+
+log = logging.getLogger("vlm4rec.streams")
 
 #: the `Faust.App` attribute holding an app's commit guard (see `commit_only_handled`)
 GUARD_ATTRIBUTE = "_vlm4rec_commit_guard"
@@ -55,7 +58,7 @@ def commit_only_handled(app: Any, handled: Callable[[Message], bool]) -> None:
     consumer_class = faust_consumer.Consumer
     if getattr(consumer_class, "_vlm4rec_guarded", False):
         return
-    ack, new_offset = consumer_class.ack, consumer_class._new_offset
+    ack, new_offset, add_gap = consumer_class.ack, consumer_class._new_offset, consumer_class._add_gap
 
     def guarded_ack(self: Any, message: Message) -> bool:
         guard = getattr(self.app, GUARD_ATTRIBUTE, None)
@@ -69,6 +72,11 @@ def commit_only_handled(app: Any, handled: Callable[[Message], bool]) -> None:
             return None  # the offset at `committed` is not acknowledged yet
         return new_offset(self, tp)
 
+    async def logged_gap(self: Any, tp: Any, offset_from: int, offset_to: int) -> None:
+        log.warning("Faust saw offsets %d-%d of %s missing and counts them as done", offset_from, offset_to, tp)
+        await add_gap(self, tp, offset_from, offset_to)
+
     consumer_class.ack = guarded_ack
+    consumer_class._add_gap = logged_gap
     consumer_class._new_offset = next_offset
     consumer_class._vlm4rec_guarded = True
