@@ -17,7 +17,8 @@ Topics and agents:
   nearest (via the `users` collection), by sending them a refresh through `control`.
 
 At-least-once: the profile remembers the last offset it applied per source partition, and the
-origin of every deferred interaction it applied, so a re-delivered event is never counted twice.
+origins of the deferred interactions it still awaits, so a re-delivered event or release is never
+counted twice.
 Control messages go to the user's own interactions partition (stored with the user's vector),
 so one worker owns all of a user's events whatever partitioner the producers use.
 """
@@ -353,7 +354,7 @@ class StreamsApp:
                     continue
                 vector = vectors.get(interaction.item_id)
                 if vector is None:
-                    deferrals.append(await self._defer(event, interaction))
+                    deferrals.append(await self._defer(profile, event, interaction, origin))
                     metrics.INTERACTIONS.labels("deferred").inc()
                     continue
                 observed.append(self.recommender.observation(profile, interaction.item_id, interaction.ts))
@@ -461,25 +462,23 @@ class StreamsApp:
 
     @staticmethod
     def _duplicate(profile: Profile, event: faust.EventT, origin: str | None) -> bool:
-        """Seen before (re-delivery), else remembered now (written with the profile)."""
+        """Seen before (re-delivery), else remembered now (written with the profile). A
+        released deferral (`origin` set) counts only if the profile still awaits it."""
         source = _source(event)
         if profile.already_seen(source, event.message.offset):
             return True
         profile.mark_seen(source, event.message.offset)
-        if origin is not None:
-            if profile.already_applied_origin(origin):
-                return True
-            profile.mark_origin(origin)
-        return False
+        return origin is not None and not profile.take_awaited(origin)
 
-    async def _defer(self, event: faust.EventT, interaction: Interaction) -> Awaitable[Any]:
-        """Send to `pending`; returns the delivery, to await before the profile is written."""
+    async def _defer(
+        self, profile: Profile, event: faust.EventT, interaction: Interaction, origin: str | None
+    ) -> Awaitable[Any]:
+        """Send to `pending` and let the profile await it; returns the delivery, to await
+        before the profile is written. A release deferred again keeps its first origin."""
         message = event.message
-        body = {
-            "interaction": interaction.model_dump(),
-            "origin": f"{message.topic}:{message.partition}:{message.offset}",
-            "partition": message.partition,
-        }
+        origin = origin or f"{message.topic}:{message.partition}:{message.offset}"
+        profile.await_origin(origin)
+        body = {"interaction": interaction.model_dump(), "origin": origin, "partition": message.partition}
         return await self.pending.send(key=interaction.item_id.encode(), value=json.dumps(body).encode())
 
     async def _push(self, user_id: str, items: list[tuple[str, float]], trigger: str) -> None:

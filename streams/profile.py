@@ -48,7 +48,7 @@ class Profile:
     seen: list[str] = field(default_factory=list)  # distinct items, oldest first, bounded
     history: list[tuple[str, str, float]] = field(default_factory=list)  # (item, event, ts)
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> last offset seen
-    origins: list[str] = field(default_factory=list)  # deferred interactions applied, bounded
+    awaiting: list[str] = field(default_factory=list)  # origins of deferred interactions not yet applied
 
     def as_array(self) -> np.ndarray | None:
         """The profile's unit direction, or None for a user with no signal yet."""
@@ -67,7 +67,7 @@ class Profile:
             "seen": self.seen,
             "history": [list(h) for h in self.history],
             "offsets": self.offsets,
-            "origins": self.origins,
+            "awaiting": self.awaiting,
         }
 
     @classmethod
@@ -80,7 +80,7 @@ class Profile:
             seen=list(data.get("seen", [])),
             history=[(str(i), str(e), float(t)) for i, e, t in data.get("history", [])],
             offsets={str(k): int(v) for k, v in data.get("offsets", {}).items()},
-            origins=list(data.get("origins", [])),
+            awaiting=list(data.get("awaiting", [])),
         )
 
     def already_seen(self, source: str, offset: int) -> bool:
@@ -91,14 +91,25 @@ class Profile:
     def mark_seen(self, source: str, offset: int) -> None:
         self.offsets[source] = max(offset, self.offsets.get(source, -1))
 
-    def already_applied_origin(self, origin: str) -> bool:
-        """A deferred interaction may reach the profile twice (its deferral re-delivered);
-        its origin ("topic:partition:offset") tells."""
-        return origin in self.origins
+    def await_origin(self, origin: str, keep: int = 1000) -> None:
+        """A deferred interaction ("topic:partition:offset" where it first arrived) is on its
+        way back: its release will count once. Bounded like the items' waiting lists: a user's
+        interactions on items that never arrive must not grow the profile for ever."""
+        if origin not in self.awaiting:
+            self.awaiting.append(origin)
+            del self.awaiting[: max(0, len(self.awaiting) - keep)]
 
-    def mark_origin(self, origin: str, keep: int = 1000) -> None:
-        self.origins.append(origin)
-        del self.origins[: max(0, len(self.origins) - keep)]
+    def take_awaited(self, origin: str) -> bool:
+        """True the first time a release of an awaited interaction comes back (it is then no
+        longer awaited). False for a second release of it, and for the release of an
+        interaction that was applied directly instead: after a crash between its deferral and
+        the profile write, the re-delivered event may find its item embedded and count then,
+        while its deferral still comes back. Remembering what is awaited rather than what was
+        applied makes both harmless, with a list as long as the deferrals in flight."""
+        if origin in self.awaiting:
+            self.awaiting.remove(origin)
+            return True
+        return False
 
     def apply(
         self,

@@ -54,8 +54,16 @@ def test_offsets_make_re_delivery_harmless() -> None:
     p.mark_seen("interactions:1", 5)
     assert p.already_seen("interactions:1", 5) and p.already_seen("interactions:1", 4)
     assert not p.already_seen("interactions:2", 5)
-    p.mark_origin("interactions:1:3")
-    assert p.already_applied_origin("interactions:1:3")
+
+
+def test_a_deferred_interaction_counts_once_whichever_way_it_comes_back() -> None:
+    p = Profile("u")
+    p.await_origin("interactions:1:3")
+    p.await_origin("interactions:1:3")
+    assert p.take_awaited("interactions:1:3"), "its first release counts"
+    assert not p.take_awaited("interactions:1:3"), "a second release of it does not"
+    assert not p.take_awaited("interactions:1:4"), "nor one of an interaction applied directly"
+    assert Profile.from_dict(p.to_dict()).awaiting == []
 
 
 def test_profile_round_trips_as_json_dict() -> None:
