@@ -53,7 +53,11 @@ def commit_only_handled(app: Any, handled: Callable[[Message], bool]) -> None:
       *more than one* above the committed one, but the committed offset is the next one to
       read: a single unacknowledged message right at it (one in flight, or one skipped as
       above) was committed over.
-    With both fixed, a skipped message stays uncommitted and is read again after the seek."""
+    With both fixed, a skipped message stays uncommitted and is read again after the seek.
+    A third path is closed too: when offsets arrive out of order (a fetch answered from before
+    a seek), Faust counts the offsets it jumped over as done (`Consumer._add_gap`, meant for
+    compacted topics; the product's topics are not compacted). Here they stay uncommitted:
+    at worst a partition's commits wait for the next restart, which reads them again."""
     setattr(app, GUARD_ATTRIBUTE, handled)
     consumer_class = faust_consumer.Consumer
     if getattr(consumer_class, "_vlm4rec_guarded", False):
@@ -72,11 +76,17 @@ def commit_only_handled(app: Any, handled: Callable[[Message], bool]) -> None:
             return None  # the offset at `committed` is not acknowledged yet
         return new_offset(self, tp)
 
-    async def logged_gap(self: Any, tp: Any, offset_from: int, offset_to: int) -> None:
-        log.warning("Faust saw offsets %d-%d of %s missing and counts them as done", offset_from, offset_to, tp)
-        await add_gap(self, tp, offset_from, offset_to)
+    async def no_gap_for_guarded(self: Any, tp: Any, offset_from: int, offset_to: int) -> None:
+        if getattr(self.app, GUARD_ATTRIBUTE, None) is None:
+            await add_gap(self, tp, offset_from, offset_to)
+            return
+        log.warning(
+            "offsets %d-%d of %s arrived out of order (a fetch from before a seek); they are not "
+            "counted as done, so they are read again after the next restart or rebalance",
+            offset_from, offset_to, tp,
+        )
 
     consumer_class.ack = guarded_ack
-    consumer_class._add_gap = logged_gap
+    consumer_class._add_gap = no_gap_for_guarded
     consumer_class._new_offset = next_offset
     consumer_class._vlm4rec_guarded = True

@@ -3,6 +3,7 @@ its consumer state; `tests/test_chaos.py` checks the effect end to end."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -47,3 +48,13 @@ def test_a_message_the_guard_refuses_is_not_acknowledged() -> None:
     skipped = SimpleNamespace(topic=TOPIC.topic, partition=0, offset=7, acked=False, tp=TOPIC)
     assert Consumer.ack(SimpleNamespace(app=app), skipped) is False
     assert asked == [7] and not skipped.acked, "it stays unacknowledged, so it is read again after the seek"
+
+
+def test_offsets_jumped_over_are_not_counted_as_done() -> None:
+    app = faust.App("fixes-test-3")
+    faust_fixes.commit_only_handled(app, lambda _m: True)
+    state = consumer_state(20, [])
+    state.app = app
+    asyncio.run(Consumer._add_gap(state, TOPIC, 21, 24))
+    assert not state._gap[TOPIC], "a fetch from before a seek must not commit what nobody handled"
+    assert Consumer._new_offset(consumer_state(20, [25]), TOPIC) is None
