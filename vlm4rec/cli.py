@@ -199,7 +199,8 @@ def up(settings: Settings, infra_only: bool) -> None:
         services, infra = _stack_services(settings, infra_only)
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
-    stack = LocalStack(services, log_dir=settings.data_dir / "logs")
+    # the embedded Milvus server may need a second start (vlm4rec/milvusserver.py)
+    stack = LocalStack(services, log_dir=settings.data_dir / "logs", ready_timeout_s=180.0 if settings.local_milvus == "server" else 60.0)
 
     def make_topics() -> None:
         statuses = create_topics(

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     local_milvus: Literal["lite", "server"] = Field(
         "lite",
         description="what `vlm4rec up` runs as Milvus: lite (Milvus Lite, pure Python, nothing to install) "
-        "or server (Milvus 2.3 standalone from the `milvus` wheel: the real engine, about 18x the search rate)",
+        "or server (Milvus 2.3 standalone from the `milvus` wheel: the real engine, 9x the search rate measured here)",
     )
 
     # --- Embedding -----------------------------------------------------------------------
