@@ -53,6 +53,7 @@ log = logging.getLogger("vlm4rec.streams")
 
 LAST_RECS_KEPT = 10_000
 COMMITTABLE_KEPT = 100_000
+MAX_REWINDS = 3
 #: Table keys no event can produce (ids never hold control characters): see `_fence`.
 FENCE_PREFIX = "\x00fence:"
 
@@ -183,6 +184,8 @@ class StreamsApp:
         # vector-store thread touches; queued so that the item agent never waits behind a round
         self._embedded: list[tuple[str, float | None]] = []
         self._processed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
+        self._rewinding: set[tuple[str, int]] = set()  # partitions being read again (`_in_order`)
+        self._rewinds: dict[tuple[str, int], tuple[int, int]] = {}  # ... from which offset, how often
         # messages a handler finished and whose offsets may now be committed (faust_fixes)
         self._committable: set[tuple[str, int, int]] = set()
         self._wake = asyncio.Event()
@@ -283,25 +286,56 @@ class StreamsApp:
     # --- profiles ----------------------------------------------------------------------
     async def _profiles_agent(self, stream: faust.StreamT) -> None:
         async for events in stream.take_events(self.config.batch_max, within=self.config.batch_within_s):
-            await self._handled(stream, events, "interaction batch", self._process_interactions, events)
+            await self._handled(stream, events, "interaction batch", self._process_interactions)
 
-    async def _handled(self, stream: faust.StreamT, events: list[faust.EventT], what: str, handler: Any, *args: Any) -> None:
-        """Run `handler` and only then let the events' offsets be committed. Faust acks a
-        `take_events` batch (and the current event of `events()`) in a `finally`, even when
-        the worker is stopped mid-handler (SIGTERM, rebalance), which would commit events that
-        were never applied; holding one extra reference per message until the handler is done
-        leaves them uncommitted, so they are re-delivered to whoever owns the partition next."""
+    async def _handled(self, stream: faust.StreamT, events: list[faust.EventT], what: str, handler: Any) -> None:
+        """Run `handler` on the events (those in order, see `_in_order`) and only then let
+        their offsets be committed. Faust acks a `take_events` batch (and the current event of
+        `events()`) in a `finally`, even when the worker is stopped mid-handler (SIGTERM,
+        rebalance), which would commit events that were never applied; holding one extra
+        reference per message until the handler is done leaves them uncommitted, so they are
+        re-delivered to whoever owns the partition next."""
+        events = await self._in_order(events)
+        if not events:
+            return
         for event in events:
             event.message.incref()
-        await self._until_done(what, handler, *args)
+        await self._until_done(what, handler, events)
         for event in events:
             message = event.message
-            key = (message.topic, message.partition)
-            self._processed[key] = max(self._processed.get(key, 0), message.offset + 1)
             if len(self._committable) > COMMITTABLE_KEPT:  # keys whose final ack never came
                 self._committable.clear()  # (at worst their messages are read again: at-least-once)
             self._committable.add((message.topic, message.partition, message.offset))
             await stream.ack(event)
+
+    async def _in_order(self, events: list[faust.EventT]) -> list[faust.EventT]:
+        """The events that keep each partition in offset order. After a restart or rebalance
+        Faust can deliver a fetch answered from before its seek, jumping ahead of messages it
+        then drops as already read (docs/hardening.md, item 11); the profiles' offset marks
+        would then skip those as duplicates. An event past the next unhandled offset is
+        refused (unhandled and, by `faust_fixes`, uncommitted) and the partition is read again
+        from that offset. A jump that comes back after `MAX_REWINDS` such rewinds is a real
+        gap (records deleted by retention before this worker read them) and is accepted."""
+        kept = []
+        for event in events:
+            message = event.message
+            key = (message.topic, message.partition)
+            expected = self._processed.get(key)
+            if expected is not None and message.offset > expected:
+                at, rewinds = self._rewinds.get(key, (expected, 0))
+                rewinds = rewinds if at == expected else 0
+                if rewinds < MAX_REWINDS:
+                    if key not in self._rewinding:
+                        self._rewinding.add(key)
+                        self._rewinds[key] = (expected, rewinds + 1)
+                        log.warning("%s[%d]: offset %d arrived before %d; reading again from %d", *key, message.offset, expected, expected)
+                        await self.app.consumer.seek(message.tp, expected)
+                    continue
+                log.error("%s[%d]: offsets %d-%d are missing from the topic; going on", *key, expected, message.offset - 1)
+            self._rewinding.discard(key)
+            self._processed[key] = max(expected or 0, message.offset + 1)
+            kept.append(event)
+        return kept
 
     async def _until_done(self, what: str, handler: Any, *args: Any) -> None:
         """Faust acknowledges a batch even when its handler raises, so a failure here would
@@ -500,9 +534,9 @@ class StreamsApp:
     async def _items_agent(self, stream: faust.StreamT) -> None:
         async for event in stream.events():
             if event.message.topic == self.config.pending_topic:
-                await self._handled(stream, [event], "pending interaction", self._on_pending, event)
+                await self._handled(stream, [event], "pending interaction", lambda events: self._on_pending(events[0]))
             else:
-                await self._handled(stream, [event], "embedded item", self._on_embedded, event)
+                await self._handled(stream, [event], "embedded item", lambda events: self._on_embedded(events[0]))
 
     async def _on_pending(self, event: faust.EventT) -> None:
         body = json.loads(event.value)
