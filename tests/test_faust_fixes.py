@@ -58,3 +58,31 @@ def test_offsets_jumped_over_are_not_counted_as_done() -> None:
     asyncio.run(Consumer._add_gap(state, TOPIC, 21, 24))
     assert not state._gap[TOPIC], "a fetch from before a seek must not commit what nobody handled"
     assert Consumer._new_offset(consumer_state(20, [25]), TOPIC) is None
+
+
+def test_events_past_the_next_unhandled_offset_are_refused_and_read_again() -> None:
+    from streams.app import MAX_REWINDS, StreamsApp, StreamsConfig
+    from topics import TopicNames
+    from vectorstore import MemoryVectorStore
+
+    streams = StreamsApp(StreamsConfig(topics=TopicNames(), app_id="in-order-test"), MemoryVectorStore(), MemoryVectorStore())
+    seeks: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        seeks.append((tp, offset))
+
+    streams.app.consumer.seek = seek  # type: ignore[method-assign]
+
+    def event(offset: int) -> SimpleNamespace:
+        return SimpleNamespace(message=SimpleNamespace(topic=TOPIC.topic, partition=0, offset=offset, tp=TOPIC))
+
+    def offsets(events: list) -> list[int]:
+        return [e.message.offset for e in asyncio.run(streams._in_order(events))]
+
+    assert offsets([event(5), event(6)]) == [5, 6]
+    assert offsets([event(9), event(10)]) == [] and seeks == [(TOPIC, 7)], "7 and 8 come first: read again from 7"
+    assert offsets([event(5), event(7), event(8), event(9)]) == [5, 7, 8, 9], "a re-delivery and the rest, in order"
+    for _ in range(MAX_REWINDS):  # offsets 10-11 never come (deleted by retention)
+        assert offsets([event(12)]) == []
+        assert offsets([event(10 - 1)]) == [9]
+    assert offsets([event(12)]) == [12], "a gap that stays after the rewinds is real: go on"
