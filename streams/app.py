@@ -18,7 +18,8 @@ Topics and agents:
 
 At-least-once: the profile remembers the last offset it applied per source partition, and the
 origins of the deferred interactions it still awaits, so a re-delivered event or release is never
-counted twice.
+counted twice; that needs each partition's events in offset order (`_in_order`) and offsets
+committed only for handled events (`streams.faust_fixes`).
 Control messages go to the user's own interactions partition (stored with the user's vector),
 so one worker owns all of a user's events whatever partitioner the producers use.
 """
