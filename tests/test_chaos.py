@@ -226,3 +226,22 @@ def test_summary_tells_flat_from_growing(tmp_path: Path) -> None:
     picture = write(figures, tmp_path / "soak.json")
     assert picture.read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "soak.json").read_text())["rate_per_s"] == 100
+
+
+@pytest.mark.integration
+def test_a_failed_chaos_run_dumps_its_topics(tmp_path: Path, isolated: RunningStack) -> None:
+    """What `vlm4rec chaos` leaves for whoever traces a violated invariant."""
+    from topics import Interaction
+    from topics.producer import EventProducer
+    from vlm4rec.chaos import dump_topics
+
+    settings = isolated.settings()
+    with EventProducer(settings.kafka_config()) as producer:
+        for n in range(3):
+            producer.send(settings.topics.interactions, Interaction(user_id=f"u{n}", item_id="i", event="click", ts=1.7e9 + n))
+    folder = dump_topics(settings, tmp_path / "dump")
+    rows = [json.loads(line) for line in (folder / f"{settings.topics.interactions}.jsonl").read_text().splitlines()]
+    assert sorted(json.loads(r["value"])["user_id"] for r in rows) == ["u0", "u1", "u2"]
+    assert {"partition", "offset", "timestamp_ms", "key"} <= set(rows[0])
+    assert (folder / f"{settings.streams_app_id}-pending.jsonl").exists()  # empty, but there
+    assert json.loads((folder / "committed.json").read_text())

@@ -349,6 +349,9 @@ def run_chaos(
             log(f"chaos: replay done in {time.monotonic() - started:.0f}s; waiting for the stack to catch up")
             report = _verify(own, observed, dataset.interactions, events, producer, timeout_s, log)
             producer.flush()
+            if not report["ok"]:
+                report["dump"] = str(dump_topics(s, run_dir / "dump"))
+                log(f"chaos: invariants violated; the topics are in {report['dump']}")
         finally:
             for tail in tails:
                 tail.stop()
@@ -369,6 +372,53 @@ def run_chaos(
         }
     )
     return report
+
+
+def dump_topics(settings: Settings, folder: Path) -> Path:
+    """Every record of the topics that decide the invariants, one JSON line each
+    (`{"partition", "offset", "timestamp_ms", "key", "value"}`), plus the stream processor's
+    committed offsets: how every cause in docs/hardening.md was found (which events a user
+    is missing, whether they were deferred, released, or skipped by a commit)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    app = settings.streams_app_id
+    topics = [
+        settings.topics.items_new, settings.topics.items_embedded, settings.topics.interactions,
+        f"{app}-pending", f"{app}-control", f"{app}-profiles-changelog", f"{app}-waiting-changelog",
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**settings.kafka_config(), "enable.auto.commit": False, "log_level": 0}
+    for topic in topics:
+        consumer = Consumer({**config, "group.id": f"chaos-dump-{uuid.uuid4().hex[:8]}"})
+        try:
+            found = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            partitions = sorted(found.partitions) if found is not None and not found.error else []
+            with open(folder / f"{topic}.jsonl", "w", encoding="utf-8") as out:
+                for partition in partitions:
+                    consumer.assign([TopicPartition(topic, partition, 0)])
+                    idle = 0
+                    while idle < 3:  # the embedded broker's end offsets run low: read until quiet
+                        message = consumer.poll(1.0)
+                        if message is None or message.error():
+                            idle += 1
+                            continue
+                        record = {
+                            "partition": partition, "offset": message.offset(), "timestamp_ms": message.timestamp()[1],
+                            "key": (message.key() or b"").decode(errors="replace"),
+                            "value": (message.value() or b"").decode(errors="replace"),
+                        }
+                        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        finally:
+            consumer.close()
+    inputs = [settings.topics.interactions, settings.topics.items_embedded, f"{app}-pending", f"{app}-control"]
+    group = Consumer({**config, "group.id": app})
+    try:
+        wanted = [TopicPartition(t, n) for t in inputs for n in range(settings.topic_partitions)]
+        committed = group.committed(wanted, timeout=10)
+        (folder / "committed.json").write_text(json.dumps([[tp.topic, tp.partition, tp.offset] for tp in committed]))
+    finally:
+        group.close()
+    return folder
 
 
 def _inject(

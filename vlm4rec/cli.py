@@ -611,7 +611,8 @@ def chaos_command(
     every item in Milvus once with its latest content, every interaction counted once, recs
     resume for every active user. Writes {"ok", "violations", "faults", "items_published",
     "items_in_milvus", "item_duplicates", "interactions_published", "interactions_counted",
-    "users_with_recs", "active_users", "fault_details", ...}; exits 1 when an invariant fails.
+    "users_with_recs", "active_users", "fault_details", ...}; exits 1 when an invariant fails,
+    after dumping the topics that decide them to <run folder>/dump (see docs/hardening.md).
     """
     from pathlib import Path
 
