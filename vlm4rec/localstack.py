@@ -114,7 +114,7 @@ def milvus_service(host: str, port: int, data_dir: Path) -> Service:
     return Service(
         name="milvus",
         argv=[*argv, "server", "--data-dir", str(data_dir), "--host", host, "--port", str(port)],
-        ready=lambda: _milvus_ready(host, port),
+        ready=lambda: milvus_answers(host, port),
         ports=[(host, port)],
         # Milvus Lite searches its in-memory write buffer row by row in Python (every search
         # call walks every buffered row), and flushes it to indexed segments only at 128 MB
@@ -133,12 +133,13 @@ def milvus_server_service(host: str, port: int, data_dir: Path) -> Service:
     return Service(
         name="milvus",
         argv=[sys.executable, "-m", "vlm4rec.milvusserver", "--data-dir", str(data_dir), "--port", str(port)],
-        ready=lambda: _milvus_ready(host, port),
+        ready=lambda: milvus_answers(host, port),
         ports=[(host, port)],
     )
 
 
-def _milvus_ready(host: str, port: int) -> bool:
+def milvus_answers(host: str, port: int) -> bool:
+    """Whether a Milvus server answers a gRPC call there (its health port can pass while it cannot)."""
     if not port_answers(host, port):
         return False
     from pymilvus import MilvusClient

@@ -40,18 +40,15 @@ def available() -> bool:
 
 
 def _answers(port: int, within_s: float) -> bool:
-    """Whether the server answers a gRPC call (its /healthz can pass while it cannot)."""
-    from pymilvus import MilvusClient
+    """Whether the server answers a gRPC call within `within_s` (its /healthz can pass while
+    it cannot)."""
+    from vlm4rec.localstack import milvus_answers
 
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        try:
-            client = MilvusClient(uri=f"http://127.0.0.1:{port}", timeout=2.0)
-            client.list_collections()
-            client.close()
+        if milvus_answers("127.0.0.1", port):
             return True
-        except Exception:  # noqa: BLE001 - any failure means "not yet"
-            time.sleep(1.0)
+        time.sleep(1.0)
     return False
 
 
