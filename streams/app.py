@@ -184,7 +184,8 @@ class StreamsApp:
         # embedded items (item_id, created_at) not yet told to the ranker, whose state only the
         # vector-store thread touches; queued so that the item agent never waits behind a round
         self._embedded: list[tuple[str, float | None]] = []
-        self._processed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
+        # (topic, partition) -> the offset after the last event handed to a handler (`_in_order`)
+        self._processed: dict[tuple[str, int], int] = {}
         self._rewinding: set[tuple[str, int]] = set()  # partitions being read again (`_in_order`)
         self._rewinds: dict[tuple[str, int], tuple[int, int]] = {}  # ... from which offset, how often
         # messages a handler finished and whose offsets may now be committed (faust_fixes)
@@ -229,13 +230,14 @@ class StreamsApp:
         self.app.task(self._refresher)
         self.app.timer(5.0)(self._report_lag)
         self._register_views()
-        inputs = {t.interactions, t.items_embedded, *config.internal_topics()}
-        faust_fixes.commit_only_handled(self.app, lambda m: self._may_commit(m, inputs))
+        # the topics the agents consume (their offsets are what at-least-once is about)
+        self.inputs = frozenset({t.interactions, t.items_embedded, *config.internal_topics()})
+        faust_fixes.commit_only_handled(self.app, self._may_commit)
 
-    def _may_commit(self, message: Any, inputs: set[str]) -> bool:
+    def _may_commit(self, message: Any) -> bool:
         """Whether an input message's offset may be committed: only once a handler finished
         it (Faust acknowledges messages it skips during a rebalance too)."""
-        if message.topic not in inputs:
+        if message.topic not in self.inputs:
             return True
         key = (message.topic, message.partition, message.offset)
         if key in self._committable:
@@ -247,6 +249,10 @@ class StreamsApp:
     async def _store(self, fn: Any, *args: Any) -> Any:
         """Vector-store calls are blocking gRPC; keep them off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _lookup(self, fn: Any, *args: Any) -> Any:
+        """A vector-store lookup of the agents, on its own thread: never behind a recs round."""
+        return await asyncio.get_running_loop().run_in_executor(self._fetch_pool, fn, *args)
 
     async def _discover_space(self) -> None:
         """The embedding workers choose the item space; the users collection follows it."""
@@ -267,13 +273,12 @@ class StreamsApp:
 
     async def _report_lag(self) -> None:
         """Messages not yet processed on each input partition this worker owns: the end offset
-        less the offset after the last message a handler finished (not the consumer's fetch
+        less the offset after the last message handed to a handler (not the consumer's fetch
         position, which runs ahead by whatever is buffered). The internal `control` and
         `pending` topics count too: a fan-out storm queues there. The embedded broker reports
         end offsets one low, so lag there reads one low per partition (clamped at zero)."""
         consumer = self.app.consumer
-        inputs = (self.config.topics.interactions, self.config.topics.items_embedded, *self.config.internal_topics())
-        mine = [tp for tp in consumer.assignment() if tp.topic in inputs]
+        mine = [tp for tp in consumer.assignment() if tp.topic in self.inputs]
         if not mine:
             return
         highwaters = await consumer.highwaters(*mine)
@@ -375,8 +380,7 @@ class StreamsApp:
                 by_user[interaction.user_id].append((event, interaction, origin))
 
         item_ids = {i.item_id for rows in by_user.values() for _, i, _ in rows}
-        loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._fetch_pool, self.recommender.vectors.get, item_ids) if item_ids else {}
+        vectors = await self._lookup(self.recommender.vectors.get, item_ids) if item_ids else {}
         changed: dict[str, tuple[Profile, faust.EventT]] = {}
         arrival: dict[str, float] = {}
         deferrals: list[Awaitable[Any]] = []
@@ -580,12 +584,11 @@ class StreamsApp:
         partition, where the profile agent recomputes and pushes their recs."""
         if not self.model or self.config.fanout_users <= 0:
             return
-        loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._fetch_pool, self.recommender.vectors.get, [item.item_id])
+        vectors = await self._lookup(self.recommender.vectors.get, [item.item_id])
         vector = vectors.get(item.item_id)
         if vector is None:
             return
-        users = await loop.run_in_executor(self._fetch_pool, self.recommender.nearest_users, vector, self.config.fanout_users)
+        users = await self._lookup(self.recommender.nearest_users, vector, self.config.fanout_users)
         metrics.FANOUT_USERS.observe(len(users))
         for user_id, _, partition in users:
             control = {

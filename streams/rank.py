@@ -148,8 +148,7 @@ class ItemStats:
         self._decayed = np.zeros((1024, 2))  # scaled to 2^((ts - origin) / half-life)
         self._origin: float | None = None
         self.clock = 0.0  # the latest interaction time seen: the stream's "now"
-        self.created: dict[str, float] = {}
-        self._created = np.full(1024, np.nan)  # by index; NaN: no declared creation time
+        self._created = np.full(1024, np.nan)  # declared creation times by index; NaN: none
         self._fresh: deque[tuple[float, str]] = deque(maxlen=fresh_kept)
         # a refresh round asks for the decayed counts and the top items of one moment once per
         # user: computed once per (moment, state) instead
@@ -193,10 +192,10 @@ class ItemStats:
 
     def declare(self, item: str, created_at: float) -> None:
         """An item with a declared creation time (items.new `created_at`)."""
-        if item not in self.created:
+        n = self._intern(item)
+        if np.isnan(self._created[n]):  # the first declaration stands
             self._version += 1
-            self.created[item] = created_at
-            self._created[self._intern(item)] = created_at
+            self._created[n] = created_at
             self._fresh.append((created_at, item))
 
     def count(self, item: str) -> int:

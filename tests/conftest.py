@@ -120,7 +120,7 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(milvusserver.INSTALL_HINT)
     port = free_port()
     data_dir = tmp_path_factory.mktemp("milvus-server")
-    stack = LocalStack([milvus_server_service("127.0.0.1", port, data_dir / "data")], data_dir / "logs", ready_timeout_s=180)
+    stack = LocalStack([milvus_server_service("127.0.0.1", port, data_dir / "data")], data_dir / "logs")
     stack.start()
     yield f"http://127.0.0.1:{port}"
     stack.stop()

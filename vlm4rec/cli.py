@@ -92,12 +92,12 @@ def topics_schemas(out: str | None) -> None:
 
 
 def _stack_services(settings: Settings, infra_only: bool) -> tuple[list[Any], int]:
-    from vlm4rec.localstack import StackError, broker_service, milvus_server_service, milvus_service, parse_host_port
+    from vlm4rec.localstack import LOCAL_HOSTS, StackError, broker_service, milvus_server_service, milvus_service, parse_host_port
 
     broker_host, broker_port = parse_host_port(settings.bootstrap_servers.split(",")[0], 9092)
     milvus_host, milvus_port = parse_host_port(settings.milvus_uri, 19530)
     for what, host in (("VLM4REC_BOOTSTRAP_SERVERS", broker_host), ("VLM4REC_MILVUS_URI", milvus_host)):
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        if host not in LOCAL_HOSTS:
             raise StackError(
                 f"`vlm4rec up` runs the embedded stack on this machine, but {what} points at "
                 f"{host}. Unset it, or run the product processes alone (`vlm4rec worker`)."
@@ -199,8 +199,7 @@ def up(settings: Settings, infra_only: bool) -> None:
         services, infra = _stack_services(settings, infra_only)
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
-    # the embedded Milvus server may need a second start (vlm4rec/milvusserver.py)
-    stack = LocalStack(services, log_dir=settings.data_dir / "logs", ready_timeout_s=180.0 if settings.local_milvus == "server" else 60.0)
+    stack = LocalStack(services, log_dir=settings.data_dir / "logs")
 
     def make_topics() -> None:
         statuses = create_topics(
@@ -547,7 +546,7 @@ def _milvus_kind(settings: Settings) -> str:
     """Which Milvus a figure was measured against, with the version it reports."""
     from pymilvus import MilvusClient
 
-    from vlm4rec.localstack import parse_host_port
+    from vlm4rec.localstack import LOCAL_HOSTS, parse_host_port
 
     client = MilvusClient(uri=settings.milvus_uri, token=settings.milvus_token.get_secret_value(), timeout=10)
     try:
@@ -556,7 +555,7 @@ def _milvus_kind(settings: Settings) -> str:
         version = "unknown version"
     finally:
         client.close()
-    if parse_host_port(settings.milvus_uri, 19530)[0] not in ("127.0.0.1", "localhost", "::1"):
+    if parse_host_port(settings.milvus_uri, 19530)[0] not in LOCAL_HOSTS:
         return f"Milvus at {settings.milvus_uri} {version}"
     return {"lite": "Milvus Lite", "server": "Milvus standalone (embedded server)"}[settings.local_milvus] + f" {version}"
 

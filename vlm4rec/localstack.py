@@ -72,6 +72,7 @@ class Service:
     ports: list[tuple[str, int]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     restart: bool = False  # product processes are restarted when they die; infra is not
+    ready_timeout_s: float | None = None  # None: the stack's default
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     restarts: int = 0
@@ -104,6 +105,9 @@ def _broker_ready(bootstrap: str) -> bool:
         return False
 
 
+#: host names that mean this machine (the embedded stack runs only there)
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 #: Milvus Lite's write buffer (see `milvus_service`): about 2,600 vectors of 384 floats
 MILVUS_LITE_BUFFER_BYTES = 4 * 1024 * 1024
 
@@ -135,6 +139,8 @@ def milvus_server_service(host: str, port: int, data_dir: Path) -> Service:
         argv=[sys.executable, "-m", "vlm4rec.milvusserver", "--data-dir", str(data_dir), "--port", str(port)],
         ready=lambda: milvus_answers(host, port),
         ports=[(host, port)],
+        # up to `milvusserver.START_ATTEMPTS` starts of about 8 s plus `READY_S` each
+        ready_timeout_s=180.0,
     )
 
 
@@ -194,7 +200,8 @@ class LocalStack:
         return "\n".join(text)
 
     def _wait_ready(self, service: Service) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
+        timeout_s = service.ready_timeout_s or self.ready_timeout_s
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not service.alive():
                 raise StackError(
@@ -205,7 +212,7 @@ class LocalStack:
                 return
             time.sleep(0.2)
         raise StackError(
-            f"{service.name} did not become ready within {self.ready_timeout_s:.0f}s. "
+            f"{service.name} did not become ready within {timeout_s:.0f}s. "
             f"Last lines of {service.log_path}:\n{self._tail(service)}"
         )
 
