@@ -90,3 +90,12 @@ def commit_only_handled(app: Any, handled: Callable[[Message], bool]) -> None:
     consumer_class._add_gap = no_gap_for_guarded
     consumer_class._new_offset = next_offset
     consumer_class._vlm4rec_guarded = True
+
+
+def sought_offset(consumer: Any, tp: Any) -> int | None:
+    """The offset a partition's reading started from in this assignment: the committed offset
+    Faust sought to (`Consumer.perform_seek`), None when there was none (or it was 0, which
+    Faust records as None). Faust keeps it in a private map, read here so that the reliance
+    is in this module."""
+    return consumer._committed_offset.get(tp)
+

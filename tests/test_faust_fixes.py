@@ -86,3 +86,34 @@ def test_events_past_the_next_unhandled_offset_are_refused_and_read_again() -> N
         assert offsets([event(12)]) == []
         assert offsets([event(10 - 1)]) == [9]
     assert offsets([event(12)]) == [12], "a gap that stays after the rewinds is real: go on"
+
+
+def test_a_partition_is_expected_first_at_the_offset_faust_sought_to() -> None:
+    """A stale fetch after a restart delivered offset 1145 before 1144, where reading started;
+    Faust then dropped 1144 as already read, and one interaction was never counted."""
+    from streams.app import StreamsApp, StreamsConfig
+    from topics import TopicNames
+    from vectorstore import MemoryVectorStore
+
+    streams = StreamsApp(StreamsConfig(topics=TopicNames(), app_id="sought-test"), MemoryVectorStore(), MemoryVectorStore())
+    seeks: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        seeks.append((tp, offset))
+
+    consumer = streams.app.consumer
+    consumer.seek = seek  # type: ignore[method-assign]
+
+    def event(offset: int) -> SimpleNamespace:
+        return SimpleNamespace(message=SimpleNamespace(topic=TOPIC.topic, partition=0, offset=offset, tp=TOPIC))
+
+    def offsets(events: list) -> list[int]:
+        return [e.message.offset for e in asyncio.run(streams._in_order(events))]
+
+    consumer._committed_offset[TOPIC] = 1144  # what perform_seek records
+    assert offsets([event(1145), event(1146)]) == [] and seeks == [(TOPIC, 1144)]
+    assert offsets([event(1144), event(1145)]) == [1144, 1145]
+    streams._forget_partitions(None, {TOPIC})  # revoked, then assigned again after others read on
+    consumer._committed_offset[TOPIC] = 1200
+    assert offsets([event(1201)]) == [] and seeks[-1] == (TOPIC, 1200)
+    assert offsets([event(1200), event(1201)]) == [1200, 1201]

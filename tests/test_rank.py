@@ -412,3 +412,38 @@ def test_the_stream_processors_recommender_learns_and_ranks_with_the_blend() -> 
     assert hits(last, tops) > 0.5 * len(last) > 0.1 * len(last) > hits(last, prior)
     assert all(not {i for i, _ in top} & set(p.seen) for p, top in zip(last, tops, strict=True))
     assert recommender.recommend([Profile("nobody")])[0], "a user without history gets popular items"
+
+
+# --- the tail slot ----------------------------------------------------------------------------
+
+
+def test_a_learnt_blend_that_buries_new_items_still_shows_the_closest_one_in_the_first_ten() -> None:
+    content, ids, vectors = world()
+    profile = mean_profile(vectors[[0]])
+    closest = sorted(range(1, N_ITEMS), key=lambda n: -float(vectors[n] @ profile))
+    cold = [ids[n] for n in closest[:3]]  # never touched: the content's three best
+    for config in (RankConfig(content_k=N_ITEMS), RankConfig(content_k=N_ITEMS, tail_slots=0)):
+        ranker = BlendRanker(config)
+        for n, item in enumerate(i for i in ids[1:] if i not in cold):
+            for t in range(2 + n % 7):  # every other item is known
+                ranker.record([], item, float(t))
+        ranker.model.weights = np.array([1.0 if f == "pop_count" else 0.0 for f in FEATURES])  # a blend that learnt: popular first
+        top = [i for i, _ in ranker.rank([Request([ids[0]], profile, 10.0)], content, 20)[0]]
+        assert len(top) == 20 and len(set(top)) == 20
+        if config.tail_slots:
+            assert top[9] == cold[0], "the best new item by content takes the tenth place"
+            assert cold[1] not in top[:10] and top[:9] == [i for i in top if i not in cold][:9]
+        else:
+            assert not set(cold) & set(top[:10])
+
+
+def test_the_tail_slot_leaves_a_list_alone_that_already_has_a_new_item() -> None:
+    ranker = BlendRanker(RankConfig(tail_slots=1))
+    order = np.array([4, 2, 0, 1, 3])
+    by_content = np.array([3, 1, 0, 2, 4])
+    assert ranker._with_tail(order, by_content, np.array([False, False, True, False, False]), 3) == [4, 2, 0]
+    assert ranker._with_tail(order, by_content, np.array([False, False, False, True, False]), 3) == [4, 2, 3]
+    assert ranker._with_tail(order, by_content, np.zeros(5, dtype=bool), 3) == [4, 2, 0]
+    two = BlendRanker(RankConfig(tail_slots=2))
+    tail = np.array([False, False, True, True, False])  # 2 (second place) is new, 0 is not
+    assert two._with_tail(order, by_content, tail, 3) == [4, 2, 3], "the lowest known item gives way"

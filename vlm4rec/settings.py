@@ -167,6 +167,12 @@ class Settings(BaseSettings):
     rank_min_groups: int = Field(
         _RANK.min_groups, ge=1, description="training groups before the first fit (until then: profile cosine)"
     )
+    rank_tail_slots: int = Field(
+        _RANK.tail_slots,
+        ge=0,
+        description="of the first 10 recs, places kept for items with at most one interaction, in the order of "
+        "their cosine to the profile (0: none; docs/quality.md)",
+    )
 
     # --- Local stack ---------------------------------------------------------------------
     data_dir: Path = Field(

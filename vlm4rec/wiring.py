@@ -116,6 +116,7 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
             buffer=settings.rank_buffer,
             refit_every=settings.rank_refit_every,
             min_groups=settings.rank_min_groups,
+            tail_slots=settings.rank_tail_slots,
         ),
     )
     token = settings.milvus_token.get_secret_value()
