@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import ssl
 import time
 import weakref
@@ -54,7 +55,8 @@ log = logging.getLogger("vlm4rec.streams")
 
 LAST_RECS_KEPT = 10_000
 COMMITTABLE_KEPT = 100_000
-MAX_REWINDS = 3
+#: seconds between seeks back while a partition's next offset has not come (`_in_order`)
+REWIND_EVERY_S = 1.0
 #: Table keys no event can produce (ids never hold control characters): see `_fence`.
 FENCE_PREFIX = "\x00fence:"
 
@@ -186,8 +188,7 @@ class StreamsApp:
         self._embedded: list[tuple[str, float | None]] = []
         # (topic, partition) -> the offset after the last event handed to a handler (`_in_order`)
         self._processed: dict[tuple[str, int], int] = {}
-        self._rewinding: set[tuple[str, int]] = set()  # partitions being read again (`_in_order`)
-        self._rewinds: dict[tuple[str, int], tuple[int, int]] = {}  # ... from which offset, how often
+        self._rewound: dict[tuple[str, int], float] = {}  # partitions being read again: when last sought back
         # messages a handler finished and whose offsets may now be committed (faust_fixes)
         self._committable: set[tuple[str, int, int]] = set()
         self._wake = asyncio.Event()
@@ -241,8 +242,7 @@ class StreamsApp:
         for tp in revoked:
             key = (tp.topic, tp.partition)
             self._processed.pop(key, None)
-            self._rewinds.pop(key, None)
-            self._rewinding.discard(key)
+            self._rewound.pop(key, None)
 
     def _may_commit(self, message: Any) -> bool:
         """Whether an input message's offset may be committed: only once a handler finished
@@ -330,10 +330,11 @@ class StreamsApp:
         then drops as already read (docs/hardening.md, item 11); the profiles' offset marks
         would then skip those as duplicates. An event past the next unhandled offset is
         refused (unhandled and, by `faust_fixes`, uncommitted) and the partition is read again
-        from that offset. A jump that comes back after `MAX_REWINDS` such rewinds is a real
-        gap (records deleted by retention before this worker read them) and is accepted.
-        Before its first event a partition is expected at the offset Faust sought to: a stale
-        fetch can deliver offsets past it first (a lost interaction in a chaos run, item 12)."""
+        from that offset, again every `REWIND_EVERY_S` until that offset comes: a stale fetch
+        can also arrive after the seek back, and Faust then drops the re-read messages too
+        (item 12, a stalled item agent). Only offsets the broker no longer holds (deleted by
+        retention before this worker read them) are a real gap, accepted with an error.
+        Before its first event a partition is expected at the offset Faust sought to (item 12)."""
         kept = []
         for event in events:
             message = event.message
@@ -342,17 +343,19 @@ class StreamsApp:
             if expected is None:
                 expected = faust_fixes.sought_offset(self.app.consumer, message.tp)
             if expected is not None and message.offset > expected:
-                at, rewinds = self._rewinds.get(key, (expected, 0))
-                rewinds = rewinds if at == expected else 0
-                if rewinds < MAX_REWINDS:
-                    if key not in self._rewinding:
-                        self._rewinding.add(key)
-                        self._rewinds[key] = (expected, rewinds + 1)
-                        log.warning("%s[%d]: offset %d arrived before %d; reading again from %d", *key, message.offset, expected, expected)
-                        await self.app.consumer.seek(message.tp, expected)
+                now = time.monotonic()
+                if now - self._rewound.get(key, -math.inf) < REWIND_EVERY_S:
+                    continue  # a seek back is under way
+                self._rewound[key] = now
+                earliest = (await self.app.consumer.earliest_offsets(message.tp)).get(message.tp, 0)
+                if earliest > expected:
+                    log.error("%s[%d]: offsets %d-%d were deleted before this worker read them", *key, expected, earliest - 1)
+                    self._processed[key] = expected = earliest
+                if message.offset > expected:
+                    log.warning("%s[%d]: offset %d arrived before %d; reading again from %d", *key, message.offset, expected, expected)
+                    await self.app.consumer.seek(message.tp, expected)
                     continue
-                log.error("%s[%d]: offsets %d-%d are missing from the topic; going on", *key, expected, message.offset - 1)
-            self._rewinding.discard(key)
+            self._rewound.pop(key, None)
             self._processed[key] = max(expected or 0, message.offset + 1)
             kept.append(event)
         return kept

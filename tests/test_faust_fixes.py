@@ -4,10 +4,13 @@ its consumer state; `tests/test_chaos.py` checks the effect end to end."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from types import SimpleNamespace
+from typing import Any
 
 import faust
+import pytest
 from faust.transport.consumer import Consumer
 from faust.types import TP
 from intervaltree import IntervalTree
@@ -60,60 +63,69 @@ def test_offsets_jumped_over_are_not_counted_as_done() -> None:
     assert Consumer._new_offset(consumer_state(20, [25]), TOPIC) is None
 
 
-def test_events_past_the_next_unhandled_offset_are_refused_and_read_again() -> None:
-    from streams.app import MAX_REWINDS, StreamsApp, StreamsConfig
-    from topics import TopicNames
-    from vectorstore import MemoryVectorStore
-
-    streams = StreamsApp(StreamsConfig(topics=TopicNames(), app_id="in-order-test"), MemoryVectorStore(), MemoryVectorStore())
-    seeks: list[tuple[TP, int]] = []
-
-    async def seek(tp: TP, offset: int) -> None:
-        seeks.append((tp, offset))
-
-    streams.app.consumer.seek = seek  # type: ignore[method-assign]
-
-    def event(offset: int) -> SimpleNamespace:
-        return SimpleNamespace(message=SimpleNamespace(topic=TOPIC.topic, partition=0, offset=offset, tp=TOPIC))
-
-    def offsets(events: list) -> list[int]:
-        return [e.message.offset for e in asyncio.run(streams._in_order(events))]
-
-    assert offsets([event(5), event(6)]) == [5, 6]
-    assert offsets([event(9), event(10)]) == [] and seeks == [(TOPIC, 7)], "7 and 8 come first: read again from 7"
-    assert offsets([event(5), event(7), event(8), event(9)]) == [5, 7, 8, 9], "a re-delivery and the rest, in order"
-    for _ in range(MAX_REWINDS):  # offsets 10-11 never come (deleted by retention)
-        assert offsets([event(12)]) == []
-        assert offsets([event(10 - 1)]) == [9]
-    assert offsets([event(12)]) == [12], "a gap that stays after the rewinds is real: go on"
-
-
-def test_a_partition_is_expected_first_at_the_offset_faust_sought_to() -> None:
-    """A stale fetch after a restart delivered offset 1145 before 1144, where reading started;
-    Faust then dropped 1144 as already read, and one interaction was never counted."""
+def _in_order_harness(
+    monkeypatch: pytest.MonkeyPatch, app_id: str, clock: list[float], earliest: dict[TP, int]
+) -> tuple[Any, list[tuple[TP, int]], Any]:
+    """A StreamsApp whose consumer seeks into a list and reports `earliest` as the broker's
+    first offsets; `clock[0]` is time.monotonic() for `_in_order`."""
+    from streams import app as streams_app
     from streams.app import StreamsApp, StreamsConfig
     from topics import TopicNames
     from vectorstore import MemoryVectorStore
 
-    streams = StreamsApp(StreamsConfig(topics=TopicNames(), app_id="sought-test"), MemoryVectorStore(), MemoryVectorStore())
+    streams = StreamsApp(StreamsConfig(topics=TopicNames(), app_id=app_id), MemoryVectorStore(), MemoryVectorStore())
     seeks: list[tuple[TP, int]] = []
 
     async def seek(tp: TP, offset: int) -> None:
         seeks.append((tp, offset))
 
+    async def earliest_offsets(*tps: TP) -> dict[TP, int]:
+        return {tp: earliest.get(tp, 0) for tp in tps}
+
     consumer = streams.app.consumer
     consumer.seek = seek  # type: ignore[method-assign]
+    consumer.earliest_offsets = earliest_offsets  # type: ignore[method-assign]
+    monkeypatch.setattr(streams_app, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
 
-    def event(offset: int) -> SimpleNamespace:
-        return SimpleNamespace(message=SimpleNamespace(topic=TOPIC.topic, partition=0, offset=offset, tp=TOPIC))
-
-    def offsets(events: list) -> list[int]:
+    def offsets(*numbers: int) -> list[int]:
+        events = [SimpleNamespace(message=SimpleNamespace(topic=TOPIC.topic, partition=0, offset=n, tp=TOPIC)) for n in numbers]
         return [e.message.offset for e in asyncio.run(streams._in_order(events))]
 
+    return streams, seeks, offsets
+
+
+def test_events_past_the_next_unhandled_offset_are_refused_and_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, earliest = [100.0], {}
+    _, seeks, offsets = _in_order_harness(monkeypatch, "in-order-test", clock, earliest)
+    assert offsets(5, 6) == [5, 6]
+    assert offsets(9, 10) == [] and seeks == [(TOPIC, 7)], "7 and 8 come first: read again from 7"
+    assert offsets(5, 7, 8, 9) == [5, 7, 8, 9], "a re-delivery and the rest, in order"
+    # a stale fetch after the seek back: Faust drops the re-read 10-11, so seek again, later
+    assert offsets(12) == [] and seeks[-1] == (TOPIC, 10)
+    assert offsets(13) == [] and len(seeks) == 2, "no seek storm while one is under way"
+    clock[0] += 1.5
+    assert offsets(14) == [] and seeks[-1] == (TOPIC, 10) and len(seeks) == 3
+    assert offsets(10, 11, 12) == [10, 11, 12]
+    # offsets the broker no longer holds (retention) are a real gap: read on from the first kept
+    earliest[TOPIC] = 16
+    clock[0] += 1.5
+    assert offsets(17) == [] and seeks[-1] == (TOPIC, 16)
+    assert offsets(16, 17) == [16, 17]
+    earliest[TOPIC] = 30
+    clock[0] += 1.5
+    assert offsets(30) == [30], "18-29 are gone; 30 is the first offset there is"
+
+
+def test_a_partition_is_expected_first_at_the_offset_faust_sought_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale fetch after a restart delivered offset 1145 before 1144, where reading started;
+    Faust then dropped 1144 as already read, and one interaction was never counted."""
+    clock = [100.0]
+    streams, seeks, offsets = _in_order_harness(monkeypatch, "sought-test", clock, {})
+    consumer = streams.app.consumer
     consumer._committed_offset[TOPIC] = 1144  # what perform_seek records
-    assert offsets([event(1145), event(1146)]) == [] and seeks == [(TOPIC, 1144)]
-    assert offsets([event(1144), event(1145)]) == [1144, 1145]
+    assert offsets(1145, 1146) == [] and seeks == [(TOPIC, 1144)]
+    assert offsets(1144, 1145) == [1144, 1145]
     streams._forget_partitions(None, {TOPIC})  # revoked, then assigned again after others read on
     consumer._committed_offset[TOPIC] = 1200
-    assert offsets([event(1201)]) == [] and seeks[-1] == (TOPIC, 1200)
-    assert offsets([event(1200), event(1201)]) == [1200, 1201]
+    assert offsets(1201) == [] and seeks[-1] == (TOPIC, 1200)
+    assert offsets(1200, 1201) == [1200, 1201]
