@@ -41,6 +41,7 @@ from typing import Any
 
 import faust
 from faust.streams import _current_event
+from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import faust_fixes, metrics
@@ -56,7 +57,7 @@ log = logging.getLogger("vlm4rec.streams")
 LAST_RECS_KEPT = 10_000
 COMMITTABLE_KEPT = 100_000
 #: seconds between seeks back while a partition's next offset has not come (`_in_order`)
-REWIND_EVERY_S = 1.0
+REWIND_EVERY_S = 2.0
 #: Table keys no event can produce (ids never hold control characters): see `_fence`.
 FENCE_PREFIX = "\x00fence:"
 
@@ -188,7 +189,8 @@ class StreamsApp:
         self._embedded: list[tuple[str, float | None]] = []
         # (topic, partition) -> the offset after the last event handed to a handler (`_in_order`)
         self._processed: dict[tuple[str, int], int] = {}
-        self._rewound: dict[tuple[str, int], float] = {}  # partitions being read again: when last sought back
+        # partitions being read again (`_in_order`): the offset sought back to, and when
+        self._rewound: dict[tuple[str, int], tuple[int, float]] = {}
         # messages a handler finished and whose offsets may now be committed (faust_fixes)
         self._committable: set[tuple[str, int, int]] = set()
         self._wake = asyncio.Event()
@@ -230,6 +232,7 @@ class StreamsApp:
         self.app.task(self._discover_space)
         self.app.task(self._refresher)
         self.app.timer(5.0)(self._report_lag)
+        self.app.timer(REWIND_EVERY_S)(self._reread_stalled)
         self._register_views()
         # the topics the agents consume (their offsets are what at-least-once is about)
         self.inputs = frozenset({t.interactions, t.items_embedded, *config.internal_topics()})
@@ -330,9 +333,9 @@ class StreamsApp:
         then drops as already read (docs/hardening.md, item 11); the profiles' offset marks
         would then skip those as duplicates. An event past the next unhandled offset is
         refused (unhandled and, by `faust_fixes`, uncommitted) and the partition is read again
-        from that offset, again every `REWIND_EVERY_S` until that offset comes: a stale fetch
-        can also arrive after the seek back, and Faust then drops the re-read messages too
-        (item 12, a stalled item agent). Only offsets the broker no longer holds (deleted by
+        from that offset, again every `REWIND_EVERY_S` until that offset comes (here, or by
+        `_reread_stalled` when nothing newer arrives): a stale fetch can also arrive after the
+        seek back, and Faust then drops the re-read messages too (item 12, a stalled item agent). Only offsets the broker no longer holds (deleted by
         retention before this worker read them) are a real gap, accepted with an error.
         Before its first event a partition is expected at the offset Faust sought to (item 12)."""
         kept = []
@@ -344,21 +347,33 @@ class StreamsApp:
                 expected = faust_fixes.sought_offset(self.app.consumer, message.tp)
             if expected is not None and message.offset > expected:
                 now = time.monotonic()
-                if now - self._rewound.get(key, -math.inf) < REWIND_EVERY_S:
+                if now - self._rewound.get(key, (0, -math.inf))[1] < REWIND_EVERY_S:
                     continue  # a seek back is under way
-                self._rewound[key] = now
                 earliest = (await self.app.consumer.earliest_offsets(message.tp)).get(message.tp, 0)
                 if earliest > expected:
                     log.error("%s[%d]: offsets %d-%d were deleted before this worker read them", *key, expected, earliest - 1)
                     self._processed[key] = expected = earliest
                 if message.offset > expected:
                     log.warning("%s[%d]: offset %d arrived before %d; reading again from %d", *key, message.offset, expected, expected)
+                    self._rewound[key] = (expected, now)
                     await self.app.consumer.seek(message.tp, expected)
                     continue
             self._rewound.pop(key, None)
             self._processed[key] = max(expected or 0, message.offset + 1)
             kept.append(event)
         return kept
+
+    async def _reread_stalled(self) -> None:
+        """Seek back again a partition whose re-read offset has not come `REWIND_EVERY_S`
+        after the last seek back, though no later event arrived to prompt `_in_order`: the
+        re-read messages were dropped behind a stale fetch and nothing newer is coming
+        (chaos seed 15: the item agent stalled on four partitions after the replay ended)."""
+        now = time.monotonic()
+        for (topic, partition), (offset, when) in list(self._rewound.items()):
+            if now - when >= REWIND_EVERY_S:
+                log.warning("%s[%d]: offset %d has not come; reading again from it", topic, partition, offset)
+                self._rewound[(topic, partition)] = (offset, now)
+                await self.app.consumer.seek(TP(topic, partition), offset)
 
     async def _until_done(self, what: str, handler: Any, *args: Any) -> None:
         """Faust acknowledges a batch even when its handler raises, so a failure here would

@@ -95,24 +95,37 @@ def _in_order_harness(
 
 
 def test_events_past_the_next_unhandled_offset_are_refused_and_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams.app import REWIND_EVERY_S
+
     clock, earliest = [100.0], {}
-    _, seeks, offsets = _in_order_harness(monkeypatch, "in-order-test", clock, earliest)
+    streams, seeks, offsets = _in_order_harness(monkeypatch, "in-order-test", clock, earliest)
     assert offsets(5, 6) == [5, 6]
     assert offsets(9, 10) == [] and seeks == [(TOPIC, 7)], "7 and 8 come first: read again from 7"
     assert offsets(5, 7, 8, 9) == [5, 7, 8, 9], "a re-delivery and the rest, in order"
     # a stale fetch after the seek back: Faust drops the re-read 10-11, so seek again, later
     assert offsets(12) == [] and seeks[-1] == (TOPIC, 10)
     assert offsets(13) == [] and len(seeks) == 2, "no seek storm while one is under way"
-    clock[0] += 1.5
+    clock[0] += REWIND_EVERY_S + 0.5
     assert offsets(14) == [] and seeks[-1] == (TOPIC, 10) and len(seeks) == 3
     assert offsets(10, 11, 12) == [10, 11, 12]
+    # ... and when nothing newer comes to prompt it, the timer seeks back again
+    assert offsets(15) == [] and seeks[-1] == (TOPIC, 13) and len(seeks) == 4
+    asyncio.run(streams._reread_stalled())
+    assert len(seeks) == 4, "not before REWIND_EVERY_S"
+    clock[0] += REWIND_EVERY_S + 0.5
+    asyncio.run(streams._reread_stalled())
+    assert seeks[-1] == (TOPIC, 13) and len(seeks) == 5
+    assert offsets(13, 14, 15) == [13, 14, 15]
+    clock[0] += REWIND_EVERY_S + 0.5
+    asyncio.run(streams._reread_stalled())
+    assert len(seeks) == 5, "13 came: nothing to read again"
     # offsets the broker no longer holds (retention) are a real gap: read on from the first kept
     earliest[TOPIC] = 16
-    clock[0] += 1.5
+    clock[0] += REWIND_EVERY_S + 0.5
     assert offsets(17) == [] and seeks[-1] == (TOPIC, 16)
     assert offsets(16, 17) == [16, 17]
     earliest[TOPIC] = 30
-    clock[0] += 1.5
+    clock[0] += REWIND_EVERY_S + 0.5
     assert offsets(30) == [30], "18-29 are gone; 30 is the first offset there is"
 
 
