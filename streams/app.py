@@ -190,7 +190,7 @@ class StreamsApp:
         # (topic, partition) -> the offset after the last event handed to a handler (`_in_order`)
         self._processed: dict[tuple[str, int], int] = {}
         # partitions being read again (`_in_order`): the offset sought back to, and when
-        self._rewound: dict[tuple[str, int], tuple[int, float]] = {}
+        self._rewound: dict[tuple[str, int], tuple[int | None, float]] = {}  # (None: before Faust's seek)
         # messages a handler finished and whose offsets may now be committed (faust_fixes)
         self._committable: set[tuple[str, int, int]] = set()
         self._wake = asyncio.Event()
@@ -237,11 +237,13 @@ class StreamsApp:
         # the topics the agents consume (their offsets are what at-least-once is about)
         self.inputs = frozenset({t.interactions, t.items_embedded, *config.internal_topics()})
         faust_fixes.commit_only_handled(self.app, self._may_commit)
+        faust_fixes.record_seeks()
         self.app.on_partitions_revoked.connect(self._forget_partitions)
 
     def _forget_partitions(self, sender: Any, revoked: set[Any], **_: Any) -> None:
         """A revoked partition's read position is no longer this worker's to check: when it
         comes back (after a rebalance) its reading starts again at the committed offset."""
+        faust_fixes.forget_seeks(self.app.consumer, revoked)
         for tp in revoked:
             key = (tp.topic, tp.partition)
             self._processed.pop(key, None)
@@ -337,19 +339,26 @@ class StreamsApp:
         `_reread_stalled` when nothing newer arrives): a stale fetch can also arrive after the
         seek back, and Faust then drops the re-read messages too (item 12, a stalled item agent). Only offsets the broker no longer holds (deleted by
         retention before this worker read them) are a real gap, accepted with an error.
-        Before its first event a partition is expected at the offset Faust sought to (item 12)."""
+        A partition's first event is judged against the offset Faust sought it to, and events
+        fetched before that seek are refused (item 12)."""
         kept = []
         for event in events:
             message = event.message
             key = (message.topic, message.partition)
             expected = self._processed.get(key)
             if expected is None:
-                expected = faust_fixes.sought_offset(self.app.consumer, message.tp)
-            if expected is not None and message.offset > expected:
+                sought = faust_fixes.sought_offsets(self.app.consumer)
+                if message.tp not in sought:  # fetched before Faust sought it to its commit
+                    self._rewound.setdefault(key, (None, time.monotonic()))
+                    continue
+                expected = sought[message.tp]
+                if expected is None:  # nothing committed: reading starts at the earliest offset
+                    expected = sought[message.tp] = await self._earliest(message.tp)
+            if message.offset > expected:
                 now = time.monotonic()
-                if now - self._rewound.get(key, (0, -math.inf))[1] < REWIND_EVERY_S:
+                if now - self._rewound.get(key, (None, -math.inf))[1] < REWIND_EVERY_S:
                     continue  # a seek back is under way
-                earliest = (await self.app.consumer.earliest_offsets(message.tp)).get(message.tp, 0)
+                earliest = await self._earliest(message.tp)
                 if earliest > expected:
                     log.error("%s[%d]: offsets %d-%d were deleted before this worker read them", *key, expected, earliest - 1)
                     self._processed[key] = expected = earliest
@@ -359,9 +368,12 @@ class StreamsApp:
                     await self.app.consumer.seek(message.tp, expected)
                     continue
             self._rewound.pop(key, None)
-            self._processed[key] = max(expected or 0, message.offset + 1)
+            self._processed[key] = max(expected, message.offset + 1)
             kept.append(event)
         return kept
+
+    async def _earliest(self, tp: TP) -> int:
+        return (await self.app.consumer.earliest_offsets(tp)).get(tp, 0)
 
     async def _reread_stalled(self) -> None:
         """Seek back again a partition whose re-read offset has not come `REWIND_EVERY_S`
@@ -369,11 +381,18 @@ class StreamsApp:
         re-read messages were dropped behind a stale fetch and nothing newer is coming
         (chaos seed 15: the item agent stalled on four partitions after the replay ended)."""
         now = time.monotonic()
+        sought = faust_fixes.sought_offsets(self.app.consumer)
         for (topic, partition), (offset, when) in list(self._rewound.items()):
-            if now - when >= REWIND_EVERY_S:
-                log.warning("%s[%d]: offset %d has not come; reading again from it", topic, partition, offset)
-                self._rewound[(topic, partition)] = (offset, now)
-                await self.app.consumer.seek(TP(topic, partition), offset)
+            tp = TP(topic, partition)
+            if now - when < REWIND_EVERY_S or (offset is None and tp not in sought):
+                continue
+            if offset is None:  # events came before the seek; the sought offset has not
+                offset = sought[tp]
+                if offset is None:
+                    offset = await self._earliest(tp)
+            log.warning("%s[%d]: offset %d has not come; reading again from it", topic, partition, offset)
+            self._rewound[(topic, partition)] = (offset, now)
+            await self.app.consumer.seek(tp, offset)
 
     async def _until_done(self, what: str, handler: Any, *args: Any) -> None:
         """Faust acknowledges a batch even when its handler raises, so a failure here would

@@ -92,10 +92,45 @@ def commit_only_handled(app: Any, handled: Callable[[Message], bool]) -> None:
     consumer_class._vlm4rec_guarded = True
 
 
-def sought_offset(consumer: Any, tp: Any) -> int | None:
-    """The offset a partition's reading started from in this assignment: the committed offset
-    Faust sought to (`Consumer.perform_seek`), None when there was none (or it was 0, which
-    Faust records as None). Faust keeps it in a private map, read here so that the reliance
-    is in this module."""
-    return consumer._committed_offset.get(tp)
+#: the consumer attribute holding what `perform_seek` sought each partition to (`record_seeks`)
+SOUGHT_ATTRIBUTE = "_vlm4rec_sought"
 
+
+def record_seeks() -> None:
+    """Make every Faust consumer remember which partitions its last `perform_seek` sought to
+    their committed offsets, and to which (None: nothing committed).
+
+    Faust resumes fetching a newly assigned partition *before* it seeks it to the committed
+    offset (`Recovery._resume_streams`: `resume_partitions`, then `perform_seek`), so the
+    first events of a partition can come from wherever the fetcher was, ahead of the commit;
+    the stream processor must not judge them before the seek is done (docs/hardening.md, item
+    12). `forget_seeks` drops revoked partitions, so a reassigned one waits for its new seek."""
+    consumer_class = faust_consumer.Consumer
+    if getattr(consumer_class, "_vlm4rec_seeks_recorded", False):
+        return
+    perform_seek = consumer_class.perform_seek
+
+    async def recorded(self: Any) -> None:
+        await perform_seek(self)
+        sought = getattr(self, SOUGHT_ATTRIBUTE, None)
+        if sought is None:
+            sought = {}
+            setattr(self, SOUGHT_ATTRIBUTE, sought)
+        for tp in self.assignment():
+            sought[tp] = self._committed_offset.get(tp)
+
+    consumer_class.perform_seek = recorded
+    consumer_class._vlm4rec_seeks_recorded = True
+
+
+def sought_offsets(consumer: Any) -> dict[Any, int | None]:
+    """Partition -> the offset `perform_seek` sought it to in its current assignment (None:
+    nothing committed, reading starts at the earliest offset); absent: not sought yet."""
+    return getattr(consumer, SOUGHT_ATTRIBUTE, None) or {}
+
+
+def forget_seeks(consumer: Any, partitions: Any) -> None:
+    sought = getattr(consumer, SOUGHT_ATTRIBUTE, None)
+    if sought is not None:
+        for tp in partitions:
+            sought.pop(tp, None)

@@ -99,6 +99,8 @@ def test_events_past_the_next_unhandled_offset_are_refused_and_read_again(monkey
 
     clock, earliest = [100.0], {}
     streams, seeks, offsets = _in_order_harness(monkeypatch, "in-order-test", clock, earliest)
+    faust_fixes.record_seeks()
+    streams.app.consumer._vlm4rec_sought = {TOPIC: 5}
     assert offsets(5, 6) == [5, 6]
     assert offsets(9, 10) == [] and seeks == [(TOPIC, 7)], "7 and 8 come first: read again from 7"
     assert offsets(5, 7, 8, 9) == [5, 7, 8, 9], "a re-delivery and the rest, in order"
@@ -130,15 +132,51 @@ def test_events_past_the_next_unhandled_offset_are_refused_and_read_again(monkey
 
 
 def test_a_partition_is_expected_first_at_the_offset_faust_sought_to(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stale fetch after a restart delivered offset 1145 before 1144, where reading started;
-    Faust then dropped 1144 as already read, and one interaction was never counted."""
+    """Faust resumes fetching a partition before it seeks it to the committed offset: a
+    restarted worker's first events came from past the commit (chaos seeds 11 and 12), and
+    accepting them made Faust drop the messages in between."""
+    from streams.app import REWIND_EVERY_S
+
     clock = [100.0]
-    streams, seeks, offsets = _in_order_harness(monkeypatch, "sought-test", clock, {})
+    streams, seeks, offsets = _in_order_harness(monkeypatch, "sought-test", clock, {TOPIC: 3})
     consumer = streams.app.consumer
-    consumer._committed_offset[TOPIC] = 1144  # what perform_seek records
-    assert offsets(1145, 1146) == [] and seeks == [(TOPIC, 1144)]
+    assert offsets(1145, 1146) == [] and seeks == [], "before the seek: refused, Faust seeks anyway"
+    consumer._vlm4rec_sought = {TOPIC: 1144}  # what perform_seek recorded (faust_fixes.record_seeks)
+    asyncio.run(streams._reread_stalled())
+    assert seeks == [], "the seek itself may bring 1144"
+    clock[0] += REWIND_EVERY_S + 0.5
+    asyncio.run(streams._reread_stalled())
+    assert seeks == [(TOPIC, 1144)], "it did not: read again from the sought offset"
+    assert offsets(1145) == [] and len(seeks) == 1
     assert offsets(1144, 1145) == [1144, 1145]
     streams._forget_partitions(None, {TOPIC})  # revoked, then assigned again after others read on
-    consumer._committed_offset[TOPIC] = 1200
+    assert TOPIC not in consumer._vlm4rec_sought
+    assert offsets(1201) == [], "reassigned, not sought yet"
+    consumer._vlm4rec_sought[TOPIC] = 1200
+    clock[0] += REWIND_EVERY_S + 0.5
     assert offsets(1201) == [] and seeks[-1] == (TOPIC, 1200)
     assert offsets(1200, 1201) == [1200, 1201]
+    streams._forget_partitions(None, {TOPIC})
+    consumer._vlm4rec_sought[TOPIC] = None  # nothing committed: the earliest offset, 3
+    assert offsets(4) == [] and seeks[-1] == (TOPIC, 3)
+    assert offsets(3, 4) == [3, 4]
+
+
+def test_perform_seek_is_recorded_per_assignment() -> None:
+    other = TP("interactions", 1)
+
+    async def seek_to_committed() -> dict[TP, int]:
+        return {TOPIC: 7, other: 0}  # 0: nothing committed there (Faust records None)
+
+    consumer = SimpleNamespace(
+        _read_offset=defaultdict(lambda: None),
+        _committed_offset=defaultdict(lambda: None),
+        seek_to_committed=seek_to_committed,
+        assignment=lambda: {TOPIC, other},
+    )
+    faust_fixes.record_seeks()
+    assert faust_fixes.sought_offsets(consumer) == {}, "not sought yet"
+    asyncio.run(Consumer.perform_seek(consumer))
+    assert faust_fixes.sought_offsets(consumer) == {TOPIC: 7, other: None}
+    faust_fixes.forget_seeks(consumer, {TOPIC})
+    assert faust_fixes.sought_offsets(consumer) == {other: None}
