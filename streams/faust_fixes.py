@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from faust import streams as faust_streams
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import Message
@@ -57,7 +58,14 @@ def commit_only_handled(app: Any, handled: Callable[[Message], bool]) -> None:
     A third path is closed too: when offsets arrive out of order (a fetch answered from before
     a seek), Faust counts the offsets it jumped over as done (`Consumer._add_gap`, meant for
     compacted topics; the product's topics are not compacted). Here they stay uncommitted:
-    at worst a partition's commits wait for the next restart, which reads them again."""
+    at worst a partition's commits wait for the next restart, which reads them again.
+
+    Faust's compiled stream iterator (`faust._cython.streams.StreamIterator.after`) inlines
+    `Consumer.ack` and so would bypass the guard for every agent that iterates a stream event
+    by event (`async for`, `events()`): the item agent's refused and skipped events were
+    committed that way (docs/hardening.md, item 13). Streams therefore use Faust's
+    pure-Python iterator, which acks through `Consumer.ack`."""
+    faust_streams._CStreamIterator = None
     setattr(app, GUARD_ATTRIBUTE, handled)
     consumer_class = faust_consumer.Consumer
     if getattr(consumer_class, "_vlm4rec_guarded", False):
