@@ -337,23 +337,21 @@ class StreamsApp:
         refused (unhandled and, by `faust_fixes`, uncommitted) and the partition is read again
         from that offset, again every `REWIND_EVERY_S` until that offset comes (here, or by
         `_reread_stalled` when nothing newer arrives): a stale fetch can also arrive after the
-        seek back, and Faust then drops the re-read messages too (item 12, a stalled item agent). Only offsets the broker no longer holds (deleted by
-        retention before this worker read them) are a real gap, accepted with an error.
-        A partition's first event is judged against the offset Faust sought it to, and events
-        fetched before that seek are refused (item 12)."""
+        seek back, and Faust then drops the re-read messages too (item 12, a stalled item
+        agent). Only offsets the broker no longer holds (deleted by retention before this
+        worker read them) are a real gap, accepted with an error. A partition's first event is
+        judged against the offset Faust sought it to, and events fetched before that seek are
+        refused (item 12)."""
         kept = []
         for event in events:
             message = event.message
             key = (message.topic, message.partition)
             expected = self._processed.get(key)
             if expected is None:
-                sought = faust_fixes.sought_offsets(self.app.consumer)
-                if message.tp not in sought:  # fetched before Faust sought it to its commit
+                expected = await self._start(message.tp)
+                if expected is None:  # fetched before Faust sought it to its commit
                     self._rewound.setdefault(key, (None, time.monotonic()))
                     continue
-                expected = sought[message.tp]
-                if expected is None:  # nothing committed: reading starts at the earliest offset
-                    expected = sought[message.tp] = await self._earliest(message.tp)
             if message.offset > expected:
                 now = time.monotonic()
                 if now - self._rewound.get(key, (None, -math.inf))[1] < REWIND_EVERY_S:
@@ -375,21 +373,30 @@ class StreamsApp:
     async def _earliest(self, tp: TP) -> int:
         return (await self.app.consumer.earliest_offsets(tp)).get(tp, 0)
 
+    async def _start(self, tp: TP) -> int | None:
+        """Where reading `tp` started in this assignment: the offset Faust sought it to, or
+        the earliest offset when nothing was committed; None before Faust's seek."""
+        sought = faust_fixes.sought_offsets(self.app.consumer)
+        if tp not in sought:
+            return None
+        if sought[tp] is None:
+            sought[tp] = await self._earliest(tp)
+        return sought[tp]
+
     async def _reread_stalled(self) -> None:
         """Seek back again a partition whose re-read offset has not come `REWIND_EVERY_S`
         after the last seek back, though no later event arrived to prompt `_in_order`: the
         re-read messages were dropped behind a stale fetch and nothing newer is coming
         (chaos seed 15: the item agent stalled on four partitions after the replay ended)."""
         now = time.monotonic()
-        sought = faust_fixes.sought_offsets(self.app.consumer)
         for (topic, partition), (offset, when) in list(self._rewound.items()):
-            tp = TP(topic, partition)
-            if now - when < REWIND_EVERY_S or (offset is None and tp not in sought):
+            if now - when < REWIND_EVERY_S:
                 continue
-            if offset is None:  # events came before the seek; the sought offset has not
-                offset = sought[tp]
+            tp = TP(topic, partition)
+            if offset is None:  # events came before Faust's seek; what it sought to has not
+                offset = await self._start(tp)
                 if offset is None:
-                    offset = await self._earliest(tp)
+                    continue
             log.warning("%s[%d]: offset %d has not come; reading again from it", topic, partition, offset)
             self._rewound[(topic, partition)] = (offset, now)
             await self.app.consumer.seek(tp, offset)

@@ -120,7 +120,7 @@ class RankConfig:
     min_groups: int = 200  # groups before the first fit
     l2: float = 1.0
     seed: int = 0
-    tail_slots: int = 1  # of the first `tail_within` places, kept for the best-scored items with at most one interaction
+    tail_slots: int = 1  # of the first `tail_within` places, kept for items with at most one interaction (by cosine to the profile)
     tail_within: int = 10
 
 
@@ -540,9 +540,7 @@ class BlendRanker:
         """Top k (item_id, score) per request, best first, ties by item_id."""
         c = self.config
         pools = self.candidates(requests, content)
-        wanted = {i for p in pools for i in p.ids} | {
-            i for r in requests for i in r.history[-self.config.interests :]
-        }
+        wanted = {i for p in pools for i in p.ids} | {i for r in requests for i in r.history[-c.interests :]}
         vectors = VectorTable(content.vectors(wanted) if wanted else {})
         out: list[Hits] = []
         for request, pool in zip(requests, pools, strict=True):
@@ -553,24 +551,25 @@ class BlendRanker:
             scores = self.score(x)
             order = np.argsort(-scores, kind="stable")  # pool.ids is sorted: ties by item_id
             tail = x[:, COLUMN["pop_count"]] <= math.log1p(1.0)
-            by_content = np.argsort(-x[:, COLUMN["cos_mean"]], kind="stable")
-            head = self._with_tail(order, by_content, tail, min(k, c.tail_within))
+            head = self._with_tail(order, x[:, COLUMN["cos_mean"]], tail, min(k, c.tail_within))
             taken = set(head)
             top = head + [j for j in order.tolist() if j not in taken][: k - len(head)]
             out.append([(pool.ids[j], float(scores[j])) for j in top])
         return out
 
-    def _with_tail(self, order: np.ndarray, by_content: np.ndarray, tail: np.ndarray, k: int) -> list[int]:
-        """The first k of `order`, with up to `tail_slots` of its last places given to the
-        best-ordered tail items (at most one interaction) when too few made the top k on
-        their own. Why: a learnt blend rightly ranks by the evidence most targets have, which
-        on a stream of mostly known items buries every new one; a feed of fresh content must
-        show some, and the scorer's own order among them picks which (docs/quality.md)."""
+    def _with_tail(self, order: np.ndarray, content: np.ndarray, tail: np.ndarray, k: int) -> list[int]:
+        """The first k of `order`, with up to `tail_slots` of its last known items giving way
+        to the tail items (at most one interaction) with the highest `content` score, when too
+        few made the top k on their own. Why: a learnt blend rightly ranks by the evidence most
+        targets have, which on a stream of mostly known items buries every new one; a feed of
+        fresh content must show some, and for items without collaborative evidence the
+        content similarity is what there is (docs/quality.md)."""
         top = order[:k].tolist()
         want = min(self.config.tail_slots, k) - int(tail[order[:k]].sum())
         if want <= 0:
             return top
         chosen = set(top)
+        by_content = np.argsort(-content, kind="stable")  # only when a slot is to fill: a hot path
         extra = [j for j in by_content.tolist() if tail[j] and j not in chosen][:want]
         if not extra:
             return top
