@@ -35,6 +35,7 @@ class CoOccurrence:
         self._touched = np.zeros(1024)  # when each item last gained a user (a running count)
         self._adds = 0
         self._neighbours: list[dict[int, float]] = []
+        self.generation = 0  # bumped when `_forget` re-indexes: indices held elsewhere are stale
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -100,13 +101,14 @@ class CoOccurrence:
         users[: len(order)] = self._users[order]
         touched[: len(order)] = self._touched[order]
         self._users, self._touched = users, touched
+        self.generation += 1
 
-    def dense(self, query: Iterable[str]) -> np.ndarray:
-        """Scores over the internal index (`ids`): sum over the query items i of
-        cooc(i, j) / sqrt(n_i n_j). Query items co-occurring with each other score too; the
-        caller drops what the user has seen."""
-        size = len(self.ids)
-        users = self._users[:size]
+    def sparse(self, query: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(internal indices, scores) of the items that co-occur with a query item: the sum
+        over the query items i of cooc(i, j) / sqrt(n_i n_j). Query items co-occurring with each
+        other score too; the caller drops what the user has seen. Its cost follows the query
+        items' neighbour lists, not the catalogue (a ranker calls it per user)."""
+        users = self._users
         columns: list[np.ndarray] = []
         weights: list[np.ndarray] = []
         for item in query:
@@ -117,19 +119,13 @@ class CoOccurrence:
             columns.append(np.fromiter(neighbours.keys(), dtype=np.int64, count=len(neighbours)))
             weights.append(np.fromiter(neighbours.values(), dtype=np.float64, count=len(neighbours)) / np.sqrt(users[n]))
         if not columns:
-            return np.zeros(size)
-        total = np.bincount(np.concatenate(columns), weights=np.concatenate(weights), minlength=size)
-        np.divide(total, np.sqrt(users), out=total, where=users > 0)
-        return total
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        found, position = np.unique(np.concatenate(columns), return_inverse=True)
+        total = np.bincount(position, weights=np.concatenate(weights))
+        np.divide(total, np.sqrt(users[found]), out=total, where=users[found] > 0)
+        return found, total
 
     def scores(self, query: Iterable[str]) -> dict[str, float]:
-        """`dense` as {item: score} for the items that score above zero."""
-        total = self.dense(query)
-        return {self.ids[j]: float(total[j]) for j in np.flatnonzero(total > 0)}
-
-    def lookup(self, dense: np.ndarray, items: Sequence[str]) -> np.ndarray:
-        """`dense`'s values for `items` (0 for items it does not know)."""
-        index = self.index
-        rows = np.fromiter((index.get(i, -1) for i in items), dtype=np.int64, count=len(items))
-        rows[rows >= len(dense)] = -1
-        return np.where(rows >= 0, dense[np.maximum(rows, 0)], 0.0) if len(dense) else np.zeros(len(items))
+        """`sparse` as {item: score} for the items that score above zero."""
+        found, total = self.sparse(query)
+        return {self.ids[j]: float(v) for j, v in zip(found.tolist(), total.tolist(), strict=True) if v > 0}

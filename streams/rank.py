@@ -204,6 +204,14 @@ class ItemStats:
         n = self.index.get(item)
         return 0 if n is None else int(self._counts[n])
 
+    def intern(self, items: Sequence[str]) -> np.ndarray:
+        """Catalogue row of each item, adding the unknown ones: the ranker works on rows, so
+        that a user's candidates cost numpy operations rather than a lookup per candidate."""
+        found = list(map(self.index.get, items))
+        if None in found:
+            found = [self._intern(item) if n is None else n for item, n in zip(items, found, strict=True)]
+        return np.array(found, dtype=np.int64)
+
     def rows(self, items: Sequence[str]) -> np.ndarray:
         """Internal index of each item (-1: never seen), for `counts`, `decayed`, `ages`."""
         index = self.index
@@ -227,11 +235,13 @@ class ItemStats:
         return self._remember("now", ts, make)
 
     def decayed(self, rows: np.ndarray, ts: float) -> np.ndarray:
-        """(len(rows), 2): decayed counts at `ts` (short, long half-life), floored."""
+        """(len(rows), 2): decayed counts at `ts` (short, long half-life), floored. Rows
+        interned since the memo was made have no interactions: 0."""
         now = self._now(ts)
+        known = (rows >= 0) & (rows < len(now))
         if not len(now):
             return np.zeros((len(rows), 2))
-        return np.where((rows >= 0)[:, None], now[np.maximum(rows, 0)], 0.0)
+        return np.where(known[:, None], now[np.where(known, rows, 0)], 0.0)
 
     def ages_days(self, rows: np.ndarray, ts: float) -> np.ndarray:
         """log1p(days since the declared creation), 0 where none was declared."""
@@ -240,54 +250,67 @@ class ItemStats:
 
     def popular(self, k: int, ts: float, exclude: Collection[str]) -> list[str]:
         """Top k by the long-half-life decayed count (above the floor), ties by item_id."""
-        take = k + len(exclude)
-        ranked = self._popular_ranking(ts)
-        if take > len(ranked) and len(ranked) < int((self._now(ts)[:, 1] > 0).sum()):
-            ranked = self._ranking(self._now(ts)[:, 1], take)
-        return [i for i in ranked if i not in exclude][:k]
+        rows = self.rows(list(exclude))
+        skipped = np.zeros(len(self.ids), dtype=bool)
+        skipped[rows[rows >= 0]] = True
+        return [self.ids[n] for n in self.popular_rows(k, ts, skipped).tolist()]
 
-    def _popular_ranking(self, ts: float, depth: int = 1024) -> list[str]:
+    def popular_rows(self, k: int, ts: float, skipped: np.ndarray) -> np.ndarray:
+        """`popular` as rows, `skipped[row]` marking the excluded (a catalogue-sized mask)."""
+        depth = 1024
+        while True:
+            ranked = self._popular_ranking(ts, depth)
+            kept = ranked[~skipped[ranked]]
+            if len(kept) >= k or len(ranked) < depth:
+                return kept[:k]
+            depth *= 4  # a user who has seen most of the popular items: look deeper
+
+    def _popular_ranking(self, ts: float, depth: int) -> np.ndarray:
         """The `depth` most popular items at `ts`, best first (shared by a round's users)."""
-        return self._remember("popular", ts, lambda: self._ranking(self._now(ts)[:, 1], depth))
 
-    def _ranking(self, scores: np.ndarray, take: int) -> list[str]:
-        take = min(len(scores), take)
-        if take <= 0:
-            return []
-        top = np.argpartition(-scores, take - 1)[:take]
-        return [i for _, i in sorted((-scores[n], self.ids[n]) for n in top if scores[n] > 0)]
+        def make() -> np.ndarray:
+            scores = self._now(ts)[:, 1]
+            positive = np.flatnonzero(scores > 0)
+            return positive[best(scores[positive], positive, self.ids, depth)]
 
-    def fresh(self, ts: float, window_s: float) -> list[str]:
-        """Declared items created in (ts - window_s, ts]."""
-        return [i for created, i in self._fresh if ts - window_s < created <= ts]
+        return self._remember(f"popular {depth}", ts, make)
+
+    def fresh_rows(self, ts: float, window_s: float) -> np.ndarray:
+        """Rows of the declared items created in (ts - window_s, ts], in declaration order
+        (shared by a round's users)."""
+
+        def make() -> np.ndarray:
+            index = self.index
+            return np.array([index[i] for created, i in self._fresh if ts - window_s < created <= ts], dtype=np.int64)
+
+        return self._remember(f"fresh {window_s}", ts, make)
 
 
-class VectorTable(Mapping[str, np.ndarray]):
-    """Item vectors as one matrix with an id index: a round's users gather their candidates'
-    rows with one lookup pass instead of stacking a vector per candidate."""
+class VectorRows:
+    """Item vectors of a round as one matrix indexed by catalogue row (`ItemStats` rows): a
+    round's users gather their candidates' vectors with one numpy indexing each."""
 
-    def __init__(self, vectors: Mapping[str, np.ndarray]) -> None:
-        self.index = {item: n for n, item in enumerate(vectors)}
+    def __init__(self, stats: ItemStats, vectors: Mapping[str, np.ndarray]) -> None:
+        """`vectors`: the items that have one (their rows are interned)."""
+        rows = stats.intern(list(vectors))
         self.dim = next((len(v) for v in vectors.values()), 0)
-        rows = [np.asarray(v, dtype=np.float32) for v in vectors.values()]
-        self.matrix = np.stack(rows + [np.zeros(self.dim, np.float32)]) if self.dim else np.zeros((1, 0), np.float32)
+        self.position = np.full(len(stats.ids), len(rows), dtype=np.int64)  # default: the zero row
+        self.position[rows] = np.arange(len(rows))
+        self.matrix = np.zeros((len(rows) + 1, self.dim), dtype=np.float32)
+        if len(rows):
+            self.matrix[: len(rows)] = np.stack([np.asarray(v, dtype=np.float32) for v in vectors.values()])
 
-    def take(self, ids: Sequence[str]) -> np.ndarray:
-        """(len(ids), dim), zeros for ids without a vector."""
-        index, missing = self.index, len(self.index)
-        return self.matrix[np.fromiter((index.get(i, missing) for i in ids), dtype=np.int64, count=len(ids))]
+    @classmethod
+    def fetch(cls, stats: ItemStats, rows: np.ndarray, content: ContentSource) -> VectorRows:
+        names = stats.ids
+        return cls(stats, content.vectors([names[n] for n in rows.tolist()]) if len(rows) else {})
 
-    def __getitem__(self, item: str) -> np.ndarray:
-        return self.matrix[self.index[item]]
+    def has(self, rows: np.ndarray) -> np.ndarray:
+        return self.position[rows] < len(self.matrix) - 1
 
-    def __contains__(self, item: object) -> bool:
-        return item in self.index
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.index)
-
-    def __len__(self) -> int:
-        return len(self.index)
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), dim), zeros for rows without a vector."""
+        return self.matrix[self.position[rows]]
 
 
 @dataclass
@@ -332,29 +355,77 @@ def _rr(rank: int) -> float:
     return 1.0 / math.log2(1.0 + rank)
 
 
-_RR = [_rr(rank) for rank in range(1, 1025)]
+_RR = np.array([_rr(rank) for rank in range(1, 1025)])
+
+
+def _reciprocal_ranks(n: int) -> np.ndarray:
+    """1 / log2(1 + rank) for the ranks 1..n."""
+    return _RR[:n] if n <= len(_RR) else np.array([_rr(rank) for rank in range(1, n + 1)])
 
 
 @dataclass
 class Candidates:
-    ids: list[str]
-    #: source -> {item it offered: 1 / log2(1 + its best 1-based rank there)}
-    sources: dict[str, dict[str, float]] = field(default_factory=lambda: {s: {} for s in SOURCES})
+    """One request's candidates as catalogue rows (ascending, distinct), with each source's
+    1 / log2(1 + the candidate's best 1-based rank there) aligned with them (0: not offered)."""
 
-    #: co-occurrence scores of the request's recent items over the `CoOccurrence` index
-    cooc: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rows: np.ndarray
+    rr: dict[str, np.ndarray]
+    names: list[str]  # the catalogue's item ids by row (shared, read-only)
+    #: catalogue rows and co-occurrence scores of the request's recent items (sparse)
+    cooc: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros(0, np.int64), np.zeros(0)))
 
-    def offer(self, source: str, ranked: Sequence[str]) -> None:
-        """`ranked`: best first; an item keeps its best rank."""
-        offered = self.sources[source]
-        get = offered.get
-        for position, item in enumerate(ranked):
-            rr = _RR[position] if position < len(_RR) else _rr(position + 1)
-            if get(item, 0.0) < rr:
-                offered[item] = rr
+    @classmethod
+    def of(cls, offers: Mapping[str, Sequence[np.ndarray]], names: list[str], cooc: tuple[np.ndarray, np.ndarray]) -> Candidates:
+        """`offers`: per source, ranked lists of distinct rows (best first); an item offered in
+        several lists of a source keeps its best rank."""
+        lists = [ranked for source in SOURCES for ranked in offers.get(source, ())]
+        rows = np.unique(np.concatenate(lists)) if lists else np.zeros(0, np.int64)
+        rr = {}
+        for source in SOURCES:
+            column = np.zeros(len(rows))
+            for ranked in offers.get(source, ()):
+                if len(ranked):
+                    at = np.searchsorted(rows, ranked)
+                    column[at] = np.maximum(column[at], _reciprocal_ranks(len(ranked)))
+            rr[source] = column
+        return cls(rows, rr, names, cooc)
 
-    def sources_union(self) -> set[str]:
-        return set().union(*(set(o) for o in self.sources.values()))
+    def __contains__(self, row: object) -> bool:
+        at = int(np.searchsorted(self.rows, row))
+        return at < len(self.rows) and self.rows[at] == row
+
+    @property
+    def ids(self) -> list[str]:
+        """The candidates' item ids, sorted."""
+        return sorted(self.names[n] for n in self.rows.tolist())
+
+    @property
+    def sources(self) -> dict[str, dict[str, float]]:
+        """source -> {item it offered: its reciprocal rank there}."""
+        rows = self.rows.tolist()
+        return {
+            source: {self.names[n]: rr for n, rr in zip(rows, column.tolist(), strict=True) if rr > 0}
+            for source, column in self.rr.items()
+        }
+
+    def rr_of(self, source: str, rows: np.ndarray) -> np.ndarray:
+        """The source's reciprocal ranks of `rows` (0 for rows that are not candidates)."""
+        if not len(self.rows):
+            return np.zeros(len(rows))
+        at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        return np.where(self.rows[at] == rows, self.rr[source][at], 0.0)
+
+
+def best(scores: np.ndarray, rows: np.ndarray, names: Sequence[str], n: int) -> list[int]:
+    """Positions of the n highest `scores`, best first, ties by item id (`names[rows[j]]`):
+    only the scores at or above the n-th are sorted in Python (a ranker calls it per user)."""
+    n = min(n, len(scores))
+    if n <= 0:
+        return []
+    cut = np.partition(scores, len(scores) - n)[len(scores) - n]
+    keep = np.flatnonzero(scores >= cut)
+    ranked = sorted(zip((-scores[keep]).tolist(), [names[r] for r in rows[keep].tolist()], keep.tolist(), strict=True))
+    return [j for _, _, j in ranked[:n]]
 
 
 class BlendRanker:
@@ -376,6 +447,8 @@ class BlendRanker:
         self.fits = 0
         self._rng = np.random.default_rng(config.seed)  # negatives
         self._draw = np.random.default_rng([config.seed, 1])  # which interactions train
+        self._cooc_map = np.zeros(0, np.int64)  # co-occurrence index -> catalogue row
+        self._cooc_generation = -1
 
     # --- the stream flows in --------------------------------------------------------------
     def sample_rate(self) -> float:
@@ -398,19 +471,25 @@ class BlendRanker:
         """Training groups for interactions about to be recorded: `requests[n]` is the user's
         state just before taking `items[n]`. Call before `record`-ing them."""
         pools = self.candidates(requests, content)
+        names = self.stats.ids
+        chosen: list[tuple[Request, np.ndarray, Candidates]] = []
         for request, item, pool in zip(requests, items, pools, strict=True):
-            if item not in pool.sources_union():
+            row = self.stats.index.get(item)
+            if row is None or row not in pool:
                 continue  # nothing to learn about ordering the candidates
-            negatives = [i for i in pool.ids if i != item]
+            negatives = sorted((n for n in pool.rows.tolist() if n != row), key=names.__getitem__)
             if not negatives:
                 continue
             take = min(self.config.negatives, len(negatives))
-            chosen = self._rng.choice(len(negatives), size=take, replace=False)
-            ids = [item] + [negatives[j] for j in sorted(chosen.tolist())]
-            vectors = content.vectors(ids + list(request.history[-self.config.interests :]))
-            x = self.features(request, ids, vectors, pool)
-            self.groups.append(Group(x.astype(np.float32)))
-            self.new_groups += 1
+            picked = self._rng.choice(len(negatives), size=take, replace=False)
+            chosen.append((request, np.array([row] + [negatives[j] for j in sorted(picked.tolist())]), pool))
+        if chosen:
+            wanted = [rows for _, rows, _ in chosen] + [self._recent_rows(r) for r, _, _ in chosen]
+            vectors = VectorRows.fetch(self.stats, np.unique(np.concatenate(wanted)), content)
+            for request, rows, pool in chosen:
+                x = self._features(request, rows, vectors, pool)
+                self.groups.append(Group(x.astype(np.float32)))
+                self.new_groups += 1
         self.maybe_refit()
 
     def maybe_refit(self) -> bool:
@@ -426,59 +505,78 @@ class BlendRanker:
     # --- ranking --------------------------------------------------------------------------
     def candidates(self, requests: Sequence[Request], content: ContentSource) -> list[Candidates]:
         """Union of the sources per request, de-duplicated, seen items dropped. One content
-        search for all requests' profile vectors."""
-        c = self.config
-        excluded = [r.excluded() for r in requests]
+        search for all requests' profile vectors; the neighbour lists, popular and fresh items
+        are turned into rows once per call, shared by its requests."""
+        c, stats = self.config, self.stats
+        excluded_ids = [r.excluded() for r in requests]
+        excluded = [np.unique(stats.intern(list(e))) for e in excluded_ids]
         profiled = [n for n, r in enumerate(requests) if r.profile is not None]
         hits = (
             content.search(
                 np.stack([np.asarray(requests[n].profile, dtype=np.float32) for n in profiled]),
                 c.content_k,
-                [excluded[n] for n in profiled],
+                [excluded_ids[n] for n in profiled],
             )
             if profiled
             else []
         )
-        out = [Candidates([]) for _ in requests]
+        offers: list[dict[str, list[np.ndarray]]] = [{} for _ in requests]
         for n, row in zip(profiled, hits, strict=True):
-            out[n].offer("profile", [item for item, _ in row])
+            offers[n]["profile"] = [stats.intern([item for item, _ in row])]
         recent = {i for r in requests for i in r.history[-c.interests :]}
         neighbours = content.neighbours(recent, c.neighbour_depth) if recent and c.interests else {}
+        near = {item: stats.intern([i for i, _ in hits]) for item, hits in neighbours.items() if hits}
+        self._cooc_rows()  # interns what co-occurs, before the mask is sized
+        fresh = stats.fresh_rows(max((r.ts for r in requests), default=0.0), c.fresh_window_s)
+        fresh_vectors: VectorRows | None = None
+        skipped = np.zeros(len(stats.ids), dtype=bool)  # the request's excluded rows, set in turn
+        out = []
         for n, request in enumerate(requests):
-            pool = out[n]
-            for item in reversed(request.history[-c.interests :]):  # the latest first
-                if near := neighbours.get(item):
-                    pool.offer("interests", [i for i, _ in near if i not in excluded[n]][: c.content_k])
-            pool.cooc = recent_co = self._cooc(request)
-            pool.offer("cooc", self._top(recent_co, self.cooc.ids, c.cooc_k, excluded[n]))
-            pool.offer("popular", self.stats.popular(c.popular_k, request.ts, excluded[n]))
-            fresh = [i for i in self.stats.fresh(request.ts, c.fresh_window_s) if i not in excluded[n]]
-            pool.offer("fresh", self._nearest(request, fresh, content, c.fresh_k))
-            pool.ids = sorted(pool.sources_union())
+            offer, skip = offers[n], excluded[n]
+            skipped[skip] = True
+            offer["interests"] = [
+                rows[~skipped[rows]][: c.content_k]
+                for item in reversed(request.history[-c.interests :])  # the latest first
+                if (rows := near.get(item)) is not None
+            ]
+            cooc = self._cooc(request)
+            kept = cooc[0][(cooc[1] > 0) & ~skipped[cooc[0]]], cooc[1][(cooc[1] > 0) & ~skipped[cooc[0]]]
+            offer["cooc"] = [kept[0][best(kept[1], kept[0], stats.ids, c.cooc_k)]]
+            offer["popular"] = [stats.popular_rows(c.popular_k, request.ts, skipped)]
+            mine = stats.fresh_rows(request.ts, c.fresh_window_s)
+            mine = mine[~skipped[mine]]
+            if c.fresh_k <= 0 or not len(mine):
+                offer["fresh"] = []
+            elif request.profile is None or len(mine) <= c.fresh_k:
+                offer["fresh"] = [mine[-c.fresh_k :]]
+            else:
+                if fresh_vectors is None:  # one gather for the round's users
+                    fresh_vectors = VectorRows.fetch(stats, np.unique(np.concatenate([fresh, mine])), content)
+                mine = mine[fresh_vectors.has(mine)]
+                closeness = fresh_vectors.matrix @ np.asarray(request.profile, dtype=np.float32)
+                closeness = closeness[fresh_vectors.position[mine]].astype(np.float64)
+                offer["fresh"] = [mine[best(closeness, mine, stats.ids, c.fresh_k)]]
+            skipped[skip] = False
+            out.append(Candidates.of(offer, stats.ids, cooc))
         return out
 
-    def _cooc(self, request: Request) -> np.ndarray:
-        return self.cooc.dense(request.history[-self.config.interests :])
+    def _recent_rows(self, request: Request) -> np.ndarray:
+        return self.stats.intern(list(request.history[-self.config.interests :]))
 
-    @staticmethod
-    def _top(scores: np.ndarray, ids: Sequence[str], k: int, exclude: Collection[str]) -> list[str]:
-        """The k best positive scores, ties by id, excluded ids dropped."""
-        take = min(int((scores > 0).sum()), k + len(exclude))
-        if take <= 0:
-            return []
-        top = np.argpartition(-scores, take - 1)[:take]
-        best = sorted((-scores[n], ids[n]) for n in top if scores[n] > 0)
-        return [i for _, i in best if i not in exclude][:k]
+    def _cooc(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
+        """Catalogue rows and co-occurrence scores of the request's recent items."""
+        found, scores = self.cooc.sparse(request.history[-self.config.interests :])
+        return self._cooc_rows()[found], scores
 
-    @staticmethod
-    def _nearest(request: Request, ids: list[str], content: ContentSource, k: int) -> list[str]:
-        if not ids or k <= 0:
-            return []
-        if request.profile is None or len(ids) <= k:
-            return ids[-k:]
-        vectors = content.vectors(ids)
-        scored = sorted(((-float(np.dot(vectors[i], request.profile)), i) for i in ids if i in vectors))
-        return [i for _, i in scored[:k]]
+    def _cooc_rows(self) -> np.ndarray:
+        """Catalogue row of each co-occurrence index (extended as it grows, rebuilt when it
+        forgets items)."""
+        cooc = self.cooc
+        if self._cooc_generation != cooc.generation:
+            self._cooc_map, self._cooc_generation = np.zeros(0, np.int64), cooc.generation
+        if len(self._cooc_map) < len(cooc.ids):
+            self._cooc_map = np.concatenate([self._cooc_map, self.stats.intern(cooc.ids[len(self._cooc_map) :])])
+        return self._cooc_map
 
     def features(
         self,
@@ -489,44 +587,46 @@ class BlendRanker:
     ) -> np.ndarray:
         """(len(ids), len(FEATURES)) for one user at one moment; `pool`: the candidates the
         sources offered for this request (their ranks there are features)."""
-        c = self.config
-        n = len(ids)
-        x = np.zeros((n, len(FEATURES)))
+        rows = self.stats.intern(list(ids))
+        return self._features(request, rows, VectorRows(self.stats, vectors), pool)
+
+    def _features(self, request: Request, rows: np.ndarray, vectors: VectorRows, pool: Candidates | None) -> np.ndarray:
+        c, stats = self.config, self.stats
+        x = np.zeros((len(rows), len(FEATURES)))
         col = COLUMN
-        table = vectors if isinstance(vectors, VectorTable) else VectorTable(vectors)
-        if table.dim:
-            matrix = table.take(ids)
+        if vectors.dim:
+            matrix = vectors.take(rows)
             if request.profile is not None:
                 x[:, col["cos_mean"]] = matrix @ np.asarray(request.profile, dtype=np.float32)
-            recent = [table[i] for i in request.history[-c.interests :] if i in table]
-            if recent:
-                sims = matrix @ np.stack(recent).T.astype(np.float32)
+            recent = self._recent_rows(request)
+            recent = recent[vectors.has(recent)]
+            if len(recent):
+                sims = matrix @ vectors.take(recent).T
                 x[:, col["cos_max"]] = sims.max(axis=1)
-                if request.history[-1] in table:
+                if recent[-1] == stats.index[request.history[-1]]:
                     x[:, col["cos_last"]] = sims[:, -1]
-        recent_co = pool.cooc if pool is not None else self._cooc(request)
-        x[:, col["cooc_recent"]] = self.cooc.lookup(recent_co, ids)
+        cooc_rows, cooc_scores = pool.cooc if pool is not None else self._cooc(request)
+        if len(cooc_rows):
+            scratch = np.zeros(len(stats.ids))
+            scratch[cooc_rows] = cooc_scores
+            x[:, col["cooc_recent"]] = scratch[rows]
         top = x[:, col["cooc_recent"]].max(initial=0.0)
         if top > 0:
             x[:, col["cooc_rel"]] = x[:, col["cooc_recent"]] / top
-        rows = self.stats.rows(ids)
-        counts = self.stats.counts(rows)
+        counts = stats.counts(rows)
         x[:, col["pop_count"]] = np.log1p(np.maximum(counts, 1.0))
-        decayed = np.log1p(self.stats.decayed(rows, request.ts))
+        decayed = np.log1p(stats.decayed(rows, request.ts))
         x[:, col["pop_short"]], x[:, col["pop_long"]] = decayed[:, 0], decayed[:, 1]
-        x[:, col["age"]] = self.stats.ages_days(rows, request.ts)
+        x[:, col["age"]] = stats.ages_days(rows, request.ts)
         h = math.log1p(len(request.history))
         x[:, col["hist_cos_max"]] = h * x[:, col["cos_max"]]
         x[:, col["hist_cooc"]] = h * x[:, col["cooc_recent"]]
         x[:, col["hist_pop"]] = h * x[:, col["pop_long"]]
         x[:, col["tail_cos_max"]] = np.where(counts <= 1, x[:, col["cos_max"]], 0.0)
         if pool is not None:
-            position = {item: j for j, item in enumerate(ids)}
+            same = len(rows) == len(pool.rows) and rows is pool.rows
             for source in ("profile", "interests", "cooc", "popular"):
-                column = x[:, col[f"rr_{source}"]]
-                for item, rr in pool.sources[source].items():
-                    if (j := position.get(item)) is not None:
-                        column[j] = rr
+                x[:, col[f"rr_{source}"]] = pool.rr[source] if same else pool.rr_of(source, rows)
         return x
 
     def weights(self) -> dict[str, float]:
@@ -538,39 +638,40 @@ class BlendRanker:
 
     def rank(self, requests: Sequence[Request], content: ContentSource, k: int) -> list[Hits]:
         """Top k (item_id, score) per request, best first, ties by item_id."""
-        c = self.config
+        c, names = self.config, self.stats.ids
         pools = self.candidates(requests, content)
-        wanted = {i for p in pools for i in p.ids} | {i for r in requests for i in r.history[-c.interests :]}
-        vectors = VectorTable(content.vectors(wanted) if wanted else {})
+        wanted = [p.rows for p in pools] + [self._recent_rows(r) for r in requests]
+        vectors = VectorRows.fetch(self.stats, np.unique(np.concatenate(wanted)) if wanted else np.zeros(0, np.int64), content)
         out: list[Hits] = []
         for request, pool in zip(requests, pools, strict=True):
-            if not pool.ids:
+            if not len(pool.rows):
                 out.append([])
                 continue
-            x = self.features(request, pool.ids, vectors, pool)
+            x = self._features(request, pool.rows, vectors, pool)
             scores = self.score(x)
-            order = np.argsort(-scores, kind="stable")  # pool.ids is sorted: ties by item_id
+            order = best(scores, pool.rows, names, k + self.config.tail_slots)
             tail = x[:, COLUMN["pop_count"]] <= math.log1p(1.0)
-            head = self._with_tail(order, x[:, COLUMN["cos_mean"]], tail, min(k, c.tail_within))
+            head = self._with_tail(order, x[:, COLUMN["cos_mean"]], tail, pool.rows, min(k, c.tail_within))
             taken = set(head)
-            top = head + [j for j in order.tolist() if j not in taken][: k - len(head)]
-            out.append([(pool.ids[j], float(scores[j])) for j in top])
+            top = head + [j for j in order if j not in taken][: k - len(head)]
+            out.append([(names[pool.rows[j]], float(scores[j])) for j in top])
         return out
 
-    def _with_tail(self, order: np.ndarray, content: np.ndarray, tail: np.ndarray, k: int) -> list[int]:
+    def _with_tail(self, order: list[int], content: np.ndarray, tail: np.ndarray, rows: np.ndarray, k: int) -> list[int]:
         """The first k of `order`, with up to `tail_slots` of its last known items giving way
         to the tail items (at most one interaction) with the highest `content` score, when too
         few made the top k on their own. Why: a learnt blend rightly ranks by the evidence most
         targets have, which on a stream of mostly known items buries every new one; a feed of
         fresh content must show some, and for items without collaborative evidence the
         content similarity is what there is (docs/quality.md)."""
-        top = order[:k].tolist()
-        want = min(self.config.tail_slots, k) - int(tail[order[:k]].sum())
+        top = order[:k]
+        want = min(self.config.tail_slots, k) - int(tail[top].sum())
         if want <= 0:
             return top
-        chosen = set(top)
-        by_content = np.argsort(-content, kind="stable")  # only when a slot is to fill: a hot path
-        extra = [j for j in by_content.tolist() if tail[j] and j not in chosen][:want]
+        open_ = tail.copy()
+        open_[top] = False
+        spare = np.flatnonzero(open_)
+        extra = spare[best(content[spare], rows[spare], self.stats.ids, want)].tolist()
         if not extra:
             return top
         warm = [j for j in top if not tail[j]]
