@@ -449,6 +449,7 @@ class BlendRanker:
         self._draw = np.random.default_rng([config.seed, 1])  # which interactions train
         self._cooc_map = np.zeros(0, np.int64)  # co-occurrence index -> catalogue row
         self._cooc_generation = -1
+        self._scratch = np.zeros(0)  # see `_features`
 
     # --- the stream flows in --------------------------------------------------------------
     def sample_rate(self) -> float:
@@ -606,10 +607,12 @@ class BlendRanker:
                 if recent[-1] == stats.index[request.history[-1]]:
                     x[:, col["cos_last"]] = sims[:, -1]
         cooc_rows, cooc_scores = pool.cooc if pool is not None else self._cooc(request)
-        if len(cooc_rows):
-            scratch = np.zeros(len(stats.ids))
-            scratch[cooc_rows] = cooc_scores
-            x[:, col["cooc_recent"]] = scratch[rows]
+        if len(cooc_rows):  # scattered into a catalogue-sized array kept at zero between users
+            if len(self._scratch) < len(stats.ids):
+                self._scratch = np.zeros(2 * len(stats.ids))
+            self._scratch[cooc_rows] = cooc_scores
+            x[:, col["cooc_recent"]] = self._scratch[rows]
+            self._scratch[cooc_rows] = 0.0
         top = x[:, col["cooc_recent"]].max(initial=0.0)
         if top > 0:
             x[:, col["cooc_rel"]] = x[:, col["cooc_recent"]] / top

@@ -288,3 +288,17 @@ def test_real_data_quick_run(shared_data: Path, tmp_path: Path) -> None:
         low, high = metrics["HR@10_ci"]
         assert 0.0 <= low <= metrics["HR@10"] <= high <= 1.0
         assert metrics["HR@10"] <= metrics["HR@20"] and 0 < metrics["coverage@10"] <= 1
+
+
+def test_bench_rank_times_the_products_ranker_after_streaming_a_dataset(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    rows = [(f"u{rng.integers(30)}", f"i{rng.integers(60):02d}", 1_700_000_000.0 + 60 * n) for n in range(600)]
+    folder = make_dataset(tmp_path / "data", rows)
+    out = tmp_path / "rank.json"
+    result = CliRunner().invoke(main, ["bench", "rank", str(folder), "--users", "8", "--rounds", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["interactions"] == 600 and report["users_per_round"] == 8 and report["rounds"] == 2
+    assert report["model_fits"] >= 1, "600 rows are enough for the blend's first fit"
+    assert report["rank_ms_per_user"] > 0 and report["candidates_per_user"] > 10
+    assert report["users_per_s_one_core"] == pytest.approx(1000 / report["rank_ms_per_user"], rel=0.01)

@@ -1,4 +1,5 @@
-"""Benchmarks that print figures: `vlm4rec bench embed`, `bench stream` and `bench search`.
+"""Benchmarks that print figures: `vlm4rec bench embed`, `bench stream`, `bench search` and
+`bench rank`.
 
 Both drive the product's own code paths (the worker's embedder, image loader and vector store;
 the running local stack's streams) and report what they measured, with the machine's core
@@ -311,5 +312,86 @@ def bench_stream(
         "steps": steps,
         "users": users,
         "items": len(item_ids),
+        "cpu_cores": os.cpu_count(),
+    }
+
+
+# --- ranking ---------------------------------------------------------------------------
+class _TimedContent:
+    """A `streams.rank.ContentSource` that adds up the time spent in vector searches: the
+    ranker's own cost is the rest."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.inner.search(queries, k, exclude)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def neighbours(self, items: Any, depth: int) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.inner.neighbours(items, depth)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def vectors(self, ids: Any) -> Any:
+        return self.inner.vectors(ids)
+
+
+def bench_rank(dataset: Any, users: int = 256, rounds: int = 8, dim: int = 384, seed: int = 0) -> dict[str, Any]:
+    """The product's ranker (`streams.rank.BlendRanker`, as `vlm4rec eval` and the stream
+    processor run it) after the whole dataset has streamed through it: `rounds` refresh rounds
+    of `users` random users with history, timed after one warm-up round. The item vectors are
+    random unit vectors of `dim` (the cost of ranking does not depend on what they say) and the
+    content search is exact and in-process; its time is reported apart, since the stream asks
+    Milvus instead."""
+    from vlm4rec.evaluate import BlendWalk, ContentIndex, build_stream
+
+    stream = build_stream(dataset)
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(len(stream.item_ids), dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    walk = BlendWalk(stream)
+    blend = walk.add(ContentIndex(vectors))
+    started = time.perf_counter()
+    step = 1000
+    for end in tqdm(range(step, len(stream.ts) + step, step), desc="streaming the dataset through the ranker", unit="k rows"):
+        blend.advance(min(end, len(stream.ts)))
+    walk_s = time.perf_counter() - started
+    blend.content.ts = np.inf
+    content = _TimedContent(blend.content)
+    active = [u for u in range(len(stream.user_ids)) if walk.recent[u]]
+    now = float(stream.ts[-1])
+    picks = [rng.choice(active, size=min(users, len(active)), replace=False) for _ in range(rounds + 1)]
+    candidates = []
+    ranked = 0
+    total = 0.0
+    for n, pick in enumerate(tqdm(picks, desc="ranking rounds", unit="round")):
+        requests = [blend.request(int(u), now) for u in pick]
+        if n == 0:  # warm-up: memos, caches
+            blend.ranker.rank(requests, content, 20)
+            continue
+        content.seconds = 0.0
+        t = time.perf_counter()
+        blend.ranker.rank(requests, content, 20)
+        total += time.perf_counter() - t - content.seconds
+        ranked += len(requests)
+        candidates.extend(len(p.rows) for p in blend.ranker.candidates(requests[:16], content))
+    return {
+        "dataset": stream.name,
+        "interactions": len(stream.ts),
+        "items": len(stream.item_ids),
+        "users_per_round": len(picks[0]),
+        "rounds": rounds,
+        "model_fits": blend.ranker.fits,
+        "candidates_per_user": round(float(np.mean(candidates)), 1) if candidates else 0.0,
+        "rank_ms_per_user": round(1000 * total / max(ranked, 1), 3),
+        "users_per_s_one_core": round(ranked / total, 1) if total else None,
+        "stream_walk_s": round(walk_s, 1),
         "cpu_cores": os.cpu_count(),
     }

@@ -391,7 +391,7 @@ def eval_command(
 
 @main.group()
 def bench() -> None:
-    """Benchmarks that print figures (embedding throughput; streaming latency)."""
+    """Benchmarks that print figures (embedding throughput; search; ranking cost; streaming latency)."""
 
 
 @bench.command("embed")
@@ -472,6 +472,27 @@ def bench_search_cmd(settings: Settings, items: int, dim: int, batch: int, out: 
         store.drop()
         store.close()
     result["milvus"] = _milvus_kind(settings)
+    Path(out).write_text(json.dumps(result, indent=2))
+    click.echo(json.dumps(result, indent=2))
+    click.echo(f"wrote {out}")
+
+
+@bench.command("rank")
+@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--users", type=click.IntRange(min=1), default=256, show_default=True, help="Users per round (the refresher's round size).")
+@click.option("--rounds", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="bench-rank.json", show_default=True)
+def bench_rank_cmd(dataset_dir: str, users: int, rounds: int, out: str) -> None:
+    """CPU cost of the product's ranker per user: streams the dataset through it (training
+    included), then times refresh rounds of random users, the exact in-process content search
+    excluded. Needs no running stack. Writes {"rank_ms_per_user", "users_per_s_one_core",
+    "candidates_per_user", ...}."""
+    from pathlib import Path
+
+    from vlm4rec.bench import bench_rank
+    from vlm4rec.dataset import load_dataset
+
+    result = bench_rank(load_dataset(dataset_dir), users, rounds)
     Path(out).write_text(json.dumps(result, indent=2))
     click.echo(json.dumps(result, indent=2))
     click.echo(f"wrote {out}")
