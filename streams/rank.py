@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, TypeVar
 
@@ -221,8 +221,8 @@ class ItemStats:
         return np.where(rows >= 0, self._counts[np.maximum(rows, 0)], 0.0)
 
     def _now(self, ts: float) -> np.ndarray:
-        """Decayed counts of every known item at `ts`, floored (see the module docstring).
-        Shared between callers: read-only."""
+        """Decayed counts at `ts` of every item known when the memo was made, floored (see the
+        module docstring). Shared between callers: read-only."""
 
         def make() -> np.ndarray:
             size = len(self.ids)
@@ -376,8 +376,7 @@ class Candidates:
 
     @classmethod
     def of(cls, offers: Mapping[str, Sequence[np.ndarray]], names: list[str], cooc: tuple[np.ndarray, np.ndarray]) -> Candidates:
-        """`offers`: per source, ranked lists of distinct rows (best first); an item offered in
-        several lists of a source keeps its best rank."""
+        """`offers`: per source, ranked row lists (best first); an item keeps its best rank."""
         lists = [ranked for source in SOURCES for ranked in offers.get(source, ())]
         rows = np.unique(np.concatenate(lists)) if lists else np.zeros(0, np.int64)
         rr = {}
@@ -385,8 +384,7 @@ class Candidates:
             column = np.zeros(len(rows))
             for ranked in offers.get(source, ()):
                 if len(ranked):
-                    at = np.searchsorted(rows, ranked)
-                    column[at] = np.maximum(column[at], _reciprocal_ranks(len(ranked)))
+                    np.maximum.at(column, np.searchsorted(rows, ranked), _reciprocal_ranks(len(ranked)))
             rr[source] = column
         return cls(rows, rr, names, cooc)
 
@@ -506,8 +504,10 @@ class BlendRanker:
     # --- ranking --------------------------------------------------------------------------
     def candidates(self, requests: Sequence[Request], content: ContentSource) -> list[Candidates]:
         """Union of the sources per request, de-duplicated, seen items dropped. One content
-        search for all requests' profile vectors; the neighbour lists, popular and fresh items
-        are turned into rows once per call, shared by its requests."""
+        search for all requests' profile vectors; the neighbour lists are turned into rows once
+        per call, popular and fresh items once per moment (`ts`), shared by the requests.
+        Candidates are catalogue rows (`ItemStats.intern`), so that a request costs numpy
+        operations rather than a lookup per candidate."""
         c, stats = self.config, self.stats
         excluded_ids = [r.excluded() for r in requests]
         excluded = [np.unique(stats.intern(list(e))) for e in excluded_ids]
@@ -528,10 +528,9 @@ class BlendRanker:
         neighbours = content.neighbours(recent, c.neighbour_depth) if recent and c.interests else {}
         near = {item: stats.intern([i for i, _ in hits]) for item, hits in neighbours.items() if hits}
         self._cooc_rows()  # interns what co-occurs, before the mask is sized
-        fresh = stats.fresh_rows(max((r.ts for r in requests), default=0.0), c.fresh_window_s)
-        fresh_vectors: VectorRows | None = None
         skipped = np.zeros(len(stats.ids), dtype=bool)  # the request's excluded rows, set in turn
-        out = []
+        ranked_fresh: list[tuple[int, np.ndarray]] = []  # (request, its fresh rows) to rank by closeness
+        coocs = []
         for n, request in enumerate(requests):
             offer, skip = offers[n], excluded[n]
             skipped[skip] = True
@@ -540,26 +539,28 @@ class BlendRanker:
                 for item in reversed(request.history[-c.interests :])  # the latest first
                 if (rows := near.get(item)) is not None
             ]
-            cooc = self._cooc(request)
-            kept = cooc[0][(cooc[1] > 0) & ~skipped[cooc[0]]], cooc[1][(cooc[1] > 0) & ~skipped[cooc[0]]]
-            offer["cooc"] = [kept[0][best(kept[1], kept[0], stats.ids, c.cooc_k)]]
+            found, scores = self._cooc(request)
+            coocs.append((found, scores))
+            keep = (scores > 0) & ~skipped[found]
+            offer["cooc"] = [found[keep][best(scores[keep], found[keep], stats.ids, c.cooc_k)]]
             offer["popular"] = [stats.popular_rows(c.popular_k, request.ts, skipped)]
-            mine = stats.fresh_rows(request.ts, c.fresh_window_s)
-            mine = mine[~skipped[mine]]
-            if c.fresh_k <= 0 or not len(mine):
-                offer["fresh"] = []
-            elif request.profile is None or len(mine) <= c.fresh_k:
-                offer["fresh"] = [mine[-c.fresh_k :]]
-            else:
-                if fresh_vectors is None:  # one gather for the round's users
-                    fresh_vectors = VectorRows.fetch(stats, np.unique(np.concatenate([fresh, mine])), content)
-                mine = mine[fresh_vectors.has(mine)]
-                closeness = fresh_vectors.matrix @ np.asarray(request.profile, dtype=np.float32)
-                closeness = closeness[fresh_vectors.position[mine]].astype(np.float64)
-                offer["fresh"] = [mine[best(closeness, mine, stats.ids, c.fresh_k)]]
+            fresh = stats.fresh_rows(request.ts, c.fresh_window_s)
+            fresh = fresh[~skipped[fresh]]
+            if c.fresh_k > 0 and len(fresh) and (request.profile is None or len(fresh) <= c.fresh_k):
+                offer["fresh"] = [fresh[-c.fresh_k :]]
+            elif c.fresh_k > 0 and len(fresh):
+                ranked_fresh.append((n, fresh))
             skipped[skip] = False
-            out.append(Candidates.of(offer, stats.ids, cooc))
-        return out
+        if ranked_fresh:  # the nearest fresh items to each profile, from one gather of vectors
+            vectors = VectorRows.fetch(stats, np.unique(np.concatenate([f for _, f in ranked_fresh])), content)
+            for n, fresh in ranked_fresh:
+                fresh = fresh[vectors.has(fresh)]
+                # einsum: a row's dot product does not depend on its place in the matrix, so
+                # items with identical vectors tie exactly and the tie goes by item id
+                closeness = np.einsum("ij,j->i", vectors.matrix, np.asarray(requests[n].profile, dtype=np.float32))
+                closeness = closeness[vectors.position[fresh]].astype(np.float64)
+                offers[n]["fresh"] = [fresh[best(closeness, fresh, stats.ids, c.fresh_k)]]
+        return [Candidates.of(offer, stats.ids, cooc) for offer, cooc in zip(offers, coocs, strict=True)]
 
     def _recent_rows(self, request: Request) -> np.ndarray:
         return self.stats.intern(list(request.history[-self.config.interests :]))
@@ -589,10 +590,11 @@ class BlendRanker:
         """(len(ids), len(FEATURES)) for one user at one moment; `pool`: the candidates the
         sources offered for this request (their ranks there are features)."""
         rows = self.stats.intern(list(ids))
+        self._recent_rows(request)  # interned before the vectors' index is sized
         return self._features(request, rows, VectorRows(self.stats, vectors), pool)
 
     def _features(self, request: Request, rows: np.ndarray, vectors: VectorRows, pool: Candidates | None) -> np.ndarray:
-        c, stats = self.config, self.stats
+        stats = self.stats
         x = np.zeros((len(rows), len(FEATURES)))
         col = COLUMN
         if vectors.dim:
@@ -627,7 +629,7 @@ class BlendRanker:
         x[:, col["hist_pop"]] = h * x[:, col["pop_long"]]
         x[:, col["tail_cos_max"]] = np.where(counts <= 1, x[:, col["cos_max"]], 0.0)
         if pool is not None:
-            same = len(rows) == len(pool.rows) and rows is pool.rows
+            same = rows is pool.rows
             for source in ("profile", "interests", "cooc", "popular"):
                 x[:, col[f"rr_{source}"]] = pool.rr[source] if same else pool.rr_of(source, rows)
         return x
@@ -652,7 +654,7 @@ class BlendRanker:
                 continue
             x = self._features(request, pool.rows, vectors, pool)
             scores = self.score(x)
-            order = best(scores, pool.rows, names, k + self.config.tail_slots)
+            order = best(scores, pool.rows, names, k + c.tail_slots)
             tail = x[:, COLUMN["pop_count"]] <= math.log1p(1.0)
             head = self._with_tail(order, x[:, COLUMN["cos_mean"]], tail, pool.rows, min(k, c.tail_within))
             taken = set(head)

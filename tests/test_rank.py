@@ -448,3 +448,30 @@ def test_the_tail_slot_leaves_a_list_alone_that_already_has_a_new_item() -> None
     assert ranker._with_tail(order, by_content, np.zeros(5, dtype=bool), rows, 3) == [4, 2, 0]
     tail = np.array([False, False, True, True, False])  # 2 (second place) is new, 0 is not
     assert two._with_tail(order, by_content, tail, rows, 3) == [4, 2, 3], "the lowest known item gives way"
+
+
+def test_fresh_items_are_ranked_for_each_requests_own_moment_when_one_call_mixes_moments() -> None:
+    """The stream processor learns from interactions of several moments in one call: each
+    request's fresh items are those of its own window, ranked by closeness to its profile."""
+    content, ids, vectors = world()
+    ranker = BlendRanker(RankConfig(fresh_k=1, fresh_window_s=7 * 86400.0))
+    day = 86400.0
+    early, late = 100 * day, 101 * day
+    ranker.stats.declare(ids[1], early - 6.5 * day)  # fresh at `early` only
+    ranker.stats.declare(ids[2], early - 1 * day)
+    ranker.stats.declare(ids[3], early - 1 * day)
+    late_request = Request([ids[0]], mean_profile(vectors[[2]]), late)
+    early_request = Request([ids[0]], mean_profile(vectors[[1]]), early)
+    pools = ranker.candidates([late_request, early_request], content)
+    assert set(pools[0].sources["fresh"]) == {ids[2]}
+    assert set(pools[1].sources["fresh"]) == {ids[1]}, "an item fresh only at the earlier moment still counts there"
+
+
+def test_features_of_a_user_whose_history_the_ranker_has_not_seen() -> None:
+    content, ids, vectors = world()
+    ranker = BlendRanker()
+    request = Request([ids[5], ids[6]], mean_profile(vectors[[5, 6]]), 10.0)
+    x = ranker.features(request, [ids[7], ids[8]], content.vectors([ids[7], ids[8]]))  # no history vectors
+    col = {f: n for n, f in enumerate(FEATURES)}
+    assert x[0, col["cos_mean"]] == pytest.approx(float(vectors[7] @ request.profile), abs=1e-5)
+    assert x[0, col["cos_last"]] == 0.0 and x[0, col["cos_max"]] == 0.0

@@ -1,7 +1,7 @@
 """Benchmarks that print figures: `vlm4rec bench embed`, `bench stream`, `bench search` and
 `bench rank`.
 
-Both drive the product's own code paths (the worker's embedder, image loader and vector store;
+They drive the product's own code paths (the worker's embedder, image loader and vector store;
 the running local stack's streams) and report what they measured, with the machine's core
 count, so that figures are compared only with others from the same run."""
 
@@ -348,8 +348,9 @@ def bench_rank(dataset: Any, users: int = 256, rounds: int = 8, dim: int = 384, 
     processor run it) after the whole dataset has streamed through it: `rounds` refresh rounds
     of `users` random users with history, timed after one warm-up round. The item vectors are
     random unit vectors of `dim` (the cost of ranking does not depend on what they say) and the
-    content search is exact and in-process; its time is reported apart, since the stream asks
-    Milvus instead."""
+    content search is exact and in-process and its time is left out, since the stream asks
+    Milvus instead (vector lookups count: the stream serves them from its cache). Per core:
+    numpy's BLAS may use more than one thread for the few matrix products."""
     from vlm4rec.evaluate import BlendWalk, ContentIndex, build_stream
 
     stream = build_stream(dataset)
