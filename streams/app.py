@@ -9,7 +9,10 @@ Topics and agents:
   their `recs`. A user marked again while due keeps their place (coalescing): when interactions
   come faster than the vector store can answer, a push answers several of a user's interactions
   and the profiles still keep up with the stream. Recs are derived state: a worker that dies
-  may skip a due push, and the user's next interaction or fresh item brings one.
+  may skip a due push, and the user's next interaction or fresh item brings one. They leave
+  through their own producer (confluent-kafka, batching in its own thread), not Faust's: on the
+  embedded broker Faust's producer runs with one record per batch (docs/hardening.md item 3),
+  which made every push wait for the previous one's round trip.
   An interaction whose item has no vector yet is deferred to the `pending` topic (keyed by item)
   and comes back through `control` once the item is embedded: no signal is lost.
 - `items.embedded` (+ `pending`, co-partitioned by item_id): the item agent. It releases the
@@ -50,6 +53,7 @@ from streams.profile import Profile, ProfileRule
 from streams.rank import RankConfig
 from streams.recommend import Observation, Recommender
 from topics import DeadLetter, EventError, Interaction, ItemEmbedded, Rec, Recs, TopicNames, decode, encode
+from topics.producer import EventProducer
 from vectorstore import VectorStore
 
 log = logging.getLogger("vlm4rec.streams")
@@ -93,6 +97,9 @@ class StreamsConfig:
     rule: ProfileRule = field(default_factory=ProfileRule)
     popularity_half_life_s: float = 6 * 3600
     rank: RankConfig = field(default_factory=RankConfig)
+    #: librdkafka settings of the recs producer (the composition root hands down the product's
+    #: `kafka_config()`); empty: `bootstrap_servers` in plain text
+    recs_kafka: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pending_topic(self) -> str:
@@ -223,7 +230,6 @@ class StreamsApp:
         self.items_topic = self.app.topic(t.items_embedded, config.pending_topic, **raw)
         self.pending = self.app.topic(config.pending_topic, **raw)
         self.control = self.app.topic(config.control_topic, **raw)
-        self.recs = self.app.topic(t.recs, **raw)
         self.interactions_dlq = self.app.topic(t.interactions_dlq, **raw)
         self.profiles = self.app.Table("profiles", default=None, partitions=config.partitions)
         self.waiting = self.app.Table("waiting", default=None, partitions=config.partitions)
@@ -239,6 +245,8 @@ class StreamsApp:
         faust_fixes.commit_only_handled(self.app, self._may_commit)
         faust_fixes.record_seeks()
         self.app.on_partitions_revoked.connect(self._forget_partitions)
+        self.app.on_before_shutdown.connect(self._flush_recs)
+        self._recs_out: EventProducer | None = None  # made at the first push (it starts threads)
 
     def _forget_partitions(self, sender: Any, revoked: set[Any], **_: Any) -> None:
         """A revoked partition's read position is no longer this worker's to check: when it
@@ -522,11 +530,12 @@ class StreamsApp:
         with metrics.STAGE_SECONDS.labels("push").time():
             now = time.time()
             for (user_id, due, _), items in zip(ready, lists, strict=True):
-                await self._push(user_id, items, "interaction" if due.arrived is not None else "fresh_item")
+                self._push(user_id, items, "interaction" if due.arrived is not None else "fresh_item")
                 if due.arrived is not None:
                     metrics.INTERACTION_TO_RECS.observe(max(0.0, now - due.arrived))
                 if due.published_at is not None:
                     metrics.FRESH_ITEM_SECONDS.observe(max(0.0, now - due.published_at))
+            self._report_refused()
         metrics.RECS_DUE.set(len(self.due))
 
     async def _parse(self, event: faust.EventT) -> tuple[str, Interaction, str | None, float | None] | None:
@@ -578,7 +587,7 @@ class StreamsApp:
         body = {"interaction": interaction.model_dump(), "origin": origin, "partition": message.partition}
         return await self.pending.send(key=interaction.item_id.encode(), value=json.dumps(body).encode())
 
-    async def _push(self, user_id: str, items: list[tuple[str, float]], trigger: str) -> None:
+    def _push(self, user_id: str, items: list[tuple[str, float]], trigger: str) -> None:
         recs = Recs(
             user_id=user_id,
             items=[Rec(item_id=i, score=s) for i, s in items],
@@ -586,12 +595,30 @@ class StreamsApp:
             model=self.model,
             generated_at=time.time(),
         )
-        await self.recs.send(key=user_id.encode(), value=encode(recs))
+        if self._recs_out is None:
+            self._recs_out = EventProducer(self.config.recs_kafka or {"bootstrap.servers": self.config.bootstrap_servers})
+        self._recs_out.send(self.config.topics.recs, recs)  # queued; librdkafka batches and retries
         metrics.RECS_PUSHED.labels(trigger).inc()
         self.last_recs[user_id] = recs
         self.last_recs.move_to_end(user_id)
         if len(self.last_recs) > LAST_RECS_KEPT:
             self.last_recs.popitem(last=False)
+
+    def _report_refused(self) -> None:
+        """Recs the broker refused (after librdkafka's own retries): logged and counted; the
+        user's next change pushes a fresh list."""
+        if self._recs_out is not None:
+            for error in self._recs_out.refused():
+                metrics.RECS_REFUSED.inc()
+                log.error("recs push refused: %s", error)
+
+    async def _flush_recs(self, sender: Any, **_: Any) -> None:
+        """Deliver the queued recs before the worker stops."""
+        if self._recs_out is not None:
+            try:
+                await asyncio.to_thread(self._recs_out.flush, 10.0)
+            except Exception:  # noqa: BLE001 - stopping anyway; say what was lost
+                log.exception("recs still queued at shutdown were not all delivered")
 
     # --- items -------------------------------------------------------------------------
     async def _items_agent(self, stream: faust.StreamT) -> None:

@@ -21,6 +21,7 @@ SEARCH_SECONDS = Histogram(
     "vlm4rec_streams_search_seconds", "Latency of one batched vector-store search", ["collection"], buckets=LATENCY_BUCKETS
 )
 RECS_PUSHED = Counter("vlm4rec_streams_recs_pushed_total", "Recommendation lists pushed to the recs topic", ["trigger"])
+RECS_REFUSED = Counter("vlm4rec_streams_recs_refused_total", "Recommendation lists the broker refused (after retries)")
 FANOUT_USERS = Histogram(
     "vlm4rec_streams_fanout_users",
     "Users a fresh item was pushed to",

@@ -164,3 +164,21 @@ def test_any_bytes_either_parse_or_raise_event_error(payload: bytes) -> None:
             decode(model, payload)
         except EventError:
             pass
+
+
+def test_a_long_running_producer_hears_of_refused_messages_once() -> None:
+    """The stream processor pushes recs without flushing: `refused` hands over the delivery
+    failures reported since the last call, each once."""
+    from confluent_kafka import KafkaError
+
+    from topics.producer import EventProducer
+
+    class Failed:
+        def topic(self) -> str:
+            return "recs"
+
+    producer = EventProducer({"bootstrap.servers": "127.0.0.1:1", "socket.connection.setup.timeout.ms": 1000})
+    assert producer.refused() == []
+    producer._on_delivery(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED), Failed())  # what librdkafka reports
+    refused = producer.refused()
+    assert len(refused) == 1 and refused[0].startswith("recs: ") and producer.refused() == []

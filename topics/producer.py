@@ -81,6 +81,13 @@ class EventProducer:
                 self._producer.poll(0.1)
         self._producer.poll(0)
 
+    def refused(self) -> list[str]:
+        """Serve delivery reports now and return the messages refused since the last call: how
+        a long-running producer hears of failures without waiting for a flush."""
+        self._producer.poll(0)
+        errors, self._errors = self._errors, []
+        return errors
+
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every queued event is acknowledged; raise if any was refused."""
         remaining = self._producer.flush(timeout_s)

@@ -78,6 +78,7 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
     config = StreamsConfig(
         topics=settings.topics,
         bootstrap_servers=settings.bootstrap_servers,
+        recs_kafka=settings.kafka_config(),
         security_protocol=settings.kafka_security_protocol,
         sasl_mechanism=settings.kafka_sasl_mechanism,
         sasl_username=settings.kafka_sasl_username,
