@@ -325,19 +325,18 @@ class _TimedContent:
         self.inner = inner
         self.seconds = 0.0
 
-    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Any]) -> Any:
+    def _timed(self, call: Callable[..., Any], *args: Any) -> Any:
         started = time.perf_counter()
         try:
-            return self.inner.search(queries, k, exclude)
+            return call(*args)
         finally:
             self.seconds += time.perf_counter() - started
 
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Any]) -> Any:
+        return self._timed(self.inner.search, queries, k, exclude)
+
     def neighbours(self, items: Any, depth: int) -> Any:
-        started = time.perf_counter()
-        try:
-            return self.inner.neighbours(items, depth)
-        finally:
-            self.seconds += time.perf_counter() - started
+        return self._timed(self.inner.neighbours, items, depth)
 
     def vectors(self, ids: Any) -> Any:
         return self.inner.vectors(ids)
