@@ -39,7 +39,7 @@ import weakref
 from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import faust
@@ -48,10 +48,13 @@ from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import faust_fixes, metrics
+from streams.background import Backlog
 from streams.popularity import RecentPopularity
 from streams.profile import Profile, ProfileRule
 from streams.rank import RankConfig
 from streams.recommend import Observation, Recommender
+from pydantic import ValidationError
+
 from topics import DeadLetter, EventError, Interaction, ItemEmbedded, Rec, Recs, TopicNames, decode, encode
 from topics.producer import EventProducer
 from vectorstore import VectorStore
@@ -64,6 +67,10 @@ COMMITTABLE_KEPT = 100_000
 REWIND_EVERY_S = 2.0
 #: Table keys no event can produce (ids never hold control characters): see `_fence`.
 FENCE_PREFIX = "\x00fence:"
+#: how far ahead of this worker's clock an interaction may be dated; later ones are read at this
+#: limit, so that one event dated in the year 5000 (valid by the contract) cannot move the
+#: stream clock past every other event and silence popularity and freshness for everyone
+MAX_FUTURE_S = 86400.0
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,11 @@ class StreamsApp:
         # the profile agent's vector lookups, so that they never wait behind a refresh round
         self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="vector-fetch")
         self.due: OrderedDict[str, Due] = OrderedDict()  # oldest first
-        self._observed: list[Observation] = []  # applied, not yet folded into the ranker
+        # beside the hot path (streams.background): the ranker learns from the applied
+        # interactions (batches in order), and changed profiles reach the users collection
+        self.learner: Backlog[int, list[Observation]] = Backlog("learn", self._learn, retry=False)
+        self.saver: Backlog[str, tuple[Profile, int]] = Backlog("save_profiles", self._save, retry=True)
+        self._batches = 0
         # embedded items (item_id, created_at) not yet told to the ranker, whose state only the
         # vector-store thread touches; queued so that the item agent never waits behind a round
         self._embedded: list[tuple[str, float | None]] = []
@@ -237,6 +248,8 @@ class StreamsApp:
         self.app.agent(self.items_topic, name="items-agent")(self._items_agent)
         self.app.task(self._discover_space)
         self.app.task(self._refresher)
+        self.app.task(self.learner.run)
+        self.app.task(self.saver.run)
         self.app.timer(5.0)(self._report_lag)
         self.app.timer(REWIND_EVERY_S)(self._reread_stalled)
         self._register_views()
@@ -300,6 +313,8 @@ class StreamsApp:
         position, which runs ahead by whatever is buffered). The internal `control` and
         `pending` topics count too: a fan-out storm queues there. The embedded broker reports
         end offsets one low, so lag there reads one low per partition (clamped at zero)."""
+        self.learner.report()
+        self.saver.report()
         consumer = self.app.consumer
         mine = [tp for tp in consumer.assignment() if tp.topic in self.inputs]
         if not mine:
@@ -440,6 +455,7 @@ class StreamsApp:
             if parsed is None:
                 continue
             kind, interaction, origin, published_at = parsed
+            interaction = self._dated(interaction)
             if kind == "refresh":
                 refresh[interaction.user_id] = (event, published_at)
             else:
@@ -475,8 +491,11 @@ class StreamsApp:
             _in_context_of(event)
             self.profiles[user_id] = profile.to_dict()
             metrics.PROFILE_UPDATES.inc()
+            self.saver.put(user_id, (profile, event.message.partition))
         _fence(self.profiles, [event for _, event in changed.values()])
-        self._observed.extend(observed)
+        if observed:
+            self._batches += 1
+            self.learner.put(self._batches, observed)
         for user_id, (_, event) in changed.items():
             if user_id in arrival:
                 self._mark_due(user_id, Due(event.message.partition, arrived=arrival[user_id]))
@@ -495,31 +514,25 @@ class StreamsApp:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.due or self._observed or self._embedded:
+            while self.due or self._embedded:
                 await self._until_done("recs refresh", self._refresh_round)
 
     async def _refresh_round(self) -> None:
-        """Fold the applied interactions into the ranker, then rank and push the oldest due
-        users. A failed round puts them back (an older arrival wins) before it is retried."""
+        """Rank and push the oldest due users: nothing else is on this path (learning and the
+        users collection are `Backlog`s beside it). A round that fails as a whole (the vector
+        store does not answer) puts its users back (an older arrival wins) before it is
+        retried; one user's failure only gives that user the fallback list."""
         while not self.model:
             await asyncio.sleep(0.2)
-        observed, self._observed = self._observed, []
         embedded, self._embedded = self._embedded, []
         taken = [self.due.popitem(last=False) for _ in range(min(self.config.refresh_max, len(self.due)))]
         try:
             if embedded:
                 await self._store(self.recommender.embedded, embedded)
-            if observed:  # the ranker learns from what was applied, then ranks with it
-                with metrics.STAGE_SECONDS.labels("learn").time():
-                    await self._store(self.recommender.observe, observed, self.config.learn_max)
             ready = [(u, d, Profile.from_dict(stored)) for u, d in taken if (stored := self.stored_profile(u)) is not None]
-            profiles = [p for _, _, p in ready]
-            with metrics.STAGE_SECONDS.labels("save_profiles").time():
-                await self._store(self.recommender.save_profiles, profiles, [d.partition for _, d, _ in ready])
             with metrics.STAGE_SECONDS.labels("rank").time():
-                lists = await self._store(self.recommender.recommend, profiles)
+                lists = await self._store(self.recommender.recommend, [p for _, _, p in ready])
         except BaseException:
-            self._observed[:0] = observed
             self._embedded[:0] = embedded
             for user_id, due in reversed(taken):
                 if (queued := self.due.get(user_id)) is not None:
@@ -530,13 +543,33 @@ class StreamsApp:
         with metrics.STAGE_SECONDS.labels("push").time():
             now = time.time()
             for (user_id, due, _), items in zip(ready, lists, strict=True):
-                self._push(user_id, items, "interaction" if due.arrived is not None else "fresh_item")
+                if not self._push(user_id, items, "interaction" if due.arrived is not None else "fresh_item"):
+                    continue
                 if due.arrived is not None:
                     metrics.INTERACTION_TO_RECS.observe(max(0.0, now - due.arrived))
                 if due.published_at is not None:
                     metrics.FRESH_ITEM_SECONDS.observe(max(0.0, now - due.published_at))
             self._report_refused()
         metrics.RECS_DUE.set(len(self.due))
+
+    def _learn(self, batches: Sequence[list[Observation]]) -> None:
+        """The learner's batch (on its thread): the applied interactions, in order."""
+        self.recommender.observe([o for batch in batches for o in batch], self.config.learn_max)
+
+    def _save(self, saves: Sequence[tuple[Profile, int]]) -> None:
+        """The users collection's batch (on its thread): the latest profile of each user."""
+        self.recommender.save_profiles([p for p, _ in saves], [partition for _, partition in saves])
+
+    @staticmethod
+    def _dated(interaction: Interaction) -> Interaction:
+        """The interaction with its time no later than `MAX_FUTURE_S` past the wall clock."""
+        latest = time.time() + MAX_FUTURE_S
+        if interaction.ts <= latest:
+            return interaction
+        metrics.TIMESTAMPS_CLAMPED.inc()
+        log.warning("interaction of user %r dated %.0f, %.0f s ahead of the clock: read at +%.0f s",
+                    interaction.user_id, interaction.ts, interaction.ts - time.time(), MAX_FUTURE_S)
+        return interaction.model_copy(update={"ts": latest})
 
     async def _parse(self, event: faust.EventT) -> tuple[str, Interaction, str | None, float | None] | None:
         """An interaction from producers, or a control message (a released deferred interaction
@@ -587,14 +620,21 @@ class StreamsApp:
         body = {"interaction": interaction.model_dump(), "origin": origin, "partition": message.partition}
         return await self.pending.send(key=interaction.item_id.encode(), value=json.dumps(body).encode())
 
-    def _push(self, user_id: str, items: list[tuple[str, float]], trigger: str) -> None:
-        recs = Recs(
-            user_id=user_id,
-            items=[Rec(item_id=i, score=s) for i, s in items],
-            trigger=trigger,
-            model=self.model,
-            generated_at=time.time(),
-        )
+    def _push(self, user_id: str, items: list[tuple[str, float]], trigger: str) -> bool:
+        """Queue the user's recs; False when they fail the contract (logged and counted: the
+        user's next change pushes a fresh list, and the rest of the round goes out)."""
+        try:
+            recs = Recs(
+                user_id=user_id,
+                items=[Rec(item_id=i, score=s) for i, s in items],
+                trigger=trigger,
+                model=self.model,
+                generated_at=time.time(),
+            )
+        except ValidationError as exc:
+            metrics.RECS_INVALID.inc()
+            log.error("recs of user %r not pushed: %s", user_id, exc.errors()[0].get("msg", exc))
+            return False
         if self._recs_out is None:
             self._recs_out = EventProducer(self.config.recs_kafka or {"bootstrap.servers": self.config.bootstrap_servers})
         self._recs_out.send(self.config.topics.recs, recs)  # queued; librdkafka batches and retries
@@ -603,6 +643,7 @@ class StreamsApp:
         self.last_recs.move_to_end(user_id)
         if len(self.last_recs) > LAST_RECS_KEPT:
             self.last_recs.popitem(last=False)
+        return True
 
     def _report_refused(self) -> None:
         """Recs the broker refused (after librdkafka's own retries): logged and counted; the

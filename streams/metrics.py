@@ -45,11 +45,42 @@ CONSUMER_LAG = Gauge(
 RECS_DUE = Gauge("vlm4rec_streams_recs_due", "Users whose recs are due (waiting for a refresh round)")
 STAGE_SECONDS = Histogram(
     "vlm4rec_streams_stage_seconds",
-    "Time per batch or round in each stage of the hot path: apply (profile agent: parse, "
-    "vectors, profiles, table), learn (ranker training), save_profiles (users collection), "
-    "rank (candidates incl. searches, features, scores), push",
+    "Time per batch or round in each stage. The hot path: apply (profile agent: parse, "
+    "vectors, profiles, table), rank (candidates incl. searches, features, scores), push. "
+    "Beside it: learn (training groups and counts), refit (fitting a candidate model), "
+    "save_profiles (users collection)",
     ["stage"],
     buckets=LATENCY_BUCKETS,
+)
+BACKGROUND_LAG = Gauge(
+    "vlm4rec_streams_background_lag_seconds",
+    "How stale the work beside the hot path is: age of the oldest applied interaction not yet "
+    "learnt from (learn), of the oldest profile change not yet in the users collection "
+    "(save_profiles); 0 when caught up",
+    ["task"],
+)
+REFITS = Counter(
+    "vlm4rec_streams_refits_total",
+    "Ranking-model refits, by outcome: accepted, or the reason the current model stayed",
+    ["outcome"],
+)
+TRAINING_GROUPS_REFUSED = Counter(
+    "vlm4rec_streams_training_groups_refused_total", "Training groups dropped for non-finite features"
+)
+LEARN_FAILURES = Counter(
+    "vlm4rec_streams_learn_failures_total",
+    "Learner batches whose training groups could not be built (their interactions are still counted)",
+)
+RANK_FALLBACKS = Counter(
+    "vlm4rec_streams_rank_fallbacks_total",
+    "Users whose ranking failed or gave non-finite scores, served the fallback list (content, else popular)",
+)
+RECS_INVALID = Counter(
+    "vlm4rec_streams_recs_invalid_total", "Recommendation lists not pushed because they failed the Recs contract"
+)
+TIMESTAMPS_CLAMPED = Counter(
+    "vlm4rec_streams_timestamps_clamped_total",
+    "Interactions dated further ahead of the wall clock than allowed, read at the allowed limit",
 )
 DEAD_LETTERS = Counter("vlm4rec_streams_dead_letters_total", "Events sent to a dead-letter topic", ["topic"])
 PROFILES = Gauge("vlm4rec_streams_profiles", "User profiles held by this worker")

@@ -33,6 +33,6 @@ class RecentPopularity:
         """Most popular first, ties by item_id; scores relative to the newest event."""
         best = heapq.nsmallest(
             k + len(exclude),
-            ((-s, i) for i, s in self._scores.items()),
+            ((-s, i) for i, s in list(self._scores.items())),  # a copy: `add` runs on another thread
         )
         return [(i, -s) for s, i in best if i not in exclude][:k]

@@ -18,6 +18,10 @@ from typing import Any
 import numpy as np
 
 
+#: the largest pull one interaction may have (`ProfileRule.weight`)
+MAX_WEIGHT = 1000.0
+
+
 @dataclass(frozen=True)
 class ProfileRule:
     """How interactions move a profile. The defaults are the paper's plain mean."""
@@ -31,10 +35,12 @@ class ProfileRule:
     max_history: int = 50
 
     def weight(self, event: str, value: float | None) -> float:
+        """The event's pull on the profile, within +-`MAX_WEIGHT`: the contract accepts any
+        finite value, and one rating of 1e308 must not overflow the profile to infinity."""
         weight = self.weights.get(event, self.default_weight)
         if event == "rating" and value is not None and self.rating_neutral is not None:
             weight *= (value - self.rating_neutral) / 2.0
-        return weight
+        return min(MAX_WEIGHT, max(-MAX_WEIGHT, weight))
 
 
 @dataclass
@@ -56,7 +62,9 @@ class Profile:
             return None
         array = np.asarray(self.vector, dtype=np.float32)
         norm = float(np.linalg.norm(array))
-        return array / norm if norm > 1e-9 else None
+        if not (1e-9 < norm < math.inf):  # no direction, or not finite (never searched with)
+            return None
+        return array / norm
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,7 +139,9 @@ class Profile:
                 current = np.zeros_like(vec) if self.vector is None else np.asarray(self.vector, dtype=np.float64)
                 if rule.half_life_s > 0 and self.vector is not None and ts > self.updated_at:
                     current *= math.pow(0.5, (ts - self.updated_at) / rule.half_life_s)
-                self.vector = (current + weight * vec / norm).tolist()
+                updated = current + weight * vec / norm
+                if np.isfinite(updated).all():  # else the profile keeps its direction
+                    self.vector = updated.tolist()
         self.count += 1
         self.updated_at = max(self.updated_at, ts)
         if repeat:

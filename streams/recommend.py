@@ -13,6 +13,8 @@ ranks by the profile cosine until its first fit)."""
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 import threading
 import time
@@ -26,6 +28,11 @@ from streams.popularity import RecentPopularity
 from streams.profile import Profile
 from streams.rank import BlendRanker, Hits, RankConfig, Request
 from vectorstore import VectorRecord, VectorStore
+
+log = logging.getLogger("vlm4rec.streams")
+
+#: users whose ranking failure was logged; each is logged once (bounded memory)
+FAILURES_LOGGED = 10_000
 
 
 class VectorCache:
@@ -132,6 +139,11 @@ Observation = tuple[Request | None, list[str], str, float]
 
 
 class Recommender:
+    """The ranker behind the stream processor, used from two threads: the ranking thread
+    (`recommend`, `embedded`) and the learner (`observe`). `lock` guards the ranker's state;
+    the learner holds it to build training groups and to count interactions, but not while a
+    refit is fitted, so that a fit never holds up a round."""
+
     def __init__(
         self,
         items: VectorStore,
@@ -149,8 +161,10 @@ class Recommender:
         self.vectors = VectorCache(items, cache_size)
         self.content = StoreContent(items, self.vectors, neighbour_ttl_s)
         self.ranker = BlendRanker(rank)
+        self.lock = threading.Lock()
         # the training-example draw happens on the caller's thread (see `observation`)
         self._draw = random.Random(self.ranker.config.seed)
+        self._logged: OrderedDict[str, None] = OrderedDict()
 
     def request(self, profile: Profile) -> Request:
         """The user as the ranker sees them now (the stream clock: the latest event time)."""
@@ -165,38 +179,124 @@ class Recommender:
 
     def observe(self, observations: Sequence[Observation], learn_max: int | None = None) -> None:
         """Fold applied interactions into the ranker, in order: the sampled ones first become
-        training groups from the state before the batch, then every one is recorded (and the
-        model is refit when due). `learn_max`: at most this many groups (the latest), so that
-        under load training does not crowd out ranking; every interaction is still counted."""
+        training groups from the state before the batch, then every one is recorded, then the
+        model is refit when due. `learn_max`: at most this many groups (the latest), so that
+        a learner that fell behind catches up; every interaction is still counted.
+
+        Learning is best effort: a batch whose groups cannot be built (the vector store
+        failed, an odd request) is logged and counted and its interactions are still
+        recorded; retrying it could only stall the counts behind it."""
         learning = [(r, item) for r, _, item, _ in observations if r is not None]
         if learn_max is not None:
             learning = learning[max(0, len(learning) - learn_max) :]
-        if learning:
-            self.ranker.learn([r for r, _ in learning], [i for _, i in learning], self.content)
-        for _, history, item, ts in observations:
-            self.ranker.record(history, item, ts)
+        with self.lock:
+            if learning:
+                try:
+                    self.ranker.learn([r for r, _ in learning], [i for _, i in learning], self.content, refit=False)
+                except Exception as exc:  # noqa: BLE001 - see the docstring
+                    metrics.LEARN_FAILURES.inc()
+                    log.warning("%d training groups not built: %s: %s", len(learning), type(exc).__name__, exc)
+            for _, history, item, ts in observations:
+                self.ranker.record(history, item, ts)
+            refused, self.ranker.refused_groups = self.ranker.refused_groups, 0
+            due = self.ranker.refit_due()
+        metrics.TRAINING_GROUPS_REFUSED.inc(refused)
+        if due is not None:
+            self.refit(due)
+
+    def refit(self, groups: Sequence) -> bool:
+        """Fit a candidate on a snapshot of the groups outside the lock; install it (or
+        reject it, counted and logged) under the lock."""
+        with metrics.STAGE_SECONDS.labels("refit").time():
+            candidate = self.ranker.train(groups)
+        with self.lock:
+            before = dict(self.ranker.rejected)
+            accepted = self.ranker.install(candidate)
+        if accepted:
+            metrics.REFITS.labels("accepted").inc()
+            return True
+        reason = next(r for r, n in self.ranker.rejected.items() if n > before.get(r, 0))
+        metrics.REFITS.labels(reason).inc()
+        log.warning("refit rejected (%s); the current model stays", reason)
+        return False
 
     def embedded(self, items: Sequence[tuple[str, float | None]]) -> None:
         """Items (re-)embedded since the last call, as (item_id, declared created_at): their
         cached vectors and neighbour lists are stale, and those with a creation time are
         candidates of the fresh source."""
-        for item_id, created_at in items:
-            self.content.forget(item_id)
-            if created_at is not None:
-                self.ranker.stats.declare(item_id, created_at)
+        with self.lock:
+            for item_id, created_at in items:
+                self.content.forget(item_id)
+                if created_at is not None:
+                    self.ranker.stats.declare(item_id, created_at)
 
     def recommend(self, profiles: Sequence[Profile], k: int | None = None) -> list[list[tuple[str, float]]]:
         """Top k per user, seen items excluded: the blend over Milvus ANN (one search call for
         all users' profile vectors), co-occurrence, recent popularity and fresh candidates;
-        users left without a candidate get recent popularity."""
+        users left without a candidate get recent popularity.
+
+        One user never fails the others: when the round's ranking raises while the vector
+        store answers, each user is ranked alone, and a user whose ranking still fails, or
+        whose scores are not finite, gets the fallback (`_fallback`). When the store does not
+        answer, the error is raised for the caller to retry the round later."""
         k = k or self.k
         metrics.SEARCH_BATCH.observe(len(profiles))
+        requests = [self.request(p) for p in profiles]
         with metrics.SEARCH_SECONDS.labels("items").time():
-            results = self.ranker.rank([self.request(p) for p in profiles], self.content, k)
-        for n, profile in enumerate(profiles):
-            if not results[n]:
-                results[n] = self.popularity.top(k, exclude=set(profile.seen))
-        return results
+            try:
+                with self.lock:
+                    results: list[Hits | None] = list(self.ranker.rank(requests, self.content, k))
+            except Exception:
+                if not self._store_answers():
+                    raise
+                results = [self._alone(request, profile, k) for request, profile in zip(requests, profiles, strict=True)]
+        out = []
+        for profile, hits in zip(profiles, results, strict=True):
+            if hits is not None and not all(math.isfinite(score) for _, score in hits):
+                self._failed(profile.user_id, "non-finite score")
+                hits = None
+            if hits is None:
+                hits = self._fallback(profile, k)
+            elif not hits:
+                hits = self.popularity.top(k, exclude=set(profile.seen))
+            out.append(hits)
+        return out
+
+    def _alone(self, request: Request, profile: Profile, k: int) -> Hits | None:
+        try:
+            with self.lock:
+                return self.ranker.rank([request], self.content, k)[0]
+        except Exception as exc:  # noqa: BLE001 - this user's ranking, isolated
+            self._failed(profile.user_id, f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _store_answers(self) -> bool:
+        """Whether the items collection answers now: tells a user's failure from an outage."""
+        try:
+            self.items.space()
+            return True
+        except Exception:  # noqa: BLE001 - any failure means it does not answer
+            return False
+
+    def _failed(self, user_id: str, reason: str) -> None:
+        metrics.RANK_FALLBACKS.inc()
+        if user_id not in self._logged:
+            log.error("ranking failed for user %r (%s); they get the fallback list", user_id, reason)
+            self._logged[user_id] = None
+            if len(self._logged) > FAILURES_LOGGED:
+                self._logged.popitem(last=False)
+
+    def _fallback(self, profile: Profile, k: int) -> Hits:
+        """Content only (nearest items to the profile, seen excluded), else recent popularity."""
+        vector = profile.as_array()
+        if vector is not None:
+            try:
+                hits = self.content.search(vector[None, :], k, [set(profile.seen)])[0]
+                if hits and all(math.isfinite(s) for _, s in hits):
+                    return [(i, float(s)) for i, s in hits]
+            except Exception as exc:  # noqa: BLE001 - popularity is the last resort
+                log.warning("fallback search for user %r failed: %s", profile.user_id, exc)
+        return self.popularity.top(k, exclude=set(profile.seen))
 
     def save_profiles(self, profiles: Sequence[Profile], partitions: Sequence[int]) -> None:
         """Keep the `users` collection in step, with the user's stream partition so that a
