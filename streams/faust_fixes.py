@@ -10,12 +10,49 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from faust import __version__ as faust_version
 from faust import streams as faust_streams
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import Message
 
 log = logging.getLogger("vlm4rec.streams")
+
+#: the faust-streaming release whose internals these fixes patch (pinned in pyproject.toml)
+FAUST_VERSION = "0.15.3"
+#: (owner, attribute) of every internal patched or relied on here
+PATCHED = (
+    (faust_aiokafka.AIOKafkaConsumerThread, "_create_worker_consumer"),
+    (faust_streams, "_CStreamIterator"),
+    (faust_consumer.Consumer, "ack"),
+    (faust_consumer.Consumer, "_new_offset"),
+    (faust_consumer.Consumer, "_add_gap"),
+    (faust_consumer.Consumer, "perform_seek"),
+    (faust_consumer.Consumer, "_acked"),
+    (faust_consumer.Consumer, "_committed_offset"),
+    (faust_consumer.Consumer, "_gap"),
+)
+
+
+def check_faust(version: str, patched: tuple[tuple[object, str], ...] = PATCHED) -> None:
+    """Fail loudly at import when Faust is not the release these fixes were measured on, or
+    an internal they patch has moved: patching a renamed method silently does nothing, and
+    the at-least-once guarantees would be lost without a sign."""
+    if version != FAUST_VERSION:
+        raise ImportError(
+            f"streams.faust_fixes patches faust-streaming {FAUST_VERSION} internals, found {version}: "
+            f"install faust-streaming=={FAUST_VERSION}, or re-check every fix against the new release"
+        )
+    missing = [
+        f"{getattr(owner, '__name__', owner)}.{name}"
+        for owner, name in patched
+        if not hasattr(owner, name) and name not in getattr(owner, "__annotations__", {})
+    ]
+    if missing:
+        raise ImportError(f"faust-streaming internals patched by streams.faust_fixes have moved: {', '.join(missing)}")
+
+
+check_faust(faust_version)
 
 #: the `Faust.App` attribute holding an app's commit guard (see `commit_only_handled`)
 GUARD_ATTRIBUTE = "_vlm4rec_commit_guard"

@@ -208,3 +208,15 @@ def test_streams_ack_through_the_guard_not_the_compiled_iterator() -> None:
     asyncio.run(iterate_one_event())
     assert refused[:1] == [7], "the final ack went through the guard"
     assert not app.consumer._acked[TOPIC], "and the guard kept it out of the commit"
+
+
+def test_the_fixes_refuse_a_faust_release_or_internals_they_were_not_measured_on() -> None:
+    faust_fixes.check_faust(faust_fixes.FAUST_VERSION)
+    with pytest.raises(ImportError, match="faust-streaming=="):
+        faust_fixes.check_faust("0.16.0")
+
+    class Moved:
+        pass
+
+    with pytest.raises(ImportError, match="Moved._new_offset"):
+        faust_fixes.check_faust(faust_fixes.FAUST_VERSION, ((Moved, "_new_offset"),))
