@@ -100,6 +100,7 @@ class StreamsConfig:
     refresh_max: int = 256
     fetch_max_wait_ms: int = 100
     learn_max: int = 64
+    background_every_s: float = 1.0  # the learner's and the saver's pace (`Backlog`)
     neighbour_ttl_s: float = 60.0
     rule: ProfileRule = field(default_factory=ProfileRule)
     popularity_half_life_s: float = 6 * 3600
@@ -199,8 +200,9 @@ class StreamsApp:
         self.due: OrderedDict[str, Due] = OrderedDict()  # oldest first
         # beside the hot path (streams.background): the ranker learns from the applied
         # interactions (batches in order), and changed profiles reach the users collection
-        self.learner: Backlog[int, list[Observation]] = Backlog("learn", self._learn, retry=False)
-        self.saver: Backlog[str, tuple[Profile, int]] = Backlog("save_profiles", self._save, retry=True)
+        pace = config.background_every_s
+        self.learner: Backlog[int, list[Observation]] = Backlog("learn", self._learn, retry=False, every_s=pace)
+        self.saver: Backlog[str, tuple[Profile, int]] = Backlog("save_profiles", self._save, retry=True, every_s=pace)
         self._batches = 0
         # embedded items (item_id, created_at) not yet told to the ranker, whose state only the
         # vector-store thread touches; queued so that the item agent never waits behind a round

@@ -7,6 +7,12 @@ refits) and the `users` collection (only the fresh-item fan-out reads it). Each 
 to a blocking function on the backlog's own thread. A newer value for a key replaces the
 queued one and keeps its place and age, so a user saved ten times while the store was slow is
 written once. How stale the job is (the age of its oldest queued value) is exported per task.
+
+Each backlog starts a batch at most every `every_s`: on a small machine its thread competes
+with the recs round for the interpreter and for Milvus, and a learner or saver that ran as
+often as it could made the rounds slower, not faster (measured: docs/bench-stream-lite.json's
+history in the README). Paced, the work per batch grows with the load, the number of calls
+does not.
 """
 
 from __future__ import annotations
@@ -40,11 +46,13 @@ class Backlog(Generic[K, V]):
         task: str,
         handle: Callable[[Sequence[V]], None],
         retry: bool,
+        every_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.task = task
         self.handle = handle
         self.retry = retry
+        self.every_s = every_s
         self._clock = clock
         self._queued: OrderedDict[K, tuple[float, V]] = OrderedDict()  # key -> (queued at, value)
         self._ready = asyncio.Event()
@@ -76,6 +84,7 @@ class Backlog(Generic[K, V]):
             await self._ready.wait()
             self._ready.clear()
             while self._queued:
+                started = time.monotonic()
                 taken, self._queued = self._queued, OrderedDict()
                 self.report()
                 try:
@@ -99,6 +108,7 @@ class Backlog(Generic[K, V]):
                 delay = 0.5
                 self.handled += len(taken)
                 self.report()
+                await asyncio.sleep(max(0.0, self.every_s - (time.monotonic() - started)))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -90,7 +90,7 @@ class StoreContent:
         neighbour_ttl_s: float = 60.0,
         neighbour_lists: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
-        search_slack: int = 50,
+        search_slack: int = 14,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -101,7 +101,8 @@ class StoreContent:
         self._neighbours: OrderedDict[str, tuple[float, int, Hits]] = OrderedDict()
 
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[Collection[str]]) -> list[Hits]:
-        """One store call at one limit, `k + search_slack`, whatever each row excludes; the
+        """One store call at one limit, `k + search_slack` (64 for the default k of 50: Milvus
+        Lite's cost steps with the limit), whatever each row excludes; the
         excluded are dropped here. Asking the store to skip a user's seen items made the limit
         grow with their history, and Milvus Lite's cost grows with the hits it returns (256
         queries: 0.56 s at limit 64, 7.6 s at 1,024). A user whose nearest items are mostly

@@ -132,8 +132,12 @@ class Settings(BaseSettings):
         256, ge=1, description="users whose recs one refresh round ranks at most (one batched search)"
     )
     streams_learn_max: int = Field(
-        64, ge=0, description="ranker training groups built per refresh round at most (the rest of the round's "
+        64, ge=0, description="ranker training groups built per learner batch at most (the rest of the batch's "
         "interactions are still counted); bounds training cost under load"
+    )
+    streams_background_every_s: float = Field(
+        1.0, ge=0, description="the learner and the users-collection saver each start a batch at most this often "
+        "(beside the recs rounds: on a small machine they compete with them for CPU and Milvus)"
     )
     streams_neighbour_ttl_s: float = Field(
         60.0, ge=0, description="how long an item's cached nearest-neighbour list is reused (0: never cached)"

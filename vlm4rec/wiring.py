@@ -100,6 +100,7 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
         refresh_max=settings.streams_refresh_max,
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         learn_max=settings.streams_learn_max,
+        background_every_s=settings.streams_background_every_s,
         neighbour_ttl_s=settings.streams_neighbour_ttl_s,
         rule=ProfileRule(
             weights=settings.profile_weights,
