@@ -544,8 +544,9 @@ class StreamsApp:
             raise
         with metrics.STAGE_SECONDS.labels("push").time():
             now = time.time()
-            for (user_id, due, _), items in zip(ready, lists, strict=True):
-                if not self._push(user_id, items, "interaction" if due.arrived is not None else "fresh_item"):
+            for (user_id, due, profile), items in zip(ready, lists, strict=True):
+                trigger = "interaction" if due.arrived is not None else "fresh_item"
+                if not self._push(user_id, items, trigger, answers=profile.offsets):
                     continue
                 if due.arrived is not None:
                     metrics.INTERACTION_TO_RECS.observe(max(0.0, now - due.arrived))
@@ -622,9 +623,12 @@ class StreamsApp:
         body = {"interaction": interaction.model_dump(), "origin": origin, "partition": message.partition}
         return await self.pending.send(key=interaction.item_id.encode(), value=json.dumps(body).encode())
 
-    def _push(self, user_id: str, items: list[tuple[str, float]], trigger: str) -> bool:
+    def _push(
+        self, user_id: str, items: list[tuple[str, float]], trigger: str, answers: dict[str, int] | None = None
+    ) -> bool:
         """Queue the user's recs; False when they fail the contract (logged and counted: the
-        user's next change pushes a fresh list, and the rest of the round goes out)."""
+        user's next change pushes a fresh list, and the rest of the round goes out).
+        `answers`: the offsets of the user's events the profile had applied when ranked."""
         try:
             recs = Recs(
                 user_id=user_id,
@@ -632,6 +636,7 @@ class StreamsApp:
                 trigger=trigger,
                 model=self.model,
                 generated_at=time.time(),
+                answers=answers or {},
             )
         except ValidationError as exc:
             metrics.RECS_INVALID.inc()

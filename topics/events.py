@@ -197,6 +197,11 @@ class Recs(Event):
     trigger: Literal["interaction", "fresh_item", "request"]
     model: str
     generated_at: float
+    answers: dict[str, int] = Field(
+        default_factory=dict,
+        description="what the list takes into account: per input partition (\"topic:partition\"), the offset "
+        "of the user's last event there that the profile had applied when the list was ranked",
+    )
 
 
 class DeadLetter(Event):

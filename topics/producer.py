@@ -12,6 +12,7 @@ consumer far away), picks the key the contract names, and waits for delivery on 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -71,11 +72,22 @@ class EventProducer:
                 raise EventError(str(exc)) from exc
         self.send_raw(topic, encode(event), event_key(event))
 
-    def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
-        """Queue bytes as they are (replays, dead letters, tests of bad input)."""
+    def send_raw(
+        self, topic: str, value: bytes, key: bytes | None = None, on_delivery: Callable[[Message], None] | None = None
+    ) -> None:
+        """Queue bytes as they are (replays, dead letters, tests of bad input). `on_delivery`:
+        called with the message once the broker acknowledged it (where it landed)."""
+        report = self._on_delivery
+        if on_delivery is not None:
+
+            def report(err: KafkaError | None, msg: Message) -> None:
+                self._on_delivery(err, msg)
+                if err is None:
+                    on_delivery(msg)
+
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                self._producer.produce(topic, value=value, key=key, on_delivery=report)
                 break
             except BufferError:
                 self._producer.poll(0.1)

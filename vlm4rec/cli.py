@@ -115,23 +115,38 @@ def _stack_services(settings: Settings, infra_only: bool) -> tuple[list[Any], in
 
 
 def _product_services(settings: Settings) -> list[Any]:
-    """The product's own long-running processes, each a `vlm4rec` sub-command."""
-    from vlm4rec.localstack import Service
+    """The product's own long-running processes, each a `vlm4rec` sub-command: the embedding
+    worker and `VLM4REC_LOCAL_STREAMS` stream processors. The stream processors form one Faust
+    consumer group and share the partitions; each serves HTTP on its own port (the first on
+    VLM4REC_WEB_PORT), and a request for a user is routed to the one that owns the user."""
+    from vlm4rec.localstack import Service, StackError
 
+    if settings.local_streams > settings.topic_partitions:
+        raise StackError(
+            f"VLM4REC_LOCAL_STREAMS={settings.local_streams} stream processors would share "
+            f"{settings.topic_partitions} partitions (VLM4REC_TOPIC_PARTITIONS): the extra ones would sit idle"
+        )
     exe = [sys.executable, "-m", "vlm4rec"]
     host = settings.web_host
     metrics_ports = [(host, settings.worker_metrics_port)] if settings.worker_metrics_port else []
-    return [
-        Service(name="worker", argv=[*exe, "worker"], ready=lambda: True, restart=True, ports=metrics_ports),
-        Service(
-            name="streams", argv=[*exe, "streams"], ready=lambda: True, restart=True, ports=[(host, settings.web_port)],
-            # One record per producer batch (a Faust setting read from the environment): the
-            # embedded broker reports a partition's end offset as the start of its last batch,
-            # so Faust's table recovery stopped short of a batch's later records and a
-            # restarted stream processor lost those profile updates (docs/hardening.md).
-            env={"PRODUCER_MAX_BATCH_SIZE": "1"},
-        ),
-    ]
+    services = [Service(name="worker", argv=[*exe, "worker"], ready=lambda: True, restart=True, ports=metrics_ports)]
+    for n in range(settings.local_streams):
+        port = settings.web_port + n
+        services.append(
+            Service(
+                name="streams" if n == 0 else f"streams-{n + 1}",
+                argv=[*exe, "streams"],
+                ready=lambda: True,
+                restart=True,
+                ports=[(host, port)],
+                # One record per producer batch (a Faust setting read from the environment): the
+                # embedded broker reports a partition's end offset as the start of its last batch,
+                # so Faust's table recovery stopped short of a batch's later records and a
+                # restarted stream processor lost those profile updates (docs/hardening.md).
+                env={"PRODUCER_MAX_BATCH_SIZE": "1", "VLM4REC_WEB_PORT": str(port)},
+            )
+        )
+    return services
 
 
 @main.command()
@@ -184,14 +199,21 @@ def streams(settings: Settings) -> None:
 
 @main.command()
 @click.option("--infra-only", is_flag=True, help="Start only the broker and Milvus.")
+@click.option(
+    "--streams", "n_streams", type=click.IntRange(min=1), default=None,
+    help="Stream processors to run, sharing the partitions (default VLM4REC_LOCAL_STREAMS, 1); "
+    "HTTP on VLM4REC_WEB_PORT and the ports after it.",
+)
 @click.pass_obj
-def up(settings: Settings, infra_only: bool) -> None:
+def up(settings: Settings, infra_only: bool, n_streams: int | None) -> None:
     """Run the embedded local stack until Ctrl-C.
 
     Starts a Kafka-protocol broker (Tansu, memory-only: a restart loses all topics) and a
     Milvus Lite server (data under VLM4REC_DATA_DIR), creates the topics, then starts the
-    embedding worker. Ctrl-C or SIGTERM stops everything.
+    embedding worker and the stream processor(s). Ctrl-C or SIGTERM stops everything.
     """
+    if n_streams is not None:
+        settings = settings.model_copy(update={"local_streams": n_streams})
     from topics.admin import create_topics
     from vlm4rec.localstack import LocalStack, StackError
 
@@ -504,7 +526,7 @@ def bench_rank_cmd(dataset_dir: str, users: int, rounds: int, out: str) -> None:
 @click.option("--step-s", default=10.0, show_default=True, help="Seconds per rate step.")
 @click.option("--users", default=5000, show_default=True, help="Distinct users drawn from.")
 @click.option("--seed-items", default=500, show_default=True, help="Items embedded before the run.")
-@click.option("--fresh-items", default=30, show_default=True, help="New items published during the run.")
+@click.option("--fresh-items", default=120, show_default=True, help="New items published during the run, evenly spread.")
 @click.option("--out", type=click.Path(dir_okay=False), default="bench-stream.json", show_default=True)
 @click.pass_obj
 def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: float, users: int, seed_items: int, fresh_items: int, out: str) -> None:
@@ -515,13 +537,19 @@ def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: f
     "fresh_item_p99_ms", "ceiling_per_s", ...}: the highest step answered (>= 95% of
     interactions pushed) with p99 <= 500 ms; the ceiling is a bare confluent-kafka consumer
     reading the same topic in the same run, and the Milvus search ceiling is measured too.
+
+    An interaction is answered by the first push of its user whose `answers` offsets cover it
+    (its profile had applied it when the list was ranked); latency runs from its scheduled
+    send time; one unanswered 3 s after its step ends counts as 10 s in p50/p99. Each step
+    also reports per-process CPU (% of a core) and the stream processors' time per stage.
+    With VLM4REC_LOCAL_STREAMS=N the metrics of all N stream processors are read.
     """
     import base64
     from pathlib import Path
 
     from vectorstore import MilvusVectorStore
     from vlm4rec.bench import bench_stream
-    from vlm4rec.soak import applied, scrape
+    from vlm4rec.soak import scrape
     from vlm4rec.dataset import read_items
 
     root = Path(dataset_dir).resolve()
@@ -555,7 +583,9 @@ def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: f
         settings.kafka_config(), settings.topics.interactions, settings.topics.items_new, settings.topics.recs,
         settings.topic_partitions, item_ids, fresh, [int(r) for r in rates.split(",")], step_s, users, store,
         search_batch=min(256, settings.streams_refresh_max),
-        applied_count=lambda: applied(scrape(f"http://{settings.web_host}:{settings.web_port}/metrics")),
+        scrape_streams=lambda: [
+            scrape(f"http://{settings.web_host}:{settings.web_port + n}/metrics") for n in range(settings.local_streams)
+        ],
     )
     result["milvus"] = _milvus_kind(settings)
     Path(out).write_text(json.dumps(result, indent=2))

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         description="what `vlm4rec up` runs as Milvus: lite (Milvus Lite, pure Python, nothing to install) "
         "or server (Milvus 2.3 standalone from the `milvus` wheel: the real engine, 9x the search rate measured here)",
     )
+    local_streams: int = Field(
+        1, ge=1, le=64,
+        description="stream processors `vlm4rec up` runs (one Faust consumer group sharing the partitions; "
+        "web ports VLM4REC_WEB_PORT, +1, ...); at most VLM4REC_TOPIC_PARTITIONS",
+    )
 
     # --- Embedding -----------------------------------------------------------------------
     embed_backend: Literal["cpu", "vllm-http", "vllm-engine"] = Field(

@@ -1,0 +1,50 @@
+"""The stream benchmark's accounting (`vlm4rec.bench._Tracker`): which interactions a push
+answers, from the offsets it says its profile had applied, and how the unanswered count."""
+
+from __future__ import annotations
+
+from vlm4rec.bench import UNANSWERED_MS, _Tracker
+from topics import Rec, Recs
+
+
+def recs(user: str, answers: dict[str, int], trigger: str = "interaction", items: tuple[str, ...] = ()) -> Recs:
+    return Recs(user_id=user, items=[Rec(item_id=i, score=1.0) for i in items], trigger=trigger, model="m",
+                generated_at=0.0, answers=answers)
+
+
+def test_a_push_answers_only_the_interactions_its_profile_had_applied() -> None:
+    tracker = _Tracker("interactions")
+    first, second = tracker.sent("u", 100.0), tracker.sent("u", 100.5)
+    other = tracker.sent("v", 100.0)
+    tracker.delivered(first, 1, 10)
+    tracker.delivered(second, 1, 11)
+    tracker.delivered(other, 2, 3)
+    tracker.on_recs(recs("u", {"interactions:1": 10, "vlm4rec-streams-control:1": 99}), 100.2)
+    assert first.answered_ms is not None and round(first.answered_ms) == 200
+    assert second.answered_ms is None, "offset 11 was not applied when that list was ranked"
+    tracker.on_recs(recs("v", {"interactions:1": 50}), 100.3)  # another partition's offsets
+    assert other.answered_ms is None
+    tracker.on_recs(recs("u", {"interactions:1": 11}), 101.0)
+    assert round(second.answered_ms) == 500
+    latencies, answered = tracker.step_latencies()
+    assert answered == 2 and [round(ms) for ms in sorted(latencies)] == [200, 500, UNANSWERED_MS]
+
+
+def test_a_push_before_the_delivery_report_still_answers_and_steps_are_independent() -> None:
+    tracker = _Tracker("interactions")
+    early = tracker.sent("u", 10.0)
+    tracker.on_recs(recs("u", {"interactions:0": 7}), 10.05)
+    tracker.delivered(early, 0, 7)
+    assert round(early.answered_ms) == 50
+    tracker.new_step()
+    late = tracker.sent("u", 20.0)
+    tracker.delivered(late, 0, 8)
+    assert tracker.step_latencies() == ([UNANSWERED_MS], 0)
+
+
+def test_a_fresh_item_is_timed_at_its_first_push_only() -> None:
+    tracker = _Tracker("interactions")
+    tracker.fresh_sent["new"] = 5.0
+    tracker.on_recs(recs("u", {}, "fresh_item", ("old", "new")), 5.4)
+    tracker.on_recs(recs("v", {}, "fresh_item", ("new",)), 9.0)
+    assert [round(ms) for ms in tracker.fresh_ms] == [400]
