@@ -48,3 +48,15 @@ def test_a_fresh_item_is_timed_at_its_first_push_only() -> None:
     tracker.on_recs(recs("u", {}, "fresh_item", ("old", "new")), 5.4)
     tracker.on_recs(recs("v", {}, "fresh_item", ("new",)), 9.0)
     assert [round(ms) for ms in tracker.fresh_ms] == [400]
+
+
+def test_the_stack_processes_are_told_apart_by_their_arguments() -> None:
+    from vlm4rec.bench import _ProcessCpu
+
+    role = _ProcessCpu.role
+    assert role(["/usr/bin/python3", "-m", "vlm4rec", "streams"]) == "streams"
+    assert role(["/usr/bin/python3", "-m", "vlm4rec", "worker"]) == "worker"
+    assert role(["/venv/bin/vlm4rec", "up", "--streams", "2"]) is None
+    assert role(["/x/tansu", "broker", "--listener-url", "tcp://127.0.0.1:9092"]) == "broker"
+    assert role(["/venv/bin/python3", "/venv/bin/milvus-lite", "server", "--port", "19530"]) == "milvus"
+    assert role(["/usr/bin/python3", "-m", "pytest", "tests/test_milvus.py"]) is None

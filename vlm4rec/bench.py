@@ -216,7 +216,17 @@ class _ProcessCpu:
     by command line: each stream processor on its own, the worker, the broker, Milvus, and
     this benchmark)."""
 
-    ROLES = (("streams", ("vlm4rec", "streams")), ("worker", ("vlm4rec", "worker")), ("broker", ("--listener-url",)), ("milvus", ("milvus",)))
+    @staticmethod
+    def role(argv: Sequence[str]) -> str | None:
+        """The stack role of a process by its arguments (`vlm4rec up` itself is none)."""
+        for n in range(len(argv) - 1):
+            if argv[n] == "vlm4rec" and argv[n + 1] in ("streams", "worker"):
+                return argv[n + 1]
+        if "--listener-url" in argv:
+            return "broker"
+        if any("milvus" in arg for arg in argv[:2]):
+            return "milvus"
+        return None
 
     def __init__(self) -> None:
         import psutil
@@ -229,14 +239,10 @@ class _ProcessCpu:
         found: dict[int, tuple[str, float]] = {}
         counts: dict[str, int] = defaultdict(int)
         for process in self._psutil.process_iter(["pid", "cmdline", "cpu_times"]):
-            cmdline = " ".join(process.info["cmdline"] or [])
             times = process.info["cpu_times"]
             if times is None:
                 continue
-            role = "bench" if process.info["pid"] == os.getpid() else None
-            for name, marks in self.ROLES:
-                if role is None and all(mark in cmdline for mark in marks):
-                    role = name
+            role = "bench" if process.info["pid"] == os.getpid() else self.role(process.info["cmdline"] or [])
             if role is not None:
                 counts[role] += 1
                 label = role if role != "streams" or counts[role] == 1 else f"{role}-{counts[role]}"
