@@ -200,7 +200,8 @@ class Recs(Event):
     answers: dict[str, int] = Field(
         default_factory=dict,
         description="what the list takes into account: per input partition (\"topic:partition\"), the offset "
-        "of the user's last event there that the profile had applied when the list was ranked",
+        "of the user's last event there that the profile had handled when the list was ranked (applied, or "
+        "held until its item is embedded)",
     )
 
 
