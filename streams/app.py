@@ -21,8 +21,9 @@ Topics and agents:
 
 At-least-once: the profile remembers the last offset it applied per source partition, and the
 origins of the deferred interactions it still awaits, so a re-delivered event or release is never
-counted twice; that needs each partition's events in offset order (`_in_order`) and offsets
-committed only for handled events (`streams.faust_fixes`).
+counted twice (`streams.profile_updates`, free of Faust); that needs each partition's events in
+offset order and offsets committed only for handled events (`streams.delivery`, which also holds
+the embedded broker's work-arounds, behind `StreamsConfig.broker_shims`).
 Control messages go to the user's own interactions partition (stored with the user's vector),
 so one worker owns all of a user's events whatever partitioner the producers use.
 """
@@ -32,25 +33,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import ssl
 import time
-import weakref
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import faust
-from faust.streams import _current_event
-from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from streams import faust_fixes, metrics
+from streams import metrics
 from streams.background import Backlog
+from streams.delivery import FENCE_PREFIX, BrokerShims, Delivery, in_context_of
 from streams.popularity import RecentPopularity
 from streams.profile import Profile, ProfileRule
+from streams.profile_updates import Deferral, ProfileUpdater, Received
 from streams.rank import RankConfig
 from streams.recommend import Observation, Recommender
 from pydantic import ValidationError
@@ -62,11 +61,6 @@ from vectorstore import VectorStore
 log = logging.getLogger("vlm4rec.streams")
 
 LAST_RECS_KEPT = 10_000
-COMMITTABLE_KEPT = 100_000
-#: seconds between seeks back while a partition's next offset has not come (`_in_order`)
-REWIND_EVERY_S = 2.0
-#: Table keys no event can produce (ids never hold control characters): see `_fence`.
-FENCE_PREFIX = "\x00fence:"
 #: how far ahead of this worker's clock an interaction may be dated; later ones are read at this
 #: limit, so that one event dated in the year 5000 (valid by the contract) cannot move the
 #: stream clock past every other event and silence popularity and freshness for everyone
@@ -108,6 +102,8 @@ class StreamsConfig:
     #: librdkafka settings of the recs producer (the composition root hands down the product's
     #: `kafka_config()`); empty: `bootstrap_servers` in plain text
     recs_kafka: dict[str, Any] = field(default_factory=dict)
+    #: the embedded broker's work-arounds (`streams.delivery.BrokerShims`); off against Kafka
+    broker_shims: bool = True
 
     @property
     def pending_topic(self) -> str:
@@ -137,29 +133,6 @@ def _credentials(config: StreamsConfig) -> Any:
             ssl_context=context,
         )
     return faust.SSLCredentials(context)
-
-
-def _in_context_of(event: faust.EventT) -> None:
-    """Faust writes a table entry to the changelog partition of the *current* event; in a
-    batch (take_events) there is none, so name the event whose partition owns the key."""
-    _current_event.set(weakref.ref(event))
-
-
-def _fence(table: Any, events: list[faust.EventT]) -> None:
-    """End each changelog partition these events wrote with a throw-away record.
-
-    Faust restores a table up to the changelog's end offset minus one, and the embedded Tansu
-    broker reports end offsets one lower than Kafka does, so there the last record of every
-    changelog partition is skipped at recovery (a single record: the partition is not read at
-    all). Ending every write with a fence makes that skipped record a fence, not a profile;
-    against Kafka it costs one small compacted record per partition and batch."""
-    for partition, event in {e.message.partition: e for e in events}.items():
-        _in_context_of(event)
-        table[f"{FENCE_PREFIX}{partition}"] = {"fence": True}
-
-
-def _source(event: faust.EventT) -> str:
-    return f"{event.message.topic}:{event.message.partition}"
 
 
 @dataclass
@@ -207,14 +180,10 @@ class StreamsApp:
         # embedded items (item_id, created_at) not yet told to the ranker, whose state only the
         # vector-store thread touches; queued so that the item agent never waits behind a round
         self._embedded: list[tuple[str, float | None]] = []
-        # (topic, partition) -> the offset after the last event handed to a handler (`_in_order`)
-        self._processed: dict[tuple[str, int], int] = {}
-        # partitions being read again (`_in_order`): the offset sought back to, and when
-        self._rewound: dict[tuple[str, int], tuple[int | None, float]] = {}  # (None: before Faust's seek)
-        # messages a handler finished and whose offsets may now be committed (faust_fixes)
-        self._committable: set[tuple[str, int, int]] = set()
+        self.updater = ProfileUpdater(config.rule, self._stored, self.recommender.observation)
         self._wake = asyncio.Event()
-        faust_fixes.set_fetch_wait(config.fetch_max_wait_ms)
+        self.shims = BrokerShims(config.broker_shims, config.fetch_max_wait_ms)
+        self.shims.install()
         brokers = ";".join(f"kafka://{b.strip()}" for b in config.bootstrap_servers.split(","))
         self.app = faust.App(
             config.app_id,
@@ -236,6 +205,7 @@ class StreamsApp:
             web_router_enabled=False,
             web_graph_enabled=False,
             web_stats_enabled=False,
+            **self.shims.faust_settings(),
         )
         raw = {"key_serializer": "raw", "value_serializer": "raw", "partitions": config.partitions}
         t = config.topics
@@ -253,36 +223,13 @@ class StreamsApp:
         self.app.task(self.learner.run)
         self.app.task(self.saver.run)
         self.app.timer(5.0)(self._report_lag)
-        self.app.timer(REWIND_EVERY_S)(self._reread_stalled)
         self._register_views()
         # the topics the agents consume (their offsets are what at-least-once is about)
         self.inputs = frozenset({t.interactions, t.items_embedded, *config.internal_topics()})
-        faust_fixes.commit_only_handled(self.app, self._may_commit)
-        faust_fixes.record_seeks()
-        self.app.on_partitions_revoked.connect(self._forget_partitions)
+        self.delivery = Delivery(self.app, self.inputs)
+        self.delivery.install()
         self.app.on_before_shutdown.connect(self._flush_recs)
         self._recs_out: EventProducer | None = None  # made at the first push (it starts threads)
-
-    def _forget_partitions(self, sender: Any, revoked: set[Any], **_: Any) -> None:
-        """A revoked partition's read position is no longer this worker's to check: when it
-        comes back (after a rebalance) its reading starts again at the committed offset."""
-        faust_fixes.forget_seeks(self.app.consumer, revoked)
-        for tp in revoked:
-            key = (tp.topic, tp.partition)
-            self._processed.pop(key, None)
-            self._rewound.pop(key, None)
-
-    def _may_commit(self, message: Any) -> bool:
-        """Whether an input message's offset may be committed: only once a handler finished
-        it (Faust acknowledges messages it skips during a rebalance too)."""
-        if message.topic not in self.inputs:
-            return True
-        key = (message.topic, message.partition, message.offset)
-        if key in self._committable:
-            self._committable.discard(key)
-            return True
-        log.info("not committing %s[%d]@%d: Faust skipped it (rebalance); it is read again", *key)
-        return False
 
     async def _store(self, fn: Any, *args: Any) -> Any:
         """Vector-store calls are blocking gRPC; keep them off the event loop."""
@@ -323,7 +270,7 @@ class StreamsApp:
             return
         highwaters = await consumer.highwaters(*mine)
         for tp in mine:
-            done = self._processed.get((tp.topic, tp.partition))
+            done = self.delivery.processed(tp)
             if done is None:
                 done = await consumer.position(tp)  # nothing handled yet since this worker started
             if done is not None and tp in highwaters:
@@ -335,96 +282,21 @@ class StreamsApp:
             await self._handled(stream, events, "interaction batch", self._process_interactions)
 
     async def _handled(self, stream: faust.StreamT, events: list[faust.EventT], what: str, handler: Any) -> None:
-        """Run `handler` on the events (those in order, see `_in_order`) and only then let
-        their offsets be committed. Faust acks a `take_events` batch (and the current event of
-        `events()`) in a `finally`, even when the worker is stopped mid-handler (SIGTERM,
-        rebalance), which would commit events that were never applied; holding one extra
-        reference per message until the handler is done leaves them uncommitted, so they are
-        re-delivered to whoever owns the partition next."""
-        events = await self._in_order(events)
+        """Run `handler` on the events (those in offset order, `Delivery.arrived`) and only
+        then let their offsets be committed (`Delivery.handled`). Faust acks a `take_events`
+        batch (and the current event of `events()`) in a `finally`, even when the worker is
+        stopped mid-handler (SIGTERM, rebalance), which would commit events that were never
+        applied; holding one extra reference per message until the handler is done leaves them
+        uncommitted, so they are re-delivered to whoever owns the partition next."""
+        events = await self.delivery.arrived(events)
         if not events:
             return
         for event in events:
             event.message.incref()
         await self._until_done(what, handler, events)
         for event in events:
-            message = event.message
-            if len(self._committable) > COMMITTABLE_KEPT:  # keys whose final ack never came
-                self._committable.clear()  # (at worst their messages are read again: at-least-once)
-            self._committable.add((message.topic, message.partition, message.offset))
+            self.delivery.handled(event.message)
             await stream.ack(event)
-
-    async def _in_order(self, events: list[faust.EventT]) -> list[faust.EventT]:
-        """The events that keep each partition in offset order. After a restart or rebalance
-        Faust can deliver a fetch answered from before its seek, jumping ahead of messages it
-        then drops as already read (docs/hardening.md, item 11); the profiles' offset marks
-        would then skip those as duplicates. An event past the next unhandled offset is
-        refused (unhandled and, by `faust_fixes`, uncommitted) and the partition is read again
-        from that offset, again every `REWIND_EVERY_S` until that offset comes (here, or by
-        `_reread_stalled` when nothing newer arrives): a stale fetch can also arrive after the
-        seek back, and Faust then drops the re-read messages too (item 12, a stalled item
-        agent). Only offsets the broker no longer holds (deleted by retention before this
-        worker read them) are a real gap, accepted with an error. A partition's first event is
-        judged against the offset Faust sought it to, and events fetched before that seek are
-        refused (item 12)."""
-        kept = []
-        for event in events:
-            message = event.message
-            key = (message.topic, message.partition)
-            expected = self._processed.get(key)
-            if expected is None:
-                expected = await self._start(message.tp)
-                if expected is None:  # fetched before Faust sought it to its commit
-                    self._rewound.setdefault(key, (None, time.monotonic()))
-                    continue
-            if message.offset > expected:
-                now = time.monotonic()
-                if now - self._rewound.get(key, (None, -math.inf))[1] < REWIND_EVERY_S:
-                    continue  # a seek back is under way
-                earliest = await self._earliest(message.tp)
-                if earliest > expected:
-                    log.error("%s[%d]: offsets %d-%d were deleted before this worker read them", *key, expected, earliest - 1)
-                    self._processed[key] = expected = earliest
-                if message.offset > expected:
-                    log.warning("%s[%d]: offset %d arrived before %d; reading again from %d", *key, message.offset, expected, expected)
-                    self._rewound[key] = (expected, now)
-                    await self.app.consumer.seek(message.tp, expected)
-                    continue
-            self._rewound.pop(key, None)
-            self._processed[key] = max(expected, message.offset + 1)
-            kept.append(event)
-        return kept
-
-    async def _earliest(self, tp: TP) -> int:
-        return (await self.app.consumer.earliest_offsets(tp)).get(tp, 0)
-
-    async def _start(self, tp: TP) -> int | None:
-        """Where reading `tp` started in this assignment: the offset Faust sought it to, or
-        the earliest offset when nothing was committed; None before Faust's seek."""
-        sought = faust_fixes.sought_offsets(self.app.consumer)
-        if tp not in sought:
-            return None
-        if sought[tp] is None:
-            sought[tp] = await self._earliest(tp)
-        return sought[tp]
-
-    async def _reread_stalled(self) -> None:
-        """Seek back again a partition whose re-read offset has not come `REWIND_EVERY_S`
-        after the last seek back, though no later event arrived to prompt `_in_order`: the
-        re-read messages were dropped behind a stale fetch and nothing newer is coming
-        (chaos seed 15: the item agent stalled on four partitions after the replay ended)."""
-        now = time.monotonic()
-        for (topic, partition), (offset, when) in list(self._rewound.items()):
-            if now - when < REWIND_EVERY_S:
-                continue
-            tp = TP(topic, partition)
-            if offset is None:  # events came before Faust's seek; what it sought to has not
-                offset = await self._start(tp)
-                if offset is None:
-                    continue
-            log.warning("%s[%d]: offset %d has not come; reading again from it", topic, partition, offset)
-            self._rewound[(topic, partition)] = (offset, now)
-            await self.app.consumer.seek(tp, offset)
 
     async def _until_done(self, what: str, handler: Any, *args: Any) -> None:
         """Faust acknowledges a batch even when its handler raises, so a failure here would
@@ -449,61 +321,45 @@ class StreamsApp:
         self._wake.set()
 
     async def _apply(self, events: list[faust.EventT]) -> None:
-        """Apply a batch to the profiles and mark the users whose recs are due."""
-        by_user: dict[str, list[tuple[faust.EventT, Interaction, str | None]]] = defaultdict(list)
-        refresh: dict[str, tuple[faust.EventT, float | None]] = {}
+        """Apply a batch to the profiles (`ProfileUpdater`) and mark the users whose recs are due."""
+        batch: list[Received[faust.EventT]] = []
         for event in events:
             parsed = await self._parse(event)
             if parsed is None:
                 continue
             kind, interaction, origin, published_at = parsed
-            interaction = self._dated(interaction)
-            if kind == "refresh":
-                refresh[interaction.user_id] = (event, published_at)
-            else:
-                by_user[interaction.user_id].append((event, interaction, origin))
-
-        item_ids = {i.item_id for rows in by_user.values() for _, i, _ in rows}
+            message = event.message
+            batch.append(
+                Received(
+                    kind, self._dated(interaction), message.topic, message.partition, message.offset,
+                    message.timestamp, event, origin, published_at,
+                )
+            )
+        item_ids = self.updater.items_needed(batch)
         vectors = await self._lookup(self.recommender.vectors.get, item_ids) if item_ids else {}
-        changed: dict[str, tuple[Profile, faust.EventT]] = {}
-        arrival: dict[str, float] = {}
-        deferrals: list[Awaitable[Any]] = []
-        observed: list[Observation] = []
-        for user_id, rows in by_user.items():
-            profile = self._load(user_id)
-            for event, interaction, origin in rows:
-                if self._duplicate(profile, event, origin):
-                    metrics.INTERACTIONS.labels("duplicate").inc()
-                    continue
-                vector = vectors.get(interaction.item_id)
-                if vector is None:
-                    deferrals.append(await self._defer(profile, event, interaction, origin))
-                    metrics.INTERACTIONS.labels("deferred").inc()
-                    continue
-                observed.append(self.recommender.observation(profile, interaction.item_id, interaction.ts))
-                profile.apply(interaction.item_id, vector, interaction.event, interaction.value, interaction.ts, self.config.rule)
-                self.popularity.add(interaction.item_id, interaction.ts, 1.0)
-                metrics.INTERACTIONS.labels("applied").inc()
-                arrival[user_id] = min(arrival.get(user_id, event.message.timestamp), event.message.timestamp)
-            changed[user_id] = (profile, rows[-1][0])
+        update = self.updater.update(batch, vectors)
+        metrics.INTERACTIONS.labels("duplicate").inc(update.duplicates)
+        metrics.INTERACTIONS.labels("deferred").inc(len(update.deferred))
+        metrics.INTERACTIONS.labels("applied").inc(len(update.applied))
+        for interaction in update.applied:
+            self.popularity.add(interaction.item_id, interaction.ts, 1.0)
         # Deferrals are delivered before the profiles that mark their events seen: a crash in
         # between would otherwise skip the re-delivered events as duplicates and lose them.
-        await asyncio.gather(*deferrals)
-        for user_id, (profile, event) in changed.items():
-            _in_context_of(event)
+        await asyncio.gather(*[await self._defer(deferral) for deferral in update.deferred])
+        for user_id, (profile, event) in update.profiles.items():
+            in_context_of(event)
             self.profiles[user_id] = profile.to_dict()
             metrics.PROFILE_UPDATES.inc()
             self.saver.put(user_id, (profile, event.message.partition))
-        _fence(self.profiles, [event for _, event in changed.values()])
-        if observed:
+        self.shims.fence(self.profiles, [event for _, event in update.profiles.values()])
+        if update.observed:
             self._batches += 1
-            self.learner.put(self._batches, observed)
-        for user_id, (_, event) in changed.items():
-            if user_id in arrival:
-                self._mark_due(user_id, Due(event.message.partition, arrived=arrival[user_id]))
-        for user_id, (event, published_at) in refresh.items():
-            if user_id in changed or self.stored_profile(user_id) is not None:
-                self._mark_due(user_id, Due(event.message.partition, published_at=published_at))
+            self.learner.put(self._batches, update.observed)
+        for user_id, (_, event) in update.profiles.items():
+            if user_id in update.arrived:
+                self._mark_due(user_id, Due(event.message.partition, arrived=update.arrived[user_id]))
+        for user_id, (partition, published_at) in update.refreshed.items():
+            self._mark_due(user_id, Due(partition, published_at=published_at))
 
     def _mark_due(self, user_id: str, due: Due) -> None:
         if (queued := self.due.get(user_id)) is not None:
@@ -598,29 +454,15 @@ class StreamsApp:
             return None
         return self.profiles.get(user_id)
 
-    def _load(self, user_id: str) -> Profile:
+    def _stored(self, user_id: str) -> Profile | None:
         stored = self.stored_profile(user_id)
-        return Profile.from_dict(stored) if stored is not None else Profile(user_id)
+        return Profile.from_dict(stored) if stored is not None else None
 
-    @staticmethod
-    def _duplicate(profile: Profile, event: faust.EventT, origin: str | None) -> bool:
-        """Seen before (re-delivery), else remembered now (written with the profile). A
-        released deferral (`origin` set) counts only if the profile still awaits it."""
-        source = _source(event)
-        if profile.already_seen(source, event.message.offset):
-            return True
-        profile.mark_seen(source, event.message.offset)
-        return origin is not None and not profile.take_awaited(origin)
-
-    async def _defer(
-        self, profile: Profile, event: faust.EventT, interaction: Interaction, origin: str | None
-    ) -> Awaitable[Any]:
-        """Send to `pending` and let the profile await it; returns the delivery, to await
-        before the profile is written. A release deferred again keeps its first origin."""
-        message = event.message
-        origin = origin or f"{message.topic}:{message.partition}:{message.offset}"
-        profile.await_origin(origin)
-        body = {"interaction": interaction.model_dump(), "origin": origin, "partition": message.partition}
+    async def _defer(self, deferral: Deferral) -> Awaitable[Any]:
+        """Send to `pending`; returns the delivery, to await before the profile that awaits
+        the deferral is written."""
+        interaction = deferral.interaction
+        body = {"interaction": interaction.model_dump(), "origin": deferral.origin, "partition": deferral.partition}
         return await self.pending.send(key=interaction.item_id.encode(), value=json.dumps(body).encode())
 
     def _push(
@@ -685,7 +527,7 @@ class StreamsApp:
             return
         state["waiting"] = (state["waiting"] + [body])[-1000:]
         self.waiting[item_id] = state
-        _fence(self.waiting, [event])
+        self.shims.fence(self.waiting, [event])
 
     async def _on_embedded(self, event: faust.EventT) -> None:
         try:
@@ -701,7 +543,7 @@ class StreamsApp:
         # the profiles' origins make harmless, instead of losing them)
         await asyncio.gather(*[await self._release(body) for body in state["waiting"]])
         self.waiting[item.item_id] = {"embedded": True, "waiting": []}
-        _fence(self.waiting, [event])
+        self.shims.fence(self.waiting, [event])
         await self._fan_out(item)
 
     async def _release(self, body: dict[str, Any]) -> Awaitable[Any]:

@@ -1,13 +1,12 @@
 """The corrections to Faust's commit bookkeeping (streams/faust_fixes.py), on stand-ins for
-its consumer state; `tests/test_chaos.py` checks the effect end to end."""
+its consumer state; the stream processor's use of them is in `tests/test_delivery.py`, and
+`tests/test_chaos.py` checks the effect end to end."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import defaultdict
 from types import SimpleNamespace
-from typing import Any
 
 import faust
 import pytest
@@ -61,105 +60,6 @@ def test_offsets_jumped_over_are_not_counted_as_done() -> None:
     asyncio.run(Consumer._add_gap(state, TOPIC, 21, 24))
     assert not state._gap[TOPIC], "a fetch from before a seek must not commit what nobody handled"
     assert Consumer._new_offset(consumer_state(20, [25]), TOPIC) is None
-
-
-def _in_order_harness(
-    monkeypatch: pytest.MonkeyPatch, app_id: str, clock: list[float], earliest: dict[TP, int]
-) -> tuple[Any, list[tuple[TP, int]], Any]:
-    """A StreamsApp whose consumer seeks into a list and reports `earliest` as the broker's
-    first offsets; `clock[0]` is time.monotonic() for `_in_order`."""
-    from streams import app as streams_app
-    from streams.app import StreamsApp, StreamsConfig
-    from topics import TopicNames
-    from vectorstore import MemoryVectorStore
-
-    streams = StreamsApp(StreamsConfig(topics=TopicNames(), app_id=app_id), MemoryVectorStore(), MemoryVectorStore())
-    seeks: list[tuple[TP, int]] = []
-
-    async def seek(tp: TP, offset: int) -> None:
-        seeks.append((tp, offset))
-
-    async def earliest_offsets(*tps: TP) -> dict[TP, int]:
-        return {tp: earliest.get(tp, 0) for tp in tps}
-
-    consumer = streams.app.consumer
-    consumer.seek = seek  # type: ignore[method-assign]
-    consumer.earliest_offsets = earliest_offsets  # type: ignore[method-assign]
-    monkeypatch.setattr(streams_app, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
-
-    def offsets(*numbers: int) -> list[int]:
-        events = [SimpleNamespace(message=SimpleNamespace(topic=TOPIC.topic, partition=0, offset=n, tp=TOPIC)) for n in numbers]
-        return [e.message.offset for e in asyncio.run(streams._in_order(events))]
-
-    return streams, seeks, offsets
-
-
-def test_events_past_the_next_unhandled_offset_are_refused_and_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    from streams.app import REWIND_EVERY_S
-
-    clock, earliest = [100.0], {}
-    streams, seeks, offsets = _in_order_harness(monkeypatch, "in-order-test", clock, earliest)
-    faust_fixes.record_seeks()
-    streams.app.consumer._vlm4rec_sought = {TOPIC: 5}
-    assert offsets(5, 6) == [5, 6]
-    assert offsets(9, 10) == [] and seeks == [(TOPIC, 7)], "7 and 8 come first: read again from 7"
-    assert offsets(5, 7, 8, 9) == [5, 7, 8, 9], "a re-delivery and the rest, in order"
-    # a stale fetch after the seek back: Faust drops the re-read 10-11, so seek again, later
-    assert offsets(12) == [] and seeks[-1] == (TOPIC, 10)
-    assert offsets(13) == [] and len(seeks) == 2, "no seek storm while one is under way"
-    clock[0] += REWIND_EVERY_S + 0.5
-    assert offsets(14) == [] and seeks[-1] == (TOPIC, 10) and len(seeks) == 3
-    assert offsets(10, 11, 12) == [10, 11, 12]
-    # ... and when nothing newer comes to prompt it, the timer seeks back again
-    assert offsets(15) == [] and seeks[-1] == (TOPIC, 13) and len(seeks) == 4
-    asyncio.run(streams._reread_stalled())
-    assert len(seeks) == 4, "not before REWIND_EVERY_S"
-    clock[0] += REWIND_EVERY_S + 0.5
-    asyncio.run(streams._reread_stalled())
-    assert seeks[-1] == (TOPIC, 13) and len(seeks) == 5
-    assert offsets(13, 14, 15) == [13, 14, 15]
-    clock[0] += REWIND_EVERY_S + 0.5
-    asyncio.run(streams._reread_stalled())
-    assert len(seeks) == 5, "13 came: nothing to read again"
-    # offsets the broker no longer holds (retention) are a real gap: read on from the first kept
-    earliest[TOPIC] = 16
-    clock[0] += REWIND_EVERY_S + 0.5
-    assert offsets(17) == [] and seeks[-1] == (TOPIC, 16)
-    assert offsets(16, 17) == [16, 17]
-    earliest[TOPIC] = 30
-    clock[0] += REWIND_EVERY_S + 0.5
-    assert offsets(30) == [30], "18-29 are gone; 30 is the first offset there is"
-
-
-def test_a_partition_is_expected_first_at_the_offset_faust_sought_to(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Faust resumes fetching a partition before it seeks it to the committed offset: a
-    restarted worker's first events came from past the commit (chaos seeds 11 and 12), and
-    accepting them made Faust drop the messages in between."""
-    from streams.app import REWIND_EVERY_S
-
-    clock = [100.0]
-    streams, seeks, offsets = _in_order_harness(monkeypatch, "sought-test", clock, {TOPIC: 3})
-    consumer = streams.app.consumer
-    assert offsets(1145, 1146) == [] and seeks == [], "before the seek: refused, Faust seeks anyway"
-    consumer._vlm4rec_sought = {TOPIC: 1144}  # what perform_seek recorded (faust_fixes.record_seeks)
-    asyncio.run(streams._reread_stalled())
-    assert seeks == [], "the seek itself may bring 1144"
-    clock[0] += REWIND_EVERY_S + 0.5
-    asyncio.run(streams._reread_stalled())
-    assert seeks == [(TOPIC, 1144)], "it did not: read again from the sought offset"
-    assert offsets(1145) == [] and len(seeks) == 1
-    assert offsets(1144, 1145) == [1144, 1145]
-    streams._forget_partitions(None, {TOPIC})  # revoked, then assigned again after others read on
-    assert TOPIC not in consumer._vlm4rec_sought
-    assert offsets(1201) == [], "reassigned, not sought yet"
-    consumer._vlm4rec_sought[TOPIC] = 1200
-    clock[0] += REWIND_EVERY_S + 0.5
-    assert offsets(1201) == [] and seeks[-1] == (TOPIC, 1200)
-    assert offsets(1200, 1201) == [1200, 1201]
-    streams._forget_partitions(None, {TOPIC})
-    consumer._vlm4rec_sought[TOPIC] = None  # nothing committed: the earliest offset, 3
-    assert offsets(4) == [] and seeks[-1] == (TOPIC, 3)
-    assert offsets(3, 4) == [3, 4]
 
 
 def test_perform_seek_is_recorded_per_assignment() -> None:

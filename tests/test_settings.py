@@ -69,3 +69,10 @@ def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "VLM4REC_MILVUS_TOKEN=***" in result.output
     assert "topsecret" not in result.output
     assert "VLM4REC_BOOTSTRAP_SERVERS=" in result.output
+
+
+def test_broker_shims_are_on_for_the_local_stack_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLM4REC_STREAMS_BROKER_SHIMS", raising=False)
+    assert Settings(_env_file=None).streams_broker_shims is True
+    monkeypatch.setenv("VLM4REC_STREAMS_BROKER_SHIMS", "false")
+    assert Settings(_env_file=None).streams_broker_shims is False

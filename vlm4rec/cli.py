@@ -139,11 +139,9 @@ def _product_services(settings: Settings) -> list[Any]:
                 ready=lambda: True,
                 restart=True,
                 ports=[(host, port)],
-                # One record per producer batch (a Faust setting read from the environment): the
-                # embedded broker reports a partition's end offset as the start of its last batch,
-                # so Faust's table recovery stopped short of a batch's later records and a
-                # restarted stream processor lost those profile updates (docs/hardening.md).
-                env={"PRODUCER_MAX_BATCH_SIZE": "1", "VLM4REC_WEB_PORT": str(port)},
+                # the embedded broker's work-arounds, one record per producer batch among them,
+                # are the stream processor's own (VLM4REC_STREAMS_BROKER_SHIMS, on by default)
+                env={"VLM4REC_WEB_PORT": str(port)},
             )
         )
     return services

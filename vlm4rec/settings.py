@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     )
     kafka_fetch_max_wait_ms: int = Field(
         100, ge=1, le=1500, description="longest wait of a consumer's fetch for new data; the embedded "
-        "broker answers a fetch only when the wait ends, so this is latency there (Kafka answers on arrival)"
+        "broker answers a fetch only when the wait ends, so this is latency there (Kafka answers on arrival; "
+        "with VLM4REC_STREAMS_BROKER_SHIMS off the stream processor keeps Faust's own 1500)"
     )
     topic_partitions: int = Field(4, ge=1, description="partitions of every product topic")
     topic_replication: int = Field(1, ge=1, description="replication factor of every topic")
@@ -128,6 +129,12 @@ class Settings(BaseSettings):
         "memory://",
         description="table store: memory:// (rebuilt from the changelog at start; required on the "
         "embedded broker) or rocksdb:// against Apache Kafka",
+    )
+    streams_broker_shims: bool = Field(
+        True,
+        description="the stream processor's work-arounds for the embedded Tansu broker: changelog fences, one "
+        "record per Faust producer batch, Faust's fetch wait bounded by VLM4REC_KAFKA_FETCH_MAX_WAIT_MS "
+        "(streams/delivery.py); set false against Apache Kafka, which needs none of them",
     )
     streams_k: int = Field(20, ge=1, le=1000, description="recommendations per push")
     streams_fanout_users: int = Field(50, ge=0, description="users a fresh item is pushed to")
