@@ -23,6 +23,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+#: neighbour lists kept as arrays (`CoOccurrence._array`): a round of users queries a few
+#: thousand items; a list holds at most 2 x `max_neighbours` pairs (16 kB at 500, so 128 MB
+#: at most, about 10 MB on hm)
+ARRAYS_KEPT = 8192
+
 
 class CoOccurrence:
     def __init__(self, window: int = 50, max_neighbours: int = 500, max_items: int = 500_000) -> None:
@@ -35,6 +40,9 @@ class CoOccurrence:
         self._touched = np.zeros(1024)  # when each item last gained a user (a running count)
         self._adds = 0
         self._neighbours: list[dict[int, float]] = []
+        # neighbour lists as arrays sorted by index (`_array`), for the items a ranker queries;
+        # an entry is dropped when its list changes
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.generation = 0  # bumped when `_forget` re-indexes: indices held elsewhere are stale
 
     def __len__(self) -> int:
@@ -69,10 +77,12 @@ class CoOccurrence:
         self._adds += 1
         self._touched[n] = self._adds
         mine = self._neighbours[n]
+        self._arrays.pop(n, None)
         for other in earlier[-self.window :] if self.window else ():
             m = self._intern(other)
             if m == n:
                 continue
+            self._arrays.pop(m, None)
             mine[m] = mine.get(m, 0.0) + 1.0
             theirs = self._neighbours[m]
             theirs[n] = theirs.get(n, 0.0) + 1.0
@@ -101,29 +111,66 @@ class CoOccurrence:
         users[: len(order)] = self._users[order]
         touched[: len(order)] = self._touched[order]
         self._users, self._touched = users, touched
+        self._arrays.clear()
         self.generation += 1
 
     def sparse(self, query: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """(internal indices, scores) of the items that co-occur with a query item: the sum
         over the query items i of cooc(i, j) / sqrt(n_i n_j). Query items co-occurring with each
         other score too; the caller drops what the user has seen. Its cost follows the query
-        items' neighbour lists, not the catalogue (a ranker calls it per user)."""
-        users = self._users
-        columns: list[np.ndarray] = []
-        weights: list[np.ndarray] = []
-        for item in query:
-            n = self.index.get(item)
-            if n is None or users[n] == 0 or not self._neighbours[n]:
-                continue
-            neighbours = self._neighbours[n]
-            columns.append(np.fromiter(neighbours.keys(), dtype=np.int64, count=len(neighbours)))
-            weights.append(np.fromiter(neighbours.values(), dtype=np.float64, count=len(neighbours)) / np.sqrt(users[n]))
-        if not columns:
-            return np.zeros(0, dtype=np.int64), np.zeros(0)
-        found, position = np.unique(np.concatenate(columns), return_inverse=True)
-        total = np.bincount(position, weights=np.concatenate(weights))
-        np.divide(total, np.sqrt(users[found]), out=total, where=users[found] > 0)
+        items' neighbour lists, not the catalogue."""
+        _, found, total = self.sparse_many([list(query)])
         return found, total
+
+    def sparse_many(self, queries: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`sparse` of several queries at once (a ranker's round of users): (starts, internal
+        indices, scores), query n's found at [starts[n], starts[n + 1]), indices ascending. One
+        numpy pass sums all queries, over neighbour lists kept as arrays while they do not
+        change; a score adds the same terms in the same order as the query alone would (a
+        stable sort keeps the query order of each (query, index) key's terms), so it is the
+        same float."""
+        users, size = self._users, len(self.ids)
+        columns: list[np.ndarray] = []
+        counts: list[np.ndarray] = []
+        owners: list[int] = []
+        norms: list[float] = []
+        for q, query in enumerate(queries):
+            for item in query:
+                n = self.index.get(item)
+                if n is None or users[n] == 0 or not self._neighbours[n]:
+                    continue
+                found, count = self._array(n)
+                columns.append(found)
+                counts.append(count)
+                owners.append(q)
+                norms.append(users[n])
+        if not columns:
+            return np.zeros(len(queries) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
+        lengths = [len(c) for c in columns]
+        keys = np.repeat(np.array(owners, dtype=np.int64), lengths) * size + np.concatenate(columns)
+        weights = np.concatenate(counts) / np.repeat(np.sqrt(np.array(norms)), lengths)
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        total = np.bincount(np.cumsum(first) - 1, weights=weights[order])
+        found = keys[first] % size
+        np.divide(total, np.sqrt(users[found]), out=total, where=users[found] > 0)
+        return np.searchsorted(keys[first] // size, np.arange(len(queries) + 1)), found, total
+
+    def _array(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item n's neighbour list as (indices ascending, counts), kept until the list changes
+        (at most `ARRAYS_KEPT` lists: the cache starts over past that)."""
+        found = self._arrays.get(n)
+        if found is None:
+            if len(self._arrays) >= ARRAYS_KEPT:
+                self._arrays.clear()
+            neighbours = self._neighbours[n]
+            keys = np.fromiter(neighbours.keys(), dtype=np.int64, count=len(neighbours))
+            order = np.argsort(keys)
+            counts = np.fromiter(neighbours.values(), dtype=np.float64, count=len(neighbours))
+            found = self._arrays[n] = (keys[order], counts[order])
+        return found
 
     def scores(self, query: Iterable[str]) -> dict[str, float]:
         """`sparse` as {item: score} for the items that score above zero."""

@@ -475,3 +475,119 @@ def test_features_of_a_user_whose_history_the_ranker_has_not_seen() -> None:
     col = {f: n for n, f in enumerate(FEATURES)}
     assert x[0, col["cos_mean"]] == pytest.approx(float(vectors[7] @ request.profile), abs=1e-5)
     assert x[0, col["cos_last"]] == 0.0 and x[0, col["cos_max"]] == 0.0
+
+
+# --- one vectorised round ranks exactly as the per-user code did ------------------------------
+
+
+def tie_world(seed: int = 3) -> tuple[StoreContent, list[str], np.ndarray]:
+    """`world`, with exact ties and gaps: items 100-109 repeat the vectors of items 0-9, items
+    150-159 have none, and item ids do not sort in the order items are first seen."""
+    rng = np.random.default_rng(seed)
+    n_items = 160
+    vectors = rng.normal(size=(n_items, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[100:110] = vectors[0:10]
+    ids = [f"t{n:03d}" for n in rng.permutation(n_items)]
+    store = MemoryVectorStore()
+    store.open(DIM, "test", "text")
+    store.upsert([VectorRecord(i, v) for i, v in zip(ids[:150], vectors[:150], strict=True)])
+    return StoreContent(store, VectorCache(store)), ids, vectors
+
+
+def assert_same_round(new: Replay, old: Replay, requests: list[Request], k: int) -> list[list[tuple[str, float]]]:
+    """The same candidates (rows, each source's reciprocal ranks, co-occurrence) and the same
+    ranking, item ids and float scores to the bit, for the round and for each request alone."""
+    content = new.content
+    for mine, theirs in zip(new.ranker.candidates(requests, content), old.ranker.candidates(requests, content), strict=True):
+        assert mine.rows.tolist() == theirs.rows.tolist()
+        assert {s: v.tolist() for s, v in mine.rr.items()} == {s: v.tolist() for s, v in theirs.rr.items()}
+        assert [a.tolist() for a in mine.cooc] == [a.tolist() for a in theirs.cooc]
+    ranked = new.ranker.rank(requests, content, k)
+    assert ranked == old.ranker.rank(requests, content, k)
+    assert [new.ranker.rank([r], content, k)[0] for r in requests] == ranked, "a round ranks as its requests alone"
+    return ranked
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        RankConfig(min_groups=40, refit_every=60, negatives=15, content_k=8, interests=3, cooc_k=10, popular_k=6, fresh_k=2, tail_slots=2, tail_within=6),
+        RankConfig(min_groups=60, train_rate=0.5),
+    ],
+)
+def test_a_vectorised_round_ranks_exactly_as_the_per_user_reference(config: RankConfig) -> None:
+    """tests/rank_reference.py is the per-user code before the round was vectorised: both
+    rankers take the same stream (training groups and model included) and must rank alike,
+    before and after the first fit, for users without a profile, without candidates, with
+    fresh items, exact score ties and tail slots, in rounds that mix moments and exclusions."""
+    from tests.rank_reference import ReferenceRanker
+
+    content, ids, _ = tie_world()
+    new, old = Replay(BlendRanker(config), content), Replay(ReferenceRanker(config), content)
+    day, start = 86400.0, 1_700_000_000.0
+    rows = chain_stream(ids[:120], users=40, steps=8, seed=5)
+    rows += [(f"blind{u}", ids[150 + (u + s) % 10], start + 60.0 * s + u) for u in range(4) for s in range(3)]
+    rows.sort(key=lambda r: r[2])
+    users = sorted({u for u, _, _ in rows}) + ["nobody"]
+    ranked: list[list[tuple[str, float]]] = []
+
+    def check(ts: float, k: int) -> None:
+        requests = [new.request(u, ts) for u in users]
+        assert [r.history for r in requests] == [old.request(u, ts).history for u in users]
+        requests[1].exclude = set(ids[:40:3])
+        requests[2].ts = ts - 3 * day  # one round, several moments
+        ranked.extend(assert_same_round(new, old, requests, k))
+
+    check(start, 10)  # nothing streamed yet: empty candidates
+    for n, created in enumerate([start - 8 * day, start + 100.0, start + 200.0, start + 600.0, start + day]):
+        for replay in (new, old):
+            replay.ranker.stats.declare(ids[120 + n], created)
+            replay.ranker.stats.declare(ids[150 + n], created)
+            replay.ranker.stats.declare(ids[[3, 103][n % 2]], start + 300.0)  # same vector: closeness ties
+    for part, k in zip(np.split(np.arange(len(rows)), [30, len(rows) // 2]), (5, 20, 1000), strict=True):
+        chunk = [rows[n] for n in part]  # the first before the first fit
+        new.feed(chunk)
+        old.feed(chunk)
+        assert [g.x.tolist() for g in new.ranker.groups] == [g.x.tolist() for g in old.ranker.groups]
+        assert new.ranker.weights() == old.ranker.weights()
+        check(chunk[-1][2] + 1.0, k)
+    assert new.ranker.fits > 0
+    # what the round covered
+    assert any(r.profile is None and r.history for r in (new.request(u, start) for u in users))
+    assert [] in ranked, "a user without candidates"
+    assert sum(map(len, ranked)) > 1000
+    assert any(a == b for r in ranked for (_, a), (_, b) in zip(r, r[1:])), "exact ties"
+    fresh = {ids[120 + n] for n in range(5)} | {ids[150 + n] for n in range(5)}
+    assert any(i in fresh for r in ranked for i, _ in r), "fresh items"
+    stats = new.ranker.stats
+    assert any(stats.count(i) <= 1 for r in ranked for i, _ in r[: config.tail_within]), "tail items in the head"
+
+
+def test_a_vectorised_round_ranks_hm_exactly_as_the_per_user_reference(shared_data: Path) -> None:
+    """A slice of hm walked as `vlm4rec bench rank` walks it (random unit vectors), by two
+    blends sharing the walk: the product's ranker and the per-user reference."""
+    from tests.rank_reference import ReferenceRanker
+    from vlm4rec.dataset import load_dataset
+    from vlm4rec.evaluate import BlendWalk, ContentIndex, build_stream
+
+    stream = build_stream(load_dataset(shared_data / "hm"))
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(len(stream.item_ids), 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    walk = BlendWalk(stream)
+    index = ContentIndex(vectors)
+    new, old = walk.add(index), walk.add(index)
+    old.ranker.__class__ = ReferenceRanker
+    end = 6000
+    walk.advance(end)
+    assert new.ranker.fits > 0 and new.ranker.weights() == old.ranker.weights()
+    assert [g.x.tolist() for g in new.ranker.groups] == [g.x.tolist() for g in old.ranker.groups]
+    now = float(stream.ts[end])
+    new.content.ts = old.content.ts = now
+    active = [u for u in range(len(stream.user_ids)) if walk.recent[u]]
+    for pick in (rng.choice(active, size=300, replace=False), active[:40]):
+        requests = [new.request(int(u), now) for u in pick]
+        mine, theirs = new.ranker.rank(requests, new.content, 20), old.ranker.rank(requests, old.content, 20)
+        assert mine == theirs
+        assert sum(map(len, mine)) > 20 * len(requests) // 2
