@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from topics import Interaction, ItemNew, Recs, decode, encode
+from vlm4rec.blas import single_threaded_blas
 from topics.producer import EventProducer
 from vectorstore import VectorRecord, VectorStore
 from workers.embedder import Embedder, ItemContent
@@ -491,8 +492,8 @@ def bench_rank(dataset: Any, users: int = 256, rounds: int = 8, dim: int = 384, 
     of `users` random users with history, timed after one warm-up round. The item vectors are
     random unit vectors of `dim` (the cost of ranking does not depend on what they say) and the
     content search is exact and in-process and its time is left out, since the stream asks
-    Milvus instead (vector lookups count: the stream serves them from its cache). Per core:
-    numpy's BLAS may use more than one thread for the few matrix products."""
+    Milvus instead (vector lookups count: the stream serves them from its cache). One BLAS
+    thread, as in the stream processor (`vlm4rec.blas`)."""
     from vlm4rec.evaluate import BlendWalk, ContentIndex, build_stream
 
     stream = build_stream(dataset)
@@ -514,17 +515,18 @@ def bench_rank(dataset: Any, users: int = 256, rounds: int = 8, dim: int = 384, 
     candidates = []
     ranked = 0
     total = 0.0
-    for n, pick in enumerate(tqdm(picks, desc="ranking rounds", unit="round")):
-        requests = [blend.request(int(u), now) for u in pick]
-        if n == 0:  # warm-up: memos, caches
+    with single_threaded_blas():  # as the stream processor runs it
+        for n, pick in enumerate(tqdm(picks, desc="ranking rounds", unit="round")):
+            requests = [blend.request(int(u), now) for u in pick]
+            if n == 0:  # warm-up: memos, caches
+                blend.ranker.rank(requests, content, 20)
+                continue
+            content.seconds = 0.0
+            t = time.perf_counter()
             blend.ranker.rank(requests, content, 20)
-            continue
-        content.seconds = 0.0
-        t = time.perf_counter()
-        blend.ranker.rank(requests, content, 20)
-        total += time.perf_counter() - t - content.seconds
-        ranked += len(requests)
-        candidates.extend(len(p.rows) for p in blend.ranker.candidates(requests[:16], content))
+            total += time.perf_counter() - t - content.seconds
+            ranked += len(requests)
+            candidates.extend(len(p.rows) for p in blend.ranker.candidates(requests[:16], content))
     return {
         "dataset": stream.name,
         "interactions": len(stream.ts),

@@ -188,11 +188,14 @@ def streams(settings: Settings) -> None:
     from topics.admin import create_topics
     from vlm4rec.wiring import build_streams
 
+    from vlm4rec.blas import single_threaded_blas
+
     create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication)
     service = build_streams(settings)
     worker = Worker(service.app, loglevel=settings.log_level.lower(), quiet=True)
     log.info("streams HTTP on http://%s:%d", settings.web_host, settings.web_port)
-    worker.execute_from_commandline()
+    with single_threaded_blas():
+        worker.execute_from_commandline()
 
 
 @main.command()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from streams.profile import Ranker, mean_profile
 from streams.cooccur import CoOccurrence
 from streams.rank import BlendRanker, Hits, ItemStats, RankConfig, Request
+from vlm4rec.blas import single_threaded_blas
 from vlm4rec.dataset import Dataset, publish_times
 from vlm4rec.embedcache import EmbeddingCache, embed_items
 from workers.backends.base import EmbeddingBackend
@@ -503,18 +503,6 @@ def summarise(
     out["HR@10_cold"] = float(hit10[cold].mean()) if cold.any() else None
     ordered = ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "coverage@10", "HR@10_ci", "HR@10_cold"]
     return {key: out[key] for key in ordered}
-
-
-def single_threaded_blas() -> AbstractContextManager[Any]:
-    """The walk makes tens of thousands of small matrix products (a few profile vectors
-    against the catalogue, per training group and target), where BLAS threads cost more than
-    they give: measured on ml100k, 3x the CPU time on 2 cores. One thread, where threadpoolctl
-    is at hand (scikit-learn brings it)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - only slower
-        return nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def evaluate(
