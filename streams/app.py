@@ -94,7 +94,8 @@ class StreamsConfig:
     refresh_max: int = 256
     fetch_max_wait_ms: int = 100
     learn_max: int = 64
-    background_every_s: float = 1.0  # the learner's and the saver's pace (`Backlog`)
+    learn_every_s: float = 1.0  # the learner's pace (`Backlog`)
+    save_every_s: float = 5.0  # the users-collection saver's pace
     neighbour_ttl_s: float = 60.0
     rule: ProfileRule = field(default_factory=ProfileRule)
     popularity_half_life_s: float = 6 * 3600
@@ -173,9 +174,10 @@ class StreamsApp:
         self.due: OrderedDict[str, Due] = OrderedDict()  # oldest first
         # beside the hot path (streams.background): the ranker learns from the applied
         # interactions (batches in order), and changed profiles reach the users collection
-        pace = config.background_every_s
-        self.learner: Backlog[int, list[Observation]] = Backlog("learn", self._learn, retry=False, every_s=pace)
-        self.saver: Backlog[str, tuple[Profile, int]] = Backlog("save_profiles", self._save, retry=True, every_s=pace)
+        self.learner: Backlog[int, list[Observation]] = Backlog("learn", self._learn, retry=False, every_s=config.learn_every_s)
+        self.saver: Backlog[str, tuple[Profile, int]] = Backlog(
+            "save_profiles", self._save, retry=True, every_s=config.save_every_s
+        )
         self._batches = 0
         # embedded items (item_id, created_at) not yet told to the ranker, whose state only the
         # vector-store thread touches; queued so that the item agent never waits behind a round

@@ -147,9 +147,13 @@ class Settings(BaseSettings):
         64, ge=0, description="ranker training groups built per learner batch at most (the rest of the batch's "
         "interactions are still counted); bounds training cost under load"
     )
-    streams_background_every_s: float = Field(
-        1.0, ge=0, description="the learner and the users-collection saver each start a batch at most this often "
-        "(beside the recs rounds: on a small machine they compete with them for CPU and Milvus)"
+    streams_learn_every_s: float = Field(
+        1.0, ge=0, description="the ranker's learner starts a batch at most this often (beside the recs rounds: "
+        "on a small machine it competes with them for CPU and Milvus)"
+    )
+    streams_save_every_s: float = Field(
+        5.0, ge=0, description="changed profiles reach the users collection (read only by the fresh-item fan-out) "
+        "at most this often, in one upsert (a user changed several times in between is written once)"
     )
     streams_neighbour_ttl_s: float = Field(
         60.0, ge=0, description="how long an item's cached nearest-neighbour list is reused (0: never cached)"
