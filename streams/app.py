@@ -93,7 +93,7 @@ class StreamsConfig:
     batch_within_s: float = 0.05
     refresh_max: int = 256
     fetch_max_wait_ms: int = 100
-    learn_max: int = 64
+    learn_max: int = 32
     learn_every_s: float = 1.0  # the learner's pace (`Backlog`)
     save_every_s: float = 5.0  # the users-collection saver's pace
     neighbour_ttl_s: float = 60.0

@@ -144,7 +144,7 @@ class Settings(BaseSettings):
         256, ge=1, description="users whose recs one refresh round ranks at most (one batched search)"
     )
     streams_learn_max: int = Field(
-        64, ge=0, description="ranker training groups built per learner batch at most (the rest of the batch's "
+        32, ge=0, description="ranker training groups built per learner batch at most (the rest of the batch's "
         "interactions are still counted); bounds training cost under load"
     )
     streams_learn_every_s: float = Field(
