@@ -60,3 +60,12 @@ def test_the_stack_processes_are_told_apart_by_their_arguments() -> None:
     assert role(["/x/tansu", "broker", "--listener-url", "tcp://127.0.0.1:9092"]) == "broker"
     assert role(["/venv/bin/python3", "/venv/bin/milvus-lite", "server", "--port", "19530"]) == "milvus"
     assert role(["/usr/bin/python3", "-m", "pytest", "tests/test_milvus.py"]) is None
+
+
+def test_the_nth_interaction_is_due_at_n_periods_into_the_step() -> None:
+    from vlm4rec.bench import due_now
+
+    assert due_now(0.0, 2.0, 60.0) == 1, "the first goes at once"
+    assert due_now(0.49, 2.0, 60.0) == 1 and due_now(0.5, 2.0, 60.0) == 2
+    assert due_now(59.99, 2.0, 60.0) == 120 == due_now(61.0, 2.0, 60.0)
+    assert due_now(0.0105, 1000.0, 8.0) == 11
