@@ -95,7 +95,7 @@ class StreamsConfig:
     fetch_max_wait_ms: int = 100
     learn_max: int = 32
     learn_every_s: float = 1.0  # the learner's pace (`Backlog`)
-    save_every_s: float = 5.0  # the users-collection saver's pace
+    save_every_s: float = 1.0  # the users-collection saver's pace
     neighbour_ttl_s: float = 60.0
     rule: ProfileRule = field(default_factory=ProfileRule)
     popularity_half_life_s: float = 6 * 3600

@@ -152,7 +152,7 @@ class Settings(BaseSettings):
         "on a small machine it competes with them for CPU and Milvus)"
     )
     streams_save_every_s: float = Field(
-        5.0, ge=0, description="changed profiles reach the users collection (read only by the fresh-item fan-out) "
+        1.0, ge=0, description="changed profiles reach the users collection (read only by the fresh-item fan-out) "
         "at most this often, in one upsert (a user changed several times in between is written once)"
     )
     streams_neighbour_ttl_s: float = Field(
