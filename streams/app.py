@@ -231,7 +231,7 @@ class StreamsApp:
         self.delivery = Delivery(self.app, self.inputs)
         self.delivery.install()
         self.app.on_before_shutdown.connect(self._flush_recs)
-        self._recs_out: EventProducer | None = None  # made at the first push (it starts threads)
+        self._recs_out: EventProducer | None = None  # made at warm-up or the first push (it starts threads)
 
     async def _store(self, fn: Any, *args: Any) -> Any:
         """Vector-store calls are blocking gRPC; keep them off the event loop."""
@@ -254,9 +254,26 @@ class StreamsApp:
                 await self._store(self.users.open, *space)
                 self.model = f"{space[1]}+profile-mean"
                 log.info("item space: dim=%d model=%s strategy=%s", *space)
+                await self._warm_up()
                 return
             log.info("waiting for the items collection (start an embedding worker)")
             await asyncio.sleep(2.0)
+
+    async def _warm_up(self) -> None:
+        """Run the hot path once before the first interaction needs it: the recs producer's
+        connection (metadata, idempotent producer id) and one ranking over stored items (the
+        store's and the ranker's first calls). Without it the first pushes after a start took
+        1.3 s, 0.8 s and 0.3 s, against about 80 ms at idle after them."""
+        self._recs_producer()
+        try:
+            await self._store(self.recommender.warm_up)
+        except Exception as exc:  # noqa: BLE001 - only the first round pays for it
+            log.warning("warm-up ranking failed (%s); the first round pays for it", exc)
+
+    def _recs_producer(self) -> EventProducer:
+        if self._recs_out is None:
+            self._recs_out = EventProducer(self.config.recs_kafka or {"bootstrap.servers": self.config.bootstrap_servers})
+        return self._recs_out
 
     async def _report_lag(self) -> None:
         """Messages not yet processed on each input partition this worker owns: the end offset
@@ -486,9 +503,7 @@ class StreamsApp:
             metrics.RECS_INVALID.inc()
             log.error("recs of user %r not pushed: %s", user_id, exc.errors()[0].get("msg", exc))
             return False
-        if self._recs_out is None:
-            self._recs_out = EventProducer(self.config.recs_kafka or {"bootstrap.servers": self.config.bootstrap_servers})
-        self._recs_out.send(self.config.topics.recs, recs)  # queued; librdkafka batches and retries
+        self._recs_producer().send(self.config.topics.recs, recs)  # queued; librdkafka batches and retries
         metrics.RECS_PUSHED.labels(trigger).inc()
         self.last_recs[user_id] = recs
         self.last_recs.move_to_end(user_id)

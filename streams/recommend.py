@@ -33,6 +33,8 @@ log = logging.getLogger("vlm4rec.streams")
 
 #: users whose ranking failure was logged; each is logged once (bounded memory)
 FAILURES_LOGGED = 10_000
+#: the made-up user of `Recommender.warm_up` (no event can carry a control character)
+WARM_UP_USER = "\x00warm-up"
 
 
 class VectorCache:
@@ -320,6 +322,22 @@ class Recommender:
                 hits = self.popularity.top(k, exclude=set(profile.seen))
             out.append(hits)
         return out
+
+    def warm_up(self) -> None:
+        """Rank once for a made-up user whose history is one stored item, so that the first
+        real round does not pay for the store's and the ranker's first calls. Nothing is
+        pushed or learnt."""
+        space = self.items.space()
+        if space is None:
+            return
+        probe = np.full((1, space[0]), 1.0 / math.sqrt(space[0]), dtype=np.float32)
+        hits = self.items.search(probe, 1)[0]
+        if not hits:
+            return
+        item = hits[0][0]
+        vector = self.vectors.get([item]).get(item)
+        if vector is not None:
+            self.recommend([Profile(WARM_UP_USER, vector=np.asarray(vector, dtype=np.float64).tolist(), seen=[item])])
 
     def _alone(self, request: Request, profile: Profile, k: int) -> Hits | None:
         try:

@@ -323,3 +323,14 @@ def test_a_backlog_without_retry_drops_a_failed_batch_and_goes_on() -> None:
     asyncio.run(drain())
     assert calls == [[1], [2]] and len(backlog) == 0
     backlog.shutdown()
+
+
+def test_warming_up_ranks_over_stored_items_without_learning_or_counting() -> None:
+    store, _, _ = catalogue()
+    rec = recommender(store)
+    rec.warm_up()
+    assert rec.ranker.stats.ids, "the ranking ran: its candidates were interned"
+    assert not rec.ranker.groups
+    assert rec.ranker.stats.clock == 0.0 and rec.ranker.fits == 0
+    empty = MemoryVectorStore()
+    recommender(empty).warm_up()  # no collection yet: nothing to do
