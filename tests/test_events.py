@@ -13,7 +13,7 @@ from topics import DeadLetter, EventError, Interaction, ItemEmbedded, ItemNew, R
 from topics.events import EVENT_MODELS, MAX_ID_CHARS
 from topics.jsonschema import SCHEMA_DIR, schema_documents
 from topics.names import TopicNames
-from topics.producer import event_key
+from topics.producer import EventProducer, event_key
 
 ITEM = {"item_id": "sku-1", "title": "Red dress", "image_url": "https://example.com/a.jpg"}
 CLICK = {"user_id": "u1", "item_id": "sku-1", "event": "click", "ts": 1_700_000_000.5}
@@ -182,3 +182,11 @@ def test_a_long_running_producer_hears_of_refused_messages_once() -> None:
     producer._on_delivery(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED), Failed())  # what librdkafka reports
     refused = producer.refused()
     assert len(refused) == 1 and refused[0].startswith("recs: ") and producer.refused() == []
+
+
+def test_a_producer_that_cannot_reach_its_broker_says_so_when_asked_to_connect() -> None:
+    from confluent_kafka import KafkaException
+
+    producer = EventProducer({"bootstrap.servers": "127.0.0.1:1", "socket.connection.setup.timeout.ms": 1000})
+    with pytest.raises(KafkaException):
+        producer.connect(timeout_s=1.5)

@@ -361,12 +361,13 @@ def bench_stream(
     def on_recs(message: Any) -> None:
         tracker.on_recs(decode(Recs, message.value()), time.time())
 
+    producer = EventProducer(kafka_config)
+    producer.connect()  # and warmer still by the time the reader holds its partitions
     stop, assigned = threading.Event(), threading.Event()
     reader = threading.Thread(target=_consume, args=(kafka_config, recs_topic, stop, assigned, on_recs), daemon=True)
     reader.start()
     if not assigned.wait(60):
         raise RuntimeError(f"the bench's reader of {recs_topic} got no partitions within 60 s")
-    producer = EventProducer(kafka_config)
     rng = random.Random(7)
     steps = []
     total_sent = 0
