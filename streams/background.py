@@ -109,6 +109,3 @@ class Backlog(Generic[K, V]):
                 self.handled += len(taken)
                 self.report()
                 await asyncio.sleep(max(0.0, self.every_s - (time.monotonic() - started)))
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -596,6 +596,7 @@ class BlendRanker:
         self.new_groups = 0
         self.fits = 0
         self.rejected: dict[str, int] = {}  # refits not adopted, by reason (`install`)
+        self.last_rejection = ""  # the reason of the latest refit not adopted
         self.refused_groups = 0  # training groups dropped for non-finite features
         self._rng = np.random.default_rng(config.seed)  # negatives
         self._draw = np.random.default_rng([config.seed, 1])  # which interactions train
@@ -694,6 +695,7 @@ class BlendRanker:
 
     def _reject(self, reason: str) -> bool:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.last_rejection = reason
         return False
 
     # --- ranking --------------------------------------------------------------------------

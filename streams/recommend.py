@@ -242,20 +242,16 @@ class Recommender:
         learning = [(r, item) for r, _, item, _ in observations if r is not None]
         if learn_max is not None:
             learning = learning[max(0, len(learning) - learn_max) :]
-        requests = [r for r, _ in learning]
-        try:
-            source = Prefetched(self.content, requests, self.ranker.config) if learning else None
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            metrics.LEARN_FAILURES.inc()
-            log.warning("%d training groups not built: %s: %s", len(learning), type(exc).__name__, exc)
-            source = None
-        with self.lock:
-            if source is not None:
-                try:
+        if learning:
+            requests = [r for r, _ in learning]
+            try:
+                source = Prefetched(self.content, requests, self.ranker.config)
+                with self.lock:
                     self.ranker.learn(requests, [i for _, i in learning], source, refit=False)
-                except Exception as exc:  # noqa: BLE001 - see the docstring
-                    metrics.LEARN_FAILURES.inc()
-                    log.warning("%d training groups not built: %s: %s", len(learning), type(exc).__name__, exc)
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                metrics.LEARN_FAILURES.inc()
+                log.warning("%d training groups not built: %s: %s", len(learning), type(exc).__name__, exc)
+        with self.lock:
             for _, history, item, ts in observations:
                 self.ranker.record(history, item, ts)
             refused, self.ranker.refused_groups = self.ranker.refused_groups, 0
@@ -270,12 +266,11 @@ class Recommender:
         with metrics.STAGE_SECONDS.labels("refit").time():
             candidate = self.ranker.train(groups)
         with self.lock:
-            before = dict(self.ranker.rejected)
             accepted = self.ranker.install(candidate)
+            reason = self.ranker.last_rejection
         if accepted:
             metrics.REFITS.labels("accepted").inc()
             return True
-        reason = next(r for r, n in self.ranker.rejected.items() if n > before.get(r, 0))
         metrics.REFITS.labels(reason).inc()
         log.warning("refit rejected (%s); the current model stays", reason)
         return False

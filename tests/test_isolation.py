@@ -176,6 +176,7 @@ def test_a_refit_that_orders_the_held_back_groups_worse_is_rejected() -> None:
     held = _groups(200, 3.0, 1)
     assert not ranker.install(Refit(-good, held, -good)), "a model that ranks the positive last"
     assert ranker.model.weights is good and ranker.rejected == {"worse on held-back groups": 1}
+    assert ranker.last_rejection == "worse on held-back groups"
     better = good * 2
     assert ranker.install(Refit(better, held, better)) and ranker.model.weights is better
 
@@ -297,7 +298,6 @@ def test_a_backlog_coalesces_by_key_retries_what_may_succeed_and_reports_its_age
 
     asyncio.run(drain())
     assert calls == [["a2", "b1"], ["a2", "b1"]] and backlog.lag() == 0.0
-    backlog.shutdown()
 
 
 def test_a_backlog_without_retry_drops_a_failed_batch_and_goes_on() -> None:
@@ -322,7 +322,6 @@ def test_a_backlog_without_retry_drops_a_failed_batch_and_goes_on() -> None:
 
     asyncio.run(drain())
     assert calls == [[1], [2]] and len(backlog) == 0
-    backlog.shutdown()
 
 
 def test_warming_up_ranks_over_stored_items_without_learning_or_counting() -> None:
