@@ -24,6 +24,10 @@ origins of the deferred interactions it still awaits, so a re-delivered event or
 counted twice (`streams.profile_updates`, free of Faust); that needs each partition's events in
 offset order and offsets committed only for handled events (`streams.delivery`, which also holds
 the embedded broker's work-arounds, behind `StreamsConfig.broker_shims`).
+- `items.embedded`, every partition: the item feed (`streams.item_feed`, a thread of its own)
+  keeps this worker's in-process replica of the items collection current, so that the hot path
+  searches memory instead of Milvus (`item_replica`).
+
 Control messages go to the user's own interactions partition (stored with the user's vector),
 so one worker owns all of a user's events whatever partitioner the producers use.
 """
@@ -47,6 +51,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from streams import metrics
 from streams.background import Backlog
 from streams.delivery import FENCE_PREFIX, BrokerShims, Delivery, in_context_of
+from streams.item_feed import ItemFeed
 from streams.popularity import RecentPopularity
 from streams.profile import Profile, ProfileRule
 from streams.profile_updates import Deferral, ProfileUpdater, Received
@@ -56,7 +61,7 @@ from pydantic import ValidationError
 
 from topics import DeadLetter, EventError, Interaction, ItemEmbedded, Rec, Recs, TopicNames, decode, encode
 from topics.producer import EventProducer
-from vectorstore import VectorStore
+from vectorstore import ReplicaVectorStore, VectorStore
 
 log = logging.getLogger("vlm4rec.streams")
 
@@ -100,9 +105,12 @@ class StreamsConfig:
     rule: ProfileRule = field(default_factory=ProfileRule)
     popularity_half_life_s: float = 6 * 3600
     rank: RankConfig = field(default_factory=RankConfig)
-    #: librdkafka settings of the recs producer (the composition root hands down the product's
-    #: `kafka_config()`); empty: `bootstrap_servers` in plain text
-    recs_kafka: dict[str, Any] = field(default_factory=dict)
+    #: librdkafka settings of the recs producer and the item feed (the composition root hands
+    #: down the product's `kafka_config()`); empty: `bootstrap_servers` in plain text
+    kafka: dict[str, Any] = field(default_factory=dict)
+    #: search an in-process replica of the items collection (vectorstore/replica.py) instead
+    #: of the vector store; off for catalogues beyond this worker's memory
+    item_replica: bool = True
     #: the embedded broker's work-arounds (`streams.delivery.BrokerShims`); off against Kafka
     broker_shims: bool = True
 
@@ -160,6 +168,10 @@ class StreamsApp:
 
     def __init__(self, config: StreamsConfig, items: VectorStore, users: VectorStore) -> None:
         self.config = config
+        self.item_feed: ItemFeed | None = None
+        if config.item_replica:
+            items = ReplicaVectorStore(items)
+            self.item_feed = ItemFeed(items, config.topics.items_embedded, self._kafka(), f"{config.app_id}-item-feed")
         self.items = items
         self.users = users
         self.popularity = RecentPopularity(config.popularity_half_life_s)
@@ -221,6 +233,7 @@ class StreamsApp:
         self.app.agent(self.interactions, name="profiles-agent")(self._profiles_agent)
         self.app.agent(self.items_topic, name="items-agent")(self._items_agent)
         self.app.task(self._discover_space)
+        self.app.task(self._start_item_feed)
         self.app.task(self._refresher)
         self.app.task(self.learner.run)
         self.app.task(self.saver.run)
@@ -231,6 +244,7 @@ class StreamsApp:
         self.delivery = Delivery(self.app, self.inputs)
         self.delivery.install()
         self.app.on_before_shutdown.connect(self._flush_recs)
+        self.app.on_before_shutdown.connect(self._stop_item_feed)
         self._recs_out: EventProducer | None = None  # made at warm-up or the first push (it starts threads)
 
     async def _store(self, fn: Any, *args: Any) -> Any:
@@ -240,6 +254,14 @@ class StreamsApp:
     async def _lookup(self, fn: Any, *args: Any) -> Any:
         """A vector-store lookup of the agents, on its own thread: never behind a recs round."""
         return await asyncio.get_running_loop().run_in_executor(self._fetch_pool, fn, *args)
+
+    async def _start_item_feed(self) -> None:
+        if self.item_feed is not None:
+            self.item_feed.start()
+
+    async def _stop_item_feed(self, sender: Any, **_: Any) -> None:
+        if self.item_feed is not None:
+            await asyncio.to_thread(self.item_feed.stop)
 
     async def _discover_space(self) -> None:
         """The embedding workers choose the item space; the users collection follows it."""
@@ -270,9 +292,12 @@ class StreamsApp:
         except Exception as exc:  # noqa: BLE001 - only the first round pays for it
             log.warning("warm-up ranking failed (%s); the first round pays for it", exc)
 
+    def _kafka(self) -> dict[str, Any]:
+        return self.config.kafka or {"bootstrap.servers": self.config.bootstrap_servers}
+
     def _recs_producer(self) -> EventProducer:
         if self._recs_out is None:
-            self._recs_out = EventProducer(self.config.recs_kafka or {"bootstrap.servers": self.config.bootstrap_servers})
+            self._recs_out = EventProducer(self._kafka())
         return self._recs_out
 
     async def _report_lag(self) -> None:

@@ -84,3 +84,11 @@ TIMESTAMPS_CLAMPED = Counter(
 )
 DEAD_LETTERS = Counter("vlm4rec_streams_dead_letters_total", "Events sent to a dead-letter topic", ["topic"])
 PROFILES = Gauge("vlm4rec_streams_profiles", "User profiles held by this worker")
+REPLICA_ITEMS = Gauge("vlm4rec_streams_item_replica_items", "Items in this worker's in-process replica of the items collection")
+REPLICA_LAG = Gauge(
+    "vlm4rec_streams_item_replica_lag_seconds",
+    "Age of the oldest items.embedded event not yet in the replica (0: caught up); the replica's staleness",
+)
+REPLICA_REFRESHES = Counter(
+    "vlm4rec_streams_item_replica_refreshes_total", "Replica loads and refreshes", ["kind", "outcome"]
+)

@@ -1,5 +1,6 @@
-"""One suite over every vector store: the in-memory one, a Milvus Lite server and a real Milvus
-2.3 standalone server."""
+"""One suite over every vector store: the in-memory one, a Milvus Lite server, a real Milvus
+2.3 standalone server, and the in-process replica over the in-memory store and over Milvus
+Lite."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from vectorstore import CollectionMismatch, MemoryVectorStore, MilvusVectorStore, VectorRecord, VectorStore
+from vectorstore import (
+    CollectionMismatch,
+    MemoryVectorStore,
+    MilvusVectorStore,
+    ReplicaVectorStore,
+    VectorRecord,
+    VectorStore,
+)
 
 
 @pytest.fixture(
@@ -17,18 +25,30 @@ from vectorstore import CollectionMismatch, MemoryVectorStore, MilvusVectorStore
         "memory",
         pytest.param("milvus-lite", marks=pytest.mark.integration),
         pytest.param("milvus-server", marks=pytest.mark.integration),
+        "replica-memory",
+        pytest.param("replica-milvus-lite", marks=pytest.mark.integration),
     ]
 )
 def store(request: pytest.FixtureRequest) -> Iterator[VectorStore]:
     if request.param == "memory":
         yield MemoryVectorStore()
         return
-    if request.param == "milvus-lite":
+    if request.param == "replica-memory":
+        replica = ReplicaVectorStore(MemoryVectorStore())
+        replica.load()
+        yield replica
+        return
+    if request.param in ("milvus-lite", "replica-milvus-lite"):
         uri = request.getfixturevalue("infra").milvus_uri
     else:
         uri = request.getfixturevalue("milvus_server")
     milvus = MilvusVectorStore(uri, collection=f"t_{uuid.uuid4().hex[:12]}")
-    yield milvus
+    if request.param.startswith("replica"):
+        replica = ReplicaVectorStore(milvus)
+        replica.load()
+        yield replica
+    else:
+        yield milvus
     milvus.drop()
     milvus.close()
 
@@ -138,3 +158,17 @@ def test_meta_and_space(store: VectorStore) -> None:
     meta = store.get_meta(["a", "b", "zz"])
     assert meta["a"] == {"title": 'Robe "rouge" ünï', "partition": 3}
     assert set(meta) == {"a", "b"}
+
+
+def test_scan_reads_every_vector_once(store: VectorStore) -> None:
+    assert list(store.scan()) == []  # no collection yet
+    rng = np.random.default_rng(3)
+    vectors = unit(rng.normal(size=(250, 8)))
+    store.open(8, "m", "text")
+    store.upsert([VectorRecord(f"i{n:03d}", vectors[n]) for n in range(250)])
+    batches = list(store.scan(batch=100))
+    assert all(len(b) <= 100 for b in batches)
+    seen = [i for b in batches for i in b]
+    assert sorted(seen) == [f"i{n:03d}" for n in range(250)]
+    merged = {i: v for b in batches for i, v in b.items()}
+    assert all(np.allclose(merged[f"i{n:03d}"], vectors[n], atol=1e-6) for n in range(250))

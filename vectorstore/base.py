@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,11 @@ class VectorStore(ABC):
     ) -> list[Hits]:
         """Top `k` (item_id, cosine) per query row, best first, ties by item_id; `exclude[i]`
         holds ids that query i must not return. One call for many queries."""
+
+    @abstractmethod
+    def scan(self, batch: int = 1000) -> Iterator[dict[str, np.ndarray]]:
+        """Every stored vector once, by id, in batches of at most `batch`: how a replica loads
+        the collection. Nothing when the collection does not exist yet."""
 
     @abstractmethod
     def count(self) -> int:

@@ -4,7 +4,7 @@ For unit tests, offline evaluation and tiny deployments; same contract as Milvus
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,10 @@ class MemoryVectorStore(VectorStore):
             pairs = [(self._ids[j], float(query_scores[j])) for j in candidates]
             results.append(rank_hits(pairs, k, skip))
         return results
+
+    def scan(self, batch: int = 1000) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self._ids), batch):
+            yield {i: self._rows[self._index[i]].copy() for i in self._ids[start : start + batch]}
 
     def count(self) -> int:
         return len(self._ids)

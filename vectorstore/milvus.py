@@ -12,7 +12,7 @@ server runs at 20 ms: 21 ms a query). Metric: cosine on L2-normalised vectors.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -207,6 +207,18 @@ class MilvusVectorStore(VectorStore):
             out.append(list(zip(ids[start : start + count], scores[start : start + count], strict=True)))
             start += count
         return out + [[] for _ in range(len(data) - len(out))]  # an empty collection may say nothing
+
+    def scan(self, batch: int = 1000) -> Iterator[dict[str, np.ndarray]]:
+        if not self._client.has_collection(self.collection):
+            return
+        rows = self._read(
+            lambda: self._client.query_iterator(self.collection, batch_size=batch, filter="", output_fields=["item_id", "vector"])
+        )
+        try:
+            while page := rows.next():
+                yield {row["item_id"]: np.asarray(row["vector"], dtype=np.float32) for row in page}
+        finally:
+            rows.close()
 
     def count(self) -> int:
         rows = self._read(

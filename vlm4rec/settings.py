@@ -155,6 +155,12 @@ class Settings(BaseSettings):
         1.0, ge=0, description="changed profiles reach the users collection (read only by the fresh-item fan-out) "
         "at most this often, in one upsert (a user changed several times in between is written once)"
     )
+    streams_item_replica: bool = Field(
+        True,
+        description="each stream processor searches its own in-process copy of the items collection, kept "
+        "current from items.embedded (about 4 bytes per dimension per item: 1.5 GB for a million 384-d items); "
+        "false: every search goes to Milvus, for catalogues beyond a worker's memory",
+    )
     streams_neighbour_ttl_s: float = Field(
         60.0, ge=0, description="how long an item's cached nearest-neighbour list is reused (0: never cached)"
     )

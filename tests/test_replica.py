@@ -1,0 +1,135 @@
+"""What the replica adds to the store contract (which tests/test_vectorstore.py runs over it):
+it serves what another process wrote only after `load` or `refresh`, reads misses through, and
+asks the source before it is loaded."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from topics import ItemEmbedded
+from vectorstore import MemoryVectorStore, MilvusVectorStore, ReplicaVectorStore, VectorRecord
+
+
+class CountingStore(MemoryVectorStore):
+    """The source, counting the searches it answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.searches = 0
+
+    def search(self, queries, k, exclude=None):  # type: ignore[no-untyped-def]
+        self.searches += 1
+        return super().search(queries, k, exclude)
+
+
+def unit(v: list[float]) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float32)
+    return a / np.linalg.norm(a)
+
+
+def source_with(items: dict[str, list[float]]) -> CountingStore:
+    source = CountingStore()
+    source.open(2, "m", "text")
+    source.upsert([VectorRecord(i, unit(v)) for i, v in items.items()])
+    return source
+
+
+def test_searches_go_to_the_source_until_loaded_then_stay_in_memory() -> None:
+    source = source_with({"a": [1, 0], "b": [0, 1]})
+    replica = ReplicaVectorStore(source)
+    assert replica.search(unit([1, 0])[None, :], 1) == [[("a", 1.0)]]
+    assert source.searches == 1
+    assert replica.load() == 2
+    hits = replica.search(unit([0, 1])[None, :], 1)
+    assert hits[0][0][0] == "b"
+    assert source.searches == 1
+
+
+def test_another_writer_is_seen_after_refresh_and_misses_read_through() -> None:
+    source = source_with({"a": [1, 0]})
+    replica = ReplicaVectorStore(source)
+    replica.load()
+    source.upsert([VectorRecord("b", unit([0, 1])), VectorRecord("a", unit([0.6, 0.8]))])  # another process
+    assert [i for i, _ in replica.search(unit([0, 1])[None, :], 2)[0]] == ["a"]
+    assert replica.refresh(["b", "a", "gone"]) == 2
+    assert [i for i, _ in replica.search(unit([0, 1])[None, :], 2)[0]] == ["b", "a"]
+    source.upsert([VectorRecord("c", unit([1, 1]))])
+    assert set(replica.get_vectors(["c", "nope"])) == {"c"}  # read through, and kept
+    assert len(replica) == 3
+
+
+def test_scores_are_cosines_whatever_the_query_norm() -> None:
+    replica = ReplicaVectorStore(source_with({"a": [1, 0], "b": [1, 1]}))
+    replica.load()
+    hits = replica.search(np.array([[3.0, 3.0], [0.0, 0.0]], dtype=np.float32), 2)
+    assert hits[0][0][0] == "b" and abs(hits[0][0][1] - 1.0) < 1e-6
+    assert [s for _, s in hits[1]] == [0.0, 0.0]
+
+
+def test_grows_past_its_first_capacity() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3000, 4)).astype(np.float32)
+    source = MemoryVectorStore()
+    source.open(4, "m", "text")
+    replica = ReplicaVectorStore(source)
+    replica.load()
+    for start in range(0, 3000, 700):
+        replica.upsert([VectorRecord(f"i{n}", vectors[n]) for n in range(start, min(3000, start + 700))])
+    assert len(replica) == 3000
+    assert replica.search(vectors[2999][None, :], 1)[0][0][0] == "i2999"
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.integration
+def test_feed_follows_every_partition_against_the_real_broker_and_milvus(infra) -> None:  # type: ignore[no-untyped-def]
+    """The replica loads what Milvus holds, then follows items.embedded on every partition:
+    another process's new and re-embedded items reach its searches, a malformed event on the
+    topic stops nothing."""
+    from streams.item_feed import ItemFeed
+    from topics.admin import create_topics
+    from topics.producer import EventProducer
+
+    kafka = {"bootstrap.servers": infra.bootstrap}
+    topic = f"embedded-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka, {topic: 3})
+    store = MilvusVectorStore(infra.milvus_uri, collection=f"t_{uuid.uuid4().hex[:12]}")
+    store.open(2, "m", "text")
+    store.upsert([VectorRecord("a", unit([1, 0])), VectorRecord("b", unit([0, 1]))])
+    replica = ReplicaVectorStore(MilvusVectorStore(infra.milvus_uri, collection=store.collection))
+    feed = ItemFeed(replica, topic, kafka, group_id=f"feed-{uuid.uuid4().hex[:8]}", retry_s=0.2)
+    producer = EventProducer(kafka)
+
+    def embedded(item_id: str) -> None:
+        producer.send(topic, ItemEmbedded(item_id=item_id, model="m", dim=2, embedded_at=time.time()))
+        producer.flush()
+
+    def nearest(vector: list[float]) -> str:
+        return replica.search(unit(vector)[None, :], 1)[0][0][0]
+
+    try:
+        feed.start()
+        wait_for(lambda: replica.loaded)
+        assert len(replica) == 2
+        for n in range(6):  # spread over the partitions by key
+            store.upsert([VectorRecord(f"new-{n}", unit([1, 1 + n]))])
+            embedded(f"new-{n}")
+        wait_for(lambda: len(replica) == 8)
+        producer.send_raw(topic, b"{not json", b"x")
+        store.upsert([VectorRecord("a", unit([-1, 0.01]))])  # re-embedded elsewhere
+        embedded("a")
+        wait_for(lambda: nearest([-1, 0]) == "a")
+        assert nearest([1, 1]) == "new-0"
+    finally:
+        feed.stop()
+        store.drop()
+        store.close()

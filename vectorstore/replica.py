@@ -1,0 +1,176 @@
+"""An in-process replica of one collection: exact cosine search in memory, writes and misses
+through to the source store.
+
+Why it exists: the stream processor searched Milvus on every round (each user's profile, the
+neighbour lists of their recent items) and again for every training group, and Milvus Lite
+spent 57-86 % of a core on those searches: it bounded the stream at about 210 recs/s on two
+cores. A catalogue of fresh content is small next to memory (4 bytes per dimension per item:
+17,000 items of 384 dimensions take 26 MB, a million take 1.5 GB), and an exact search over it
+is one matrix product. So the stream processor keeps the items here, loads them once with
+`load`, and is told what changed with `refresh` (`streams.item_feed` reads every partition of
+items.embedded for it). An id it does not hold yet is read through from the source, so a
+fresh item a fan-out ranks is never missing. Before `load` has finished, searches go to the
+source. Catalogues beyond memory turn it off (`VLM4REC_STREAMS_ITEM_REPLICA=false`) and Milvus
+serves every search."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vectorstore.base import Hits, VectorRecord, VectorStore, rank_hits
+
+
+class ReplicaVectorStore(VectorStore):
+    """Reads from memory once loaded; everything else is the source's. Thread-safe: the
+    stream processor searches from its round and its learner while the feed refreshes."""
+
+    def __init__(self, source: VectorStore, clock: Callable[[], float] = time.time) -> None:
+        self.source = source
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._index: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._matrix = np.zeros((0, 0), dtype=np.float32)  # rows beyond len(_ids) are spare capacity
+        self.loaded = False
+        #: when `load` finished or a `refresh` last succeeded (the feed's staleness is its own)
+        self.synced_at: float | None = None
+
+    # --- kept in step ----------------------------------------------------------------------
+    def load(self) -> int:
+        """Replace the contents with the whole source collection; returns the number of items."""
+        with self._lock:
+            self._clear()
+        for batch in self.source.scan():
+            self._install(batch)
+        with self._lock:
+            self.loaded = True
+            self.synced_at = self._clock()
+            return len(self._ids)
+
+    def refresh(self, ids: Collection[str]) -> int:
+        """Read these ids again from the source (they were embedded or re-embedded); returns
+        how many the source holds. An id the source does not hold is left as it is."""
+        found = self.source.get_vectors(ids) if ids else {}
+        self._install(found)
+        self.synced_at = self._clock()
+        return len(found)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _clear(self) -> None:
+        self._index, self._ids = {}, []
+        self._matrix = np.zeros((0, 0), dtype=np.float32)
+
+    def _install(self, vectors: Mapping[str, np.ndarray]) -> None:
+        if not vectors:
+            return
+        rows = {i: _unit(v) for i, v in vectors.items()}
+        dim = len(next(iter(rows.values())))
+        with self._lock:
+            if self._matrix.shape[1] != dim:  # first rows, or the collection was dropped for another space
+                self._clear()
+                self._matrix = np.zeros((0, dim), dtype=np.float32)
+            new = [i for i in rows if i not in self._index]
+            needed = len(self._ids) + len(new)
+            if needed > len(self._matrix):
+                grown = np.zeros((max(needed, 2 * len(self._matrix), 1024), dim), dtype=np.float32)
+                grown[: len(self._ids)] = self._matrix[: len(self._ids)]
+                self._matrix = grown
+            for item_id in new:
+                self._index[item_id] = len(self._ids)
+                self._ids.append(item_id)
+            for item_id, vector in rows.items():
+                self._matrix[self._index[item_id]] = vector
+
+    # --- the store's contract ----------------------------------------------------------------
+    def open(self, dim: int, model: str, strategy: str) -> None:
+        self.source.open(dim, model, strategy)
+
+    def space(self) -> tuple[int, str, str] | None:
+        return self.source.space()
+
+    def upsert(self, records: Sequence[VectorRecord]) -> None:
+        self.source.upsert(records)
+        self._install({r.item_id: np.asarray(r.vector, dtype=np.float32) for r in records})
+
+    def get_vectors(self, ids: Collection[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        missing = []
+        with self._lock:
+            for item_id in ids:
+                row = self._index.get(item_id)
+                if row is None:
+                    missing.append(item_id)
+                else:
+                    found[item_id] = self._matrix[row].copy()
+        if missing:
+            fetched = self.source.get_vectors(missing)
+            self._install(fetched)
+            found.update((i, np.asarray(v, dtype=np.float32)) for i, v in fetched.items())
+        return found
+
+    def get_hashes(self, ids: Collection[str]) -> dict[str, str]:
+        return self.source.get_hashes(ids)
+
+    def get_meta(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        return self.source.get_meta(ids)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: Sequence[Collection[str]] | None = None,
+    ) -> list[Hits]:
+        if not self.loaded:
+            return self.source.search(queries, k, exclude)
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        skips = list(exclude) if exclude is not None else [()] * len(queries)
+        with self._lock:
+            n = len(self._ids)
+            if n == 0 or len(queries) == 0:
+                return [[] for _ in range(len(queries))]
+            scores = _unit_rows(queries) @ self._matrix[:n].T
+            ids = self._ids[:n]
+        return [_top(row, ids, k, skip) for row, skip in zip(scores, skips, strict=True)]
+
+    def scan(self, batch: int = 1000) -> Iterator[dict[str, np.ndarray]]:
+        return self.source.scan(batch)
+
+    def count(self) -> int:
+        return self.source.count()
+
+    def drop(self) -> None:
+        self.source.drop()
+        with self._lock:
+            self._clear()
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms > 0, norms, 1.0)
+
+
+def _top(scores: np.ndarray, ids: list[str], k: int, skip: Collection[str]) -> Hits:
+    """The best `k` not in `skip`, ties by id: every score equal to the cut-off is kept
+    before `rank_hits` orders them, so that a tie never depends on the partition's order."""
+    take = min(len(ids), k + len(skip))
+    if take <= 0:
+        return []
+    top = np.argpartition(-scores, take - 1)[:take]
+    candidates = np.flatnonzero(scores >= scores[top].min())
+    return rank_hits([(ids[j], float(scores[j])) for j in candidates], k, skip)
