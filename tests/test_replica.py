@@ -133,3 +133,22 @@ def test_feed_follows_every_partition_against_the_real_broker_and_milvus(infra) 
         feed.stop()
         store.drop()
         store.close()
+
+
+def test_batched_search_matches_the_exact_per_row_order_ties_included() -> None:
+    """The batched top k (rows with nothing to skip) gives what the per-row path gives, ties
+    by id included: duplicate vectors make ties inside and at the edge of the top k."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(400, 8)).astype(np.float32)
+    vectors = np.concatenate([base, base[:40], base[:40]])  # every one of the first 40 three times
+    ids = [f"i{n:04d}" for n in range(len(vectors))]
+    source = MemoryVectorStore()
+    source.open(8, "m", "text")
+    replica = ReplicaVectorStore(source)
+    replica.load()
+    replica.upsert([VectorRecord(ids[n], vectors[n]) for n in range(len(vectors))])
+    queries = np.concatenate([vectors[:60], rng.normal(size=(60, 8)).astype(np.float32)])
+    batched = replica.search(queries, 7)
+    one_by_one = replica.search(queries, 7, exclude=[{"not-stored"}] * len(queries))  # the per-row path
+    assert batched == one_by_one
+    assert [i for i, _ in batched[0][:3]] == ["i0000", "i0400", "i0440"]

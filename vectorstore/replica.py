@@ -137,7 +137,9 @@ class ReplicaVectorStore(VectorStore):
                 return [[] for _ in range(len(queries))]
             scores = _unit_rows(queries) @ self._matrix[:n].T
             ids = self._ids[:n]
-        return [_top(row, ids, k, skip) for row, skip in zip(scores, skips, strict=True)]
+        plain = [row for row, skip in enumerate(skips) if not skip]
+        out = dict(zip(plain, _top_many(scores[plain], ids, k), strict=True)) if plain else {}
+        return [out[row] if row in out else _top(scores[row], ids, k, skips[row]) for row in range(len(scores))]
 
     def scan(self, batch: int = 1000) -> Iterator[dict[str, np.ndarray]]:
         return self.source.scan(batch)
@@ -163,6 +165,24 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 def _unit_rows(rows: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.where(norms > 0, norms, 1.0)
+
+
+def _top_many(scores: np.ndarray, ids: list[str], k: int) -> list[Hits]:
+    """`_top` of every row with nothing to skip, in a few array operations (the stream
+    processor's searches: one per round for all its users). A row with a tie that reaches its
+    top k is done by `_top`, which orders ties by id."""
+    take = min(scores.shape[1], k)
+    if take <= 0:
+        return [[] for _ in range(len(scores))]
+    cols = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+    values = np.take_along_axis(scores, cols, 1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    cols, values = np.take_along_axis(cols, order, 1), np.take_along_axis(values, order, 1)
+    tied = ((scores >= values[:, -1:]).sum(axis=1) > take) | (values[:, 1:] == values[:, :-1]).any(axis=1)
+    return [
+        _top(scores[row], ids, k, ()) if tied[row] else [(ids[j], v) for j, v in zip(cols[row].tolist(), values[row].tolist())]
+        for row in range(len(scores))
+    ]
 
 
 def _top(scores: np.ndarray, ids: list[str], k: int, skip: Collection[str]) -> Hits:
