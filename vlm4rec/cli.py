@@ -543,14 +543,13 @@ def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: f
     (its profile had applied it when the list was ranked); latency runs from its scheduled
     send time; one unanswered 3 s after its step ends counts as 10 s in p50/p99. Each step
     also reports per-process CPU (% of a core) and the stream processors' time per stage.
-    With VLM4REC_LOCAL_STREAMS=N the metrics of all N stream processors are read.
+    The metrics of every local stream processor (`vlm4rec up --streams N`) are read.
     """
     import base64
     from pathlib import Path
 
     from vectorstore import MilvusVectorStore
     from vlm4rec.bench import bench_stream
-    from vlm4rec.soak import scrape
     from vlm4rec.dataset import read_items
 
     root = Path(dataset_dir).resolve()
@@ -584,14 +583,27 @@ def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: f
         settings.kafka_config(), settings.topics.interactions, settings.topics.items_new, settings.topics.recs,
         settings.topic_partitions, item_ids, fresh, [int(r) for r in rates.split(",")], step_s, users, store,
         search_batch=min(256, settings.streams_refresh_max),
-        scrape_streams=lambda: [
-            scrape(f"http://{settings.web_host}:{settings.web_port + n}/metrics") for n in range(settings.local_streams)
-        ],
+        scrape_streams=lambda: _scrape_stream_processors(settings),
     )
     result["milvus"] = _milvus_kind(settings)
     Path(out).write_text(json.dumps(result, indent=2))
     click.echo(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=2))
     click.echo(f"wrote {out}")
+
+
+def _scrape_stream_processors(settings: Settings) -> list[Any]:
+    """The metrics of every local stream processor: `vlm4rec up --streams N` serves them on
+    consecutive ports from the web port, so they are read until one does not answer (the
+    bench cannot know N: it was given to `up`)."""
+    from vlm4rec.soak import scrape
+
+    scrapes = []
+    for n in range(settings.topic_partitions):
+        try:
+            scrapes.append(scrape(f"http://{settings.web_host}:{settings.web_port + n}/metrics"))
+        except OSError:
+            break
+    return scrapes
 
 
 def _milvus_kind(settings: Settings) -> str:
