@@ -10,9 +10,9 @@ Topics and agents:
   come faster than the vector store can answer, a push answers several of a user's interactions
   and the profiles still keep up with the stream. Recs are derived state: a worker that dies
   may skip a due push, and the user's next interaction or fresh item brings one. They leave
-  through their own producer (confluent-kafka, batching in its own thread), not Faust's: on the
-  embedded broker Faust's producer runs with one record per batch (docs/hardening.md item 3),
-  which made every push wait for the previous one's round trip.
+  through their own producer (confluent-kafka, batching in its own thread), not Faust's: Faust's
+  producer is flushed around every changelog fence (`streams.delivery.BrokerShims.fence`), and
+  a push must not wait for that.
   An interaction whose item has no vector yet is deferred to the `pending` topic (keyed by item)
   and comes back through `control` once the item is embedded: no signal is lost.
 - `items.embedded` (+ `pending`, co-partitioned by item_id): the item agent. It releases the
@@ -168,16 +168,20 @@ class StreamsApp:
 
     def __init__(self, config: StreamsConfig, items: VectorStore, users: VectorStore) -> None:
         self.config = config
-        self.item_feed: ItemFeed | None = None
-        if config.item_replica:
-            items = ReplicaVectorStore(items)
-            self.item_feed = ItemFeed(items, config.topics.items_embedded, self._kafka(), f"{config.app_id}-item-feed")
+        replica = ReplicaVectorStore(items) if config.item_replica else None
+        items = items if replica is None else replica
         self.items = items
         self.users = users
         self.popularity = RecentPopularity(config.popularity_half_life_s)
         self.recommender = Recommender(
             items, users, self.popularity, k=config.k, rank=config.rank, neighbour_ttl_s=config.neighbour_ttl_s
         )
+        self.item_feed: ItemFeed | None = None
+        if replica is not None:
+            self.item_feed = ItemFeed(
+                replica, config.topics.items_embedded, self._kafka(), f"{config.app_id}-item-feed",
+                on_change=self.recommender.forget,
+            )
         self.model = ""
         self.last_recs: OrderedDict[str, Recs] = OrderedDict()  # latest push per user, bounded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vector-store")  # calls in order
@@ -219,7 +223,6 @@ class StreamsApp:
             web_router_enabled=False,
             web_graph_enabled=False,
             web_stats_enabled=False,
-            **self.shims.faust_settings(),
         )
         raw = {"key_serializer": "raw", "value_serializer": "raw", "partitions": config.partitions}
         t = config.topics
@@ -395,7 +398,7 @@ class StreamsApp:
             self.profiles[user_id] = profile.to_dict()
             metrics.PROFILE_UPDATES.inc()
             self.saver.put(user_id, (profile, event.message.partition))
-        self.shims.fence(self.profiles, [event for _, event in update.profiles.values()])
+        await self.shims.fence(self.app.producer, self.profiles, [event for _, event in update.profiles.values()])
         if update.observed:
             self._batches += 1
             self.learner.put(self._batches, update.observed)
@@ -569,7 +572,7 @@ class StreamsApp:
             return
         state["waiting"] = (state["waiting"] + [body])[-1000:]
         self.waiting[item_id] = state
-        self.shims.fence(self.waiting, [event])
+        await self.shims.fence(self.app.producer, self.waiting, [event])
 
     async def _on_embedded(self, event: faust.EventT) -> None:
         try:
@@ -585,7 +588,7 @@ class StreamsApp:
         # the profiles' origins make harmless, instead of losing them)
         await asyncio.gather(*[await self._release(body) for body in state["waiting"]])
         self.waiting[item.item_id] = {"embedded": True, "waiting": []}
-        self.shims.fence(self.waiting, [event])
+        await self.shims.fence(self.app.producer, self.waiting, [event])
         await self._fan_out(item)
 
     async def _release(self, body: dict[str, Any]) -> Awaitable[Any]:

@@ -20,12 +20,12 @@ Two parts:
   off (`StreamsConfig.broker_shims`, `VLM4REC_STREAMS_BROKER_SHIMS`: on by default, as every
   default targets the local stack; off against Apache Kafka, which needs none of them, so a
   Kafka deployment does not run them):
-  - changelog fences (`fence`): Tansu reports a partition's end offset one lower than Kafka
-    does and Faust restores a table up to that end offset minus one, so the last record of
-    each changelog partition was skipped at recovery; a throw-away record ends every write;
-  - one record per Faust producer batch (`faust_settings`): Tansu reports the end offset as
-    the start of the last record batch + 1, so Faust's table recovery stopped short of a
-    batch's later records (docs/hardening.md, item 3); with batches of one it is exact;
+  - changelog fences (`fence`): Tansu reports a partition's end offset as the base offset of
+    its last record batch + 1 (Kafka: the last offset + 1), and Faust restores a table up to
+    that end, so of a changelog's last batch only the first record came back at recovery
+    (docs/hardening.md, item 3). Every table write ends with a throw-away record per
+    partition written, flushed alone after what it guards: the last batch is a lone fence,
+    and recovery misses nothing else;
   - Faust's consumer fetch wait bounded by `VLM4REC_KAFKA_FETCH_MAX_WAIT_MS` (`install`):
     Tansu answers a fetch only when its wait ends, and Faust hard-codes 1.5 s
     (`streams.faust_fixes.set_fetch_wait`); Kafka answers as soon as data arrives.
@@ -230,23 +230,33 @@ class BrokerShims:
         if self.enabled:
             faust_fixes.set_fetch_wait(self.fetch_max_wait_ms)
 
-    def faust_settings(self) -> dict[str, Any]:
-        """Settings for `faust.App`: one record per producer batch (a batch size of one byte
-        holds a single record), so that the broker's end offsets are exact."""
-        return {"producer_max_batch_size": 1} if self.enabled else {}
+    async def fence(self, producer: Any, table: Any, events: Iterable[Any]) -> None:
+        """End each changelog partition these events wrote with a fence alone in its record
+        batch.
 
-    def fence(self, table: Any, events: Iterable[Any]) -> None:
-        """End each changelog partition these events wrote with a throw-away record.
-
-        Faust restores a table up to the changelog's end offset minus one, and the embedded
-        Tansu broker reports end offsets one lower than Kafka does, so there the last record of
-        every changelog partition is skipped at recovery (a single record: the partition is
-        not read at all). Ending every write with a fence makes that skipped record a fence,
-        not a profile. Against Kafka the shims are off: no fence is written (a table read
-        back from a changelog written with them still holds fences; readers skip keys with
-        `FENCE_PREFIX`)."""
+        The embedded broker reports a partition's end offset as the base offset of its last
+        record batch + 1 (docs/hardening.md, item 3), and Faust restores a table up to that
+        end: of the last batch, only its first record comes back. So the writes are flushed
+        first (delivered, in batches of any size), then one throw-away record per partition is
+        written and flushed on its own. The last batch of every partition written is then a
+        lone fence, and all that recovery skips is the fence. (Until 2026-12-04 every record
+        went in a batch of its own, `producer_max_batch_size=1`, which cost a produce request
+        per profile write and grew the broker's memory per batch.) Against Kafka the shims are
+        off: no fence is written (a table read back from a changelog written with them still
+        holds fences; readers skip keys with `FENCE_PREFIX`)."""
         if not self.enabled:
             return
+        await flushed(producer)
         for partition, event in {e.message.partition: e for e in events}.items():
             in_context_of(event)
             table[f"{FENCE_PREFIX}{partition}"] = {"fence": True}
+        await flushed(producer)
+
+
+async def flushed(producer: Any) -> None:
+    """Every message given to Faust's producer so far is acknowledged by the broker. Faust's
+    `flush` stops draining its own buffer after 0.1 s without progress, so it is repeated until
+    the buffer is empty."""
+    await producer.flush()
+    while producer.buffer.size:
+        await producer.flush()

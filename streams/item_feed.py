@@ -6,7 +6,8 @@ partitions. So the feed is a plain consumer of its own, assigned every partition
 joins nothing and commits nothing). It notes where each partition ends, loads the whole
 collection, then reads on from those positions: an item embedded during the load is read again,
 which is harmless, and none is missed. Each batch of events is one `refresh` of their ids from
-the vector store, on the feed's thread, beside the hot path. When the store fails the batch is
+the vector store, on the feed's thread, beside the hot path, after which `on_change` is told the ids (the stream
+processor drops what it cached of them). When the store fails the batch is
 retried with back-off and the replica keeps serving what it has; its staleness is the gauge
 `vlm4rec_streams_item_replica_lag_seconds`."""
 
@@ -40,8 +41,10 @@ class ItemFeed:
         poll_s: float = 0.2,
         retry_s: float = 2.0,
         clock: Callable[[], float] = time.time,
+        on_change: Callable[[list[str]], None] = lambda ids: None,
     ) -> None:
         self.replica = replica
+        self.on_change = on_change
         self.topic = topic
         self.kafka = {**kafka, "group.id": group_id, "enable.auto.commit": False}
         self.batch = batch
@@ -108,6 +111,7 @@ class ItemFeed:
                 return
             metrics.REPLICA_REFRESHES.labels("refresh", "ok").inc()
             metrics.REPLICA_ITEMS.set(len(self.replica))
+            self.on_change(ids)
         if len(messages) < self.batch:  # caught up with the topic
             metrics.REPLICA_LAG.set(0.0)
 

@@ -275,6 +275,11 @@ class Recommender:
         log.warning("refit rejected (%s); the current model stays", reason)
         return False
 
+    def forget(self, item_ids: Sequence[str]) -> None:
+        """Items (re-)embedded by any worker: what was cached of them is stale."""
+        for item_id in item_ids:
+            self.content.forget(item_id)
+
     def embedded(self, items: Sequence[tuple[str, float | None]]) -> None:
         """Items (re-)embedded since the last call, as (item_id, declared created_at): their
         cached vectors and neighbour lists are stale, and those with a creation time are

@@ -139,8 +139,8 @@ def _product_services(settings: Settings) -> list[Any]:
                 ready=lambda: True,
                 restart=True,
                 ports=[(host, port)],
-                # the embedded broker's work-arounds, one record per producer batch among them,
-                # are the stream processor's own (VLM4REC_STREAMS_BROKER_SHIMS, on by default)
+                # the embedded broker's work-arounds, changelog fences among them, are the
+                # stream processor's own (VLM4REC_STREAMS_BROKER_SHIMS, on by default)
                 env={"VLM4REC_WEB_PORT": str(port)},
             )
         )
