@@ -398,7 +398,6 @@ class StreamsApp:
             self.profiles[user_id] = profile.to_dict()
             metrics.PROFILE_UPDATES.inc()
             self.saver.put(user_id, (profile, event.message.partition))
-        await self.shims.fence(self.app.producer, self.profiles, [event for _, event in update.profiles.values()])
         if update.observed:
             self._batches += 1
             self.learner.put(self._batches, update.observed)
@@ -407,6 +406,8 @@ class StreamsApp:
                 self._mark_due(user_id, Due(event.message.partition, arrived=update.arrived[user_id]))
         for user_id, (partition, published_at) in update.refreshed.items():
             self._mark_due(user_id, Due(partition, published_at=published_at))
+        self._wake.set()  # recs need the profiles in memory, not yet their changelog: rank while it is flushed
+        await self.shims.fence(self.app.producer, self.profiles, [event for _, event in update.profiles.values()])
 
     def _mark_due(self, user_id: str, due: Due) -> None:
         if (queued := self.due.get(user_id)) is not None:

@@ -24,8 +24,8 @@ Two parts:
     its last record batch + 1 (Kafka: the last offset + 1), and Faust restores a table up to
     that end, so of a changelog's last batch only the first record came back at recovery
     (docs/hardening.md, item 3). Every table write ends with a throw-away record per
-    partition written, flushed alone after what it guards: the last batch is a lone fence,
-    and recovery misses nothing else;
+    partition written, after a flush of what it guards: the fence starts a batch of its own,
+    and recovery misses nothing the fence guards;
   - Faust's consumer fetch wait bounded by `VLM4REC_KAFKA_FETCH_MAX_WAIT_MS` (`install`):
     Tansu answers a fetch only when its wait ends, and Faust hard-codes 1.5 s
     (`streams.faust_fixes.set_fetch_wait`); Kafka answers as soon as data arrives.
@@ -231,26 +231,27 @@ class BrokerShims:
             faust_fixes.set_fetch_wait(self.fetch_max_wait_ms)
 
     async def fence(self, producer: Any, table: Any, events: Iterable[Any]) -> None:
-        """End each changelog partition these events wrote with a fence alone in its record
-        batch.
+        """End each changelog partition these events wrote with a fence that shares no record
+        batch with what it guards.
 
         The embedded broker reports a partition's end offset as the base offset of its last
         record batch + 1 (docs/hardening.md, item 3), and Faust restores a table up to that
         end: of the last batch, only its first record comes back. So the writes are flushed
         first (delivered, in batches of any size), then one throw-away record per partition is
-        written and flushed on its own. The last batch of every partition written is then a
-        lone fence, and all that recovery skips is the fence. (Until 2026-12-04 every record
-        went in a batch of its own, `producer_max_batch_size=1`, which cost a produce request
-        per profile write and grew the broker's memory per batch.) Against Kafka the shims are
-        off: no fence is written (a table read back from a changelog written with them still
-        holds fences; readers skip keys with `FENCE_PREFIX`)."""
+        written: every write lies in a batch before the fence's, and the fence is the first
+        record of its own. Faust flushes its producer before it commits the events' offsets, so
+        a committed batch's fence has been delivered too; a crash before that re-delivers the
+        events. (Until 2026-12-04 every record went in a batch of its own,
+        `producer_max_batch_size=1`: a produce request per profile write, and broker memory
+        per batch.) Against Kafka the shims are off: no fence is written (a table read back
+        from a changelog written with them still holds fences; readers skip keys with
+        `FENCE_PREFIX`)."""
         if not self.enabled:
             return
         await flushed(producer)
         for partition, event in {e.message.partition: e for e in events}.items():
             in_context_of(event)
             table[f"{FENCE_PREFIX}{partition}"] = {"fence": True}
-        await flushed(producer)
 
 
 async def flushed(producer: Any) -> None:

@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     streams_broker_shims: bool = Field(
         True,
         description="the stream processor's work-arounds for the embedded Tansu broker: changelog fences "
-        "(each flushed alone after the writes it guards), Faust's fetch wait bounded by VLM4REC_KAFKA_FETCH_MAX_WAIT_MS "
+        "(each written after a flush of the writes it guards), Faust's fetch wait bounded by VLM4REC_KAFKA_FETCH_MAX_WAIT_MS "
         "(streams/delivery.py); set false against Apache Kafka, which needs none of them",
     )
     streams_k: int = Field(20, ge=1, le=1000, description="recommendations per push")
