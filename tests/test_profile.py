@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -70,8 +72,19 @@ def test_profile_round_trips_as_json_dict() -> None:
     p = Profile("u")
     p.apply("a", X, "click", None, 1.5, ProfileRule())
     p.mark_seen("t:0", 3)
-    again = Profile.from_dict(p.to_dict())
+    again = Profile.from_dict(json.loads(json.dumps(p.to_dict())))
     assert again == p
+
+
+def test_the_vector_round_trips_exactly_packed_and_from_an_older_changelog_as_a_list() -> None:
+    vector = [0.1, -1e-300, 1e300, 1 / 3, float("nan")]
+    packed = Profile("u", vector=vector).to_dict()
+    assert isinstance(packed["vector"], str)
+    back = Profile.from_dict(json.loads(json.dumps(packed))).vector
+    assert back is not None and back[:4] == vector[:4] and back[4] != back[4]
+    legacy = {**packed, "vector": [0.25, 0.5]}
+    assert Profile.from_dict(legacy).vector == [0.25, 0.5]
+    assert Profile.from_dict({**packed, "vector": None}).vector is None
 
 
 def test_bounded_seen_and_history() -> None:
