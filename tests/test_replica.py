@@ -152,3 +152,26 @@ def test_batched_search_matches_the_exact_per_row_order_ties_included() -> None:
     one_by_one = replica.search(queries, 7, exclude=[{"not-stored"}] * len(queries))  # the per-row path
     assert batched == one_by_one
     assert [i for i, _ in batched[0][:3]] == ["i0000", "i0400", "i0440"]
+
+
+def test_search_agrees_with_the_in_memory_store_on_duplicates_and_exclusions() -> None:
+    """Many exact duplicates (as in hm, where items share a picture and title): the replica's
+    order, ties by id, is the reference store's, with and without exclusions."""
+    rng = np.random.default_rng(9)
+    pool = rng.normal(size=(30, 6)).astype(np.float32)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    picks = rng.integers(0, 30, size=500)
+    ids = [f"item-{rng.integers(0, 10**6):06d}-{n}" for n in range(500)]
+    records = [VectorRecord(ids[n], pool[picks[n]]) for n in range(500)]
+    reference = MemoryVectorStore()
+    reference.open(6, "m", "text")
+    reference.upsert(records)
+    replica = ReplicaVectorStore(MemoryVectorStore())
+    replica.open(6, "m", "text")
+    replica.load()
+    replica.upsert(records)
+    queries = pool[:12]
+    exclude = [set(rng.choice(ids, size=int(rng.integers(0, 40)), replace=False)) for _ in range(12)]
+    for skips in (None, exclude):
+        got, want = replica.search(queries, 25, skips), reference.search(queries, 25, skips)
+        assert [[i for i, _ in row] for row in got] == [[i for i, _ in row] for row in want]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vectorstore.base import Hits, VectorRecord, VectorStore, rank_hits
+from vectorstore.base import Hits, VectorRecord, VectorStore
 
 
 class ReplicaVectorStore(VectorStore):
@@ -187,10 +187,27 @@ def _top_many(scores: np.ndarray, ids: list[str], k: int) -> list[Hits]:
 
 def _top(scores: np.ndarray, ids: list[str], k: int, skip: Collection[str]) -> Hits:
     """The best `k` not in `skip`, ties by id: every score equal to the cut-off is kept
-    before `rank_hits` orders them, so that a tie never depends on the partition's order."""
+    before ordering, so that a tie never depends on the partition's order."""
     take = min(len(ids), k + len(skip))
     if take <= 0:
         return []
     top = np.argpartition(-scores, take - 1)[:take]
-    candidates = np.flatnonzero(scores >= scores[top].min())
-    return rank_hits([(ids[j], float(scores[j])) for j in candidates], k, skip)
+    cols = np.flatnonzero(scores >= scores[top].min())
+    hits = _in_order(cols, scores[cols], ids)
+    return [hit for hit in hits if hit[0] not in skip][:k] if skip else hits[:k]
+
+
+def _in_order(cols: np.ndarray, values: np.ndarray, ids: list[str]) -> Hits:
+    """(id, score) best first, equal scores by id. Sorted by score in numpy; only runs of
+    equal scores are sorted again by id (duplicate items make them common: hm has many)."""
+    order = np.argsort(-values, kind="stable")
+    values = values[order]
+    hits = list(zip([ids[j] for j in cols[order].tolist()], values.tolist()))
+    starts = np.flatnonzero(np.diff(values) == 0)
+    for start in starts.tolist():
+        if start == 0 or values[start - 1] != values[start]:  # the first pair of a run of equals
+            end = start + 1
+            while end + 1 < len(values) and values[end + 1] == values[start]:
+                end += 1
+            hits[start : end + 1] = sorted(hits[start : end + 1])
+    return hits
