@@ -16,17 +16,18 @@ Topics and agents:
   An interaction whose item has no vector yet is deferred to the `pending` topic (keyed by item)
   and comes back through `control` once the item is embedded: no signal is lost.
 - `items.embedded` (+ `pending`, co-partitioned by item_id): the item agent. It releases the
-  interactions waiting for the item and fans the fresh item out to the users whose profiles are
-  nearest (via the `users` collection), by sending them a refresh through `control`.
+  interactions waiting for the item.
+- `items.embedded`, every partition: the item feed (`streams.item_feed`, a thread of its own)
+  keeps this worker's in-process replica of the items collection current, so that the hot path
+  searches memory instead of Milvus (`item_replica`), tells the ranker's fresh source of every
+  item, and fans each fresh item out to this worker's share of the users nearest it
+  (`streams.user_index`): their recs are marked due here, with no message in between.
 
 At-least-once: the profile remembers the last offset it applied per source partition, and the
 origins of the deferred interactions it still awaits, so a re-delivered event or release is never
 counted twice (`streams.profile_updates`, free of Faust); that needs each partition's events in
 offset order and offsets committed only for handled events (`streams.delivery`, which also holds
 the embedded broker's work-arounds, behind `StreamsConfig.broker_shims`).
-- `items.embedded`, every partition: the item feed (`streams.item_feed`, a thread of its own)
-  keeps this worker's in-process replica of the items collection current, so that the hot path
-  searches memory instead of Milvus (`item_replica`).
 
 Control messages go to the user's own interactions partition (stored with the user's vector),
 so one worker owns all of a user's events whatever partitioner the producers use.
@@ -55,6 +56,7 @@ from streams.item_feed import ItemFeed
 from streams.popularity import RecentPopularity
 from streams.profile import Profile, ProfileRule
 from streams.profile_updates import Deferral, ProfileUpdater, Received
+from streams.user_index import UserIndex, fanout_share
 from streams.rank import RankConfig
 from streams.recommend import Observation, Recommender
 from pydantic import ValidationError
@@ -100,7 +102,6 @@ class StreamsConfig:
     fetch_max_wait_ms: int = 100
     learn_max: int = 32
     learn_every_s: float = 1.0  # the learner's pace (`Backlog`)
-    save_every_s: float = 1.0  # the users-collection saver's pace
     neighbour_ttl_s: float = 60.0
     rule: ProfileRule = field(default_factory=ProfileRule)
     popularity_half_life_s: float = 6 * 3600
@@ -144,6 +145,15 @@ def _credentials(config: StreamsConfig) -> Any:
     return faust.SSLCredentials(context)
 
 
+def _partition_of(stored: Any) -> int | None:
+    """A stored profile's stream partition: the one its events came through ("topic:partition"
+    keys of its offsets; the user's interactions and control messages share it)."""
+    offsets = stored.get("offsets") if isinstance(stored, dict) else None
+    for source in offsets or ():
+        return int(str(source).rsplit(":", 1)[1])
+    return None
+
+
 @dataclass
 class Due:
     """A user whose recs are due: when the oldest interaction not yet answered by a push
@@ -166,22 +176,22 @@ class Due:
 class StreamsApp:
     """Builds the Faust app around a `Recommender`; the app object is `self.app`."""
 
-    def __init__(self, config: StreamsConfig, items: VectorStore, users: VectorStore) -> None:
+    def __init__(self, config: StreamsConfig, items: VectorStore) -> None:
         self.config = config
         replica = ReplicaVectorStore(items) if config.item_replica else None
         items = items if replica is None else replica
         self.items = items
-        self.users = users
         self.popularity = RecentPopularity(config.popularity_half_life_s)
         self.recommender = Recommender(
-            items, users, self.popularity, k=config.k, rank=config.rank, neighbour_ttl_s=config.neighbour_ttl_s
+            items, self.popularity, k=config.k, rank=config.rank, neighbour_ttl_s=config.neighbour_ttl_s
         )
-        self.item_feed: ItemFeed | None = None
-        if replica is not None:
-            self.item_feed = ItemFeed(
-                replica, config.topics.items_embedded, self._kafka(), f"{config.app_id}-item-feed",
-                on_change=self.recommender.forget,
-            )
+        # this worker's users, for the fan-out of every fresh item (streams.item_feed)
+        self.user_index = UserIndex()
+        self.item_feed = ItemFeed(
+            replica, config.topics.items_embedded, self._kafka(), f"{config.app_id}-item-feed", self._on_items
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fanout_share = 0  # of `fanout_users`, by the interactions partitions this worker owns
         self.model = ""
         self.last_recs: OrderedDict[str, Recs] = OrderedDict()  # latest push per user, bounded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vector-store")  # calls in order
@@ -189,14 +199,11 @@ class StreamsApp:
         self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="vector-fetch")
         self.due: OrderedDict[str, Due] = OrderedDict()  # oldest first
         # beside the hot path (streams.background): the ranker learns from the applied
-        # interactions (batches in order), and changed profiles reach the users collection
+        # interactions (batches in order)
         self.learner: Backlog[int, list[Observation]] = Backlog("learn", self._learn, retry=False, every_s=config.learn_every_s)
-        self.saver: Backlog[str, tuple[Profile, int]] = Backlog(
-            "save_profiles", self._save, retry=True, every_s=config.save_every_s
-        )
         self._batches = 0
         # embedded items (item_id, created_at) not yet told to the ranker, whose state only the
-        # vector-store thread touches; queued so that the item agent never waits behind a round
+        # vector-store thread touches; queued so that the item feed never waits behind a round
         self._embedded: list[tuple[str, float | None]] = []
         self.updater = ProfileUpdater(config.rule, self._stored, self.recommender.observation)
         self._wake = asyncio.Event()
@@ -239,7 +246,6 @@ class StreamsApp:
         self.app.task(self._start_item_feed)
         self.app.task(self._refresher)
         self.app.task(self.learner.run)
-        self.app.task(self.saver.run)
         self.app.timer(5.0)(self._report_lag)
         self._register_views()
         # the topics the agents consume (their offsets are what at-least-once is about)
@@ -248,6 +254,8 @@ class StreamsApp:
         self.delivery.install()
         self.app.on_before_shutdown.connect(self._flush_recs)
         self.app.on_before_shutdown.connect(self._stop_item_feed)
+        self.app.on_partitions_revoked.connect(self._users_revoked)
+        self.app.on_rebalance_complete.connect(self._users_assigned)
         self._recs_out: EventProducer | None = None  # made at warm-up or the first push (it starts threads)
 
     async def _store(self, fn: Any, *args: Any) -> Any:
@@ -259,15 +267,14 @@ class StreamsApp:
         return await asyncio.get_running_loop().run_in_executor(self._fetch_pool, fn, *args)
 
     async def _start_item_feed(self) -> None:
-        if self.item_feed is not None:
-            self.item_feed.start()
+        self._loop = asyncio.get_running_loop()
+        self.item_feed.start()
 
     async def _stop_item_feed(self, sender: Any, **_: Any) -> None:
-        if self.item_feed is not None:
-            await asyncio.to_thread(self.item_feed.stop)
+        await asyncio.to_thread(self.item_feed.stop)
 
     async def _discover_space(self) -> None:
-        """The embedding workers choose the item space; the users collection follows it."""
+        """The embedding workers choose the item space; the stream processor reads it."""
         while True:
             try:
                 space = await self._store(self.items.space)
@@ -276,7 +283,6 @@ class StreamsApp:
                 await asyncio.sleep(2.0)
                 continue
             if space is not None:
-                await self._store(self.users.open, *space)
                 self.model = f"{space[1]}+profile-mean"
                 log.info("item space: dim=%d model=%s strategy=%s", *space)
                 await self._warm_up()
@@ -310,7 +316,6 @@ class StreamsApp:
         `pending` topics count too: a fan-out storm queues there. The embedded broker reports
         end offsets one low, so lag there reads one low per partition (clamped at zero)."""
         self.learner.report()
-        self.saver.report()
         consumer = self.app.consumer
         mine = [tp for tp in consumer.assignment() if tp.topic in self.inputs]
         if not mine:
@@ -397,7 +402,7 @@ class StreamsApp:
             in_context_of(event)
             self.profiles[user_id] = profile.to_dict()
             metrics.PROFILE_UPDATES.inc()
-            self.saver.put(user_id, (profile, event.message.partition))
+            self.user_index.put(user_id, profile.as_array(), event.message.partition)
         if update.observed:
             self._batches += 1
             self.learner.put(self._batches, update.observed)
@@ -424,8 +429,8 @@ class StreamsApp:
                 await self._until_done("recs refresh", self._refresh_round)
 
     async def _refresh_round(self) -> None:
-        """Rank and push the oldest due users: nothing else is on this path (learning and the
-        users collection are `Backlog`s beside it). A round that fails as a whole (the vector
+        """Rank and push the oldest due users: nothing else is on this path (learning is a
+        `Backlog` beside it, the item feed a thread of its own). A round that fails as a whole (the vector
         store does not answer) puts its users back (an older arrival wins) before it is
         retried; one user's failure only gives that user the fallback list."""
         while not self.model:
@@ -462,10 +467,6 @@ class StreamsApp:
     def _learn(self, batches: Sequence[list[Observation]]) -> None:
         """The learner's batch (on its thread): the applied interactions, in order."""
         self.recommender.observe([o for batch in batches for o in batch], self.config.learn_max)
-
-    def _save(self, saves: Sequence[tuple[Profile, int]]) -> None:
-        """The users collection's batch (on its thread): the latest profile of each user."""
-        self.recommender.save_profiles([p for p, _ in saves], [partition for _, partition in saves])
 
     @staticmethod
     def _dated(interaction: Interaction) -> Interaction:
@@ -582,15 +583,12 @@ class StreamsApp:
             log.warning("ignoring a malformed items.embedded message: %s", exc.reason)
             return
         self.recommender.vectors.forget(item.item_id)  # before its waiting interactions return
-        self._embedded.append((item.item_id, item.created_at))
-        self._wake.set()
         state = self.waiting.get(item.item_id) or {"embedded": False, "waiting": []}
         # delivered before the table forgets them (a crash in between re-releases them, which
         # the profiles' origins make harmless, instead of losing them)
         await asyncio.gather(*[await self._release(body) for body in state["waiting"]])
         self.waiting[item.item_id] = {"embedded": True, "waiting": []}
         await self.shims.fence(self.app.producer, self.waiting, [event])
-        await self._fan_out(item)
 
     async def _release(self, body: dict[str, Any]) -> Awaitable[Any]:
         """Send a deferred interaction back to its user's partition; returns the delivery."""
@@ -600,24 +598,45 @@ class StreamsApp:
             key=interaction["user_id"].encode(), value=json.dumps(control).encode(), partition=body["partition"]
         )
 
-    async def _fan_out(self, item: ItemEmbedded) -> None:
-        """Push a fresh item to the users nearest it: a refresh through each user's own
-        partition, where the profile agent recomputes and pushes their recs."""
-        if not self.model or self.config.fanout_users <= 0:
-            return
-        vectors = await self._lookup(self.recommender.vectors.get, [item.item_id])
-        vector = vectors.get(item.item_id)
-        if vector is None:
-            return
-        users = await self._lookup(self.recommender.nearest_users, vector, self.config.fanout_users)
-        metrics.FANOUT_USERS.observe(len(users))
-        for user_id, _, partition in users:
-            control = {
-                "kind": "refresh",
-                "interaction": {"user_id": user_id, "item_id": item.item_id, "event": "fresh_item", "ts": time.time()},
-                "published_at": item.published_at,
-            }
-            await self.control.send(key=user_id.encode(), value=json.dumps(control).encode(), partition=partition)
+    def _on_items(self, items: list[ItemEmbedded]) -> None:
+        """Every embedded item, from the item feed's thread: what was cached of it is stale,
+        the ranker's fresh source is told, and a fresh item goes to this worker's share of the
+        users nearest it (`streams.user_index`), whose recs are marked due on the loop."""
+        ids = [item.item_id for item in items]
+        self.recommender.forget(ids)
+        share = self._fanout_share if self.model else 0
+        vectors = self.recommender.vectors.get(ids) if share else {}
+        targets = [
+            (item, self.user_index.nearest(vectors[item.item_id], share) if item.item_id in vectors else [])
+            for item in items
+        ]
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fanned_out, targets)
+
+    def _fanned_out(self, targets: list[tuple[ItemEmbedded, list[tuple[str, float, int]]]]) -> None:
+        for item, users in targets:
+            self._embedded.append((item.item_id, item.created_at))
+            metrics.FANOUT_USERS.observe(len(users))
+            for user_id, _, partition in users:
+                self._mark_due(user_id, Due(partition, published_at=item.published_at))
+        metrics.RECS_DUE.set(len(self.due))
+        self._wake.set()
+
+    async def _users_revoked(self, sender: Any, revoked: set[Any], **_: Any) -> None:
+        self.user_index.drop_partitions({tp.partition for tp in revoked if tp.topic == self.config.topics.interactions})
+
+    async def _users_assigned(self, sender: Any, **_: Any) -> None:
+        """After a rebalance and the tables' recovery: the index holds the users of the
+        partitions this worker owns now, read from the profile table."""
+        owned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.config.topics.interactions}
+        self._fanout_share = fanout_share(self.config.fanout_users, len(owned), self.config.partitions)
+        entries = []
+        for user_id, stored in list(self.profiles.items()):
+            partition = _partition_of(stored)
+            if partition in owned and not str(user_id).startswith(FENCE_PREFIX):
+                entries.append((str(user_id), Profile.from_dict(stored).as_array(), partition))
+        self.user_index.replace(entries)
+        log.info("fan-out: %d users on partitions %s, %d per fresh item", len(self.user_index), sorted(owned), self._fanout_share)
 
     # --- HTTP --------------------------------------------------------------------------
     def _register_views(self) -> None:

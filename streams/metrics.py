@@ -47,16 +47,14 @@ STAGE_SECONDS = Histogram(
     "vlm4rec_streams_stage_seconds",
     "Time per batch or round in each stage. The hot path: apply (profile agent: parse, "
     "vectors, profiles, table), rank (candidates incl. searches, features, scores), push. "
-    "Beside it: learn (training groups and counts), refit (fitting a candidate model), "
-    "save_profiles (users collection)",
+    "Beside it: learn (training groups and counts), refit (fitting a candidate model)",
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
 BACKGROUND_LAG = Gauge(
     "vlm4rec_streams_background_lag_seconds",
     "How stale the work beside the hot path is: age of the oldest applied interaction not yet "
-    "learnt from (learn), of the oldest profile change not yet in the users collection "
-    "(save_profiles); 0 when caught up",
+    "learnt from (learn); 0 when caught up",
     ["task"],
 )
 REFITS = Counter(

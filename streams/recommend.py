@@ -1,8 +1,7 @@
 """Candidates and recommendations from the vector stores, free of Faust.
 
-`items` holds item vectors (written by the embedding workers); `users` holds the profile
-vectors of users with history, kept in step with the profile table, so that a fresh item can
-find its nearest users (fan-out) with one search.
+`items` holds item vectors (written by the embedding workers; in the stream processor, its
+in-process replica).
 
 Ranking is `streams.rank.BlendRanker` (the code `vlm4rec eval` scores as `default`): Milvus ANN
 candidates for the user's profile and last items, co-occurrence, recent popularity and fresh
@@ -27,7 +26,7 @@ from streams import metrics
 from streams.popularity import RecentPopularity
 from streams.profile import Profile
 from streams.rank import BlendRanker, Hits, RankConfig, Request
-from vectorstore import VectorRecord, VectorStore
+from vectorstore import VectorStore
 
 log = logging.getLogger("vlm4rec.streams")
 
@@ -200,7 +199,6 @@ class Recommender:
     def __init__(
         self,
         items: VectorStore,
-        users: VectorStore,
         popularity: RecentPopularity,
         k: int = 20,
         cache_size: int = 20_000,
@@ -208,7 +206,6 @@ class Recommender:
         neighbour_ttl_s: float = 60.0,
     ) -> None:
         self.items = items
-        self.users = users
         self.popularity = popularity
         self.k = k
         self.vectors = VectorCache(items, cache_size)
@@ -374,21 +371,3 @@ class Recommender:
             except Exception as exc:  # noqa: BLE001 - popularity is the last resort
                 log.warning("fallback search for user %r failed: %s", profile.user_id, exc)
         return self.popularity.top(k, exclude=set(profile.seen))
-
-    def save_profiles(self, profiles: Sequence[Profile], partitions: Sequence[int]) -> None:
-        """Keep the `users` collection in step, with the user's stream partition so that a
-        fan-out can address it."""
-        records = [
-            VectorRecord(p.user_id, vector, embedded_at=p.updated_at, meta={"partition": partition})
-            for p, partition in zip(profiles, partitions, strict=True)
-            if (vector := p.as_array()) is not None
-        ]
-        if records:
-            self.users.upsert(records)
-
-    def nearest_users(self, item_vector: np.ndarray, n: int) -> list[tuple[str, float, int]]:
-        """(user_id, cosine, stream partition) of the users whose taste is nearest the item."""
-        with metrics.SEARCH_SECONDS.labels("users").time():
-            hits = self.users.search(item_vector[None, :], n)[0]
-        meta = self.users.get_meta([u for u, _ in hits])
-        return [(u, s, int(meta.get(u, {}).get("partition", 0))) for u, s in hits]

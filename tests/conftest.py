@@ -169,7 +169,6 @@ def isolate(infra: RunningStack, uid: str, **extra: str) -> RunningStack:
         "VLM4REC_WORKER_GROUP": f"embedders-{uid}",
         "VLM4REC_WORKER_METRICS_PORT": "0",
         "VLM4REC_STREAMS_APP_ID": f"streams-{uid}",
-        "VLM4REC_MILVUS_USERS_COLLECTION": f"users_{uid}",
         "VLM4REC_WEB_PORT": str(free_port()),
         **extra,
     }

@@ -200,7 +200,7 @@ def test_faust_batches_its_records_as_usual_with_the_shims_on_or_off() -> None:
 
     def app(app_id: str, shims: bool) -> faust.App:
         config = StreamsConfig(topics=TopicNames(), app_id=app_id, broker_shims=shims)
-        return StreamsApp(config, MemoryVectorStore(), MemoryVectorStore()).app
+        return StreamsApp(config, MemoryVectorStore()).app
 
     for app_id, shims in (("shims-on", True), ("shims-off", False)):
         assert app(app_id, shims).conf.producer_max_batch_size == 16384, "fences make recovery exact, not batches of one"

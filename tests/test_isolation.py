@@ -44,9 +44,7 @@ def catalogue(seed: int = 3) -> tuple[MemoryVectorStore, list[str], np.ndarray]:
 
 
 def recommender(store: MemoryVectorStore, rank: RankConfig = FAST) -> Recommender:
-    users = MemoryVectorStore()
-    users.open(DIM, "test", "text")
-    return Recommender(store, users, RecentPopularity(), k=5, rank=rank)
+    return Recommender(store, RecentPopularity(), k=5, rank=rank)
 
 
 def feed(rec: Recommender, vectors: dict[str, np.ndarray], events: list[tuple[str, str, str, float | None, float]], rule: ProfileRule) -> dict[str, Profile]:
@@ -263,7 +261,7 @@ def test_an_interaction_dated_far_ahead_is_read_at_the_allowed_limit() -> None:
 
 
 def test_a_list_that_fails_the_contract_is_counted_and_not_pushed() -> None:
-    app = StreamsApp(StreamsConfig(topics=TopicNames(), app_id="isolation-test"), MemoryVectorStore(), MemoryVectorStore())
+    app = StreamsApp(StreamsConfig(topics=TopicNames(), app_id="isolation-test"), MemoryVectorStore())
     before = metrics.RECS_INVALID._value.get()
     assert not app._push("u", [("i", math.nan)], "interaction")
     assert metrics.RECS_INVALID._value.get() == before + 1 and "u" not in app.last_recs
@@ -283,7 +281,7 @@ def test_a_backlog_coalesces_by_key_retries_what_may_succeed_and_reports_its_age
             failures[0] -= 1
             raise ConnectionError("store down")
 
-    backlog: Backlog[str, str] = Backlog("save_profiles", handle, retry=True, clock=lambda: clock[0])
+    backlog: Backlog[str, str] = Backlog("learn", handle, retry=True, clock=lambda: clock[0])
     backlog.put("a", "a1")
     clock[0] = 103.0
     backlog.put("b", "b1")

@@ -384,14 +384,14 @@ def test_the_stream_processors_recommender_learns_and_ranks_with_the_blend() -> 
     from streams.profile import Profile, ProfileRule
 
     _, ids, vectors = world()
-    items, users = MemoryVectorStore(), MemoryVectorStore()
+    items = MemoryVectorStore()
     items.open(DIM, "test", "text")
     items.upsert([VectorRecord(i, v) for i, v in zip(ids, vectors, strict=True)])
     rows = chain_stream(ids, users=60, steps=8, seed=1)
     successor = {a: b for (ua, a, _), (ub, b, _) in zip(rows, rows[60:], strict=False) if ua == ub}
 
     def run(rank: RankConfig) -> tuple[Recommender, list[Profile], list[list[tuple[str, float]]]]:
-        recommender = Recommender(items, users, RecentPopularity(), k=5, rank=rank)
+        recommender = Recommender(items, RecentPopularity(), k=5, rank=rank)
         profiles: dict[str, Profile] = {}
         for start in range(0, len(rows) - 60, 20):  # batches of 20 interactions, the last step held out
             batch = []

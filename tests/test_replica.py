@@ -93,8 +93,8 @@ def wait_for(condition, timeout_s: float = 30.0) -> None:  # type: ignore[no-unt
 @pytest.mark.integration
 def test_feed_follows_every_partition_against_the_real_broker_and_milvus(infra) -> None:  # type: ignore[no-untyped-def]
     """The replica loads what Milvus holds, then follows items.embedded on every partition:
-    another process's new and re-embedded items reach its searches, a malformed event on the
-    topic stops nothing."""
+    another process's new and re-embedded items reach its searches and are handed on (for the
+    fan-out), a malformed event on the topic stops nothing."""
     from streams.item_feed import ItemFeed
     from topics.admin import create_topics
     from topics.producer import EventProducer
@@ -106,7 +106,10 @@ def test_feed_follows_every_partition_against_the_real_broker_and_milvus(infra) 
     store.open(2, "m", "text")
     store.upsert([VectorRecord("a", unit([1, 0])), VectorRecord("b", unit([0, 1]))])
     replica = ReplicaVectorStore(MilvusVectorStore(infra.milvus_uri, collection=store.collection))
-    feed = ItemFeed(replica, topic, kafka, group_id=f"feed-{uuid.uuid4().hex[:8]}", retry_s=0.2)
+    handed: list[str] = []
+    feed = ItemFeed(
+        replica, topic, kafka, f"feed-{uuid.uuid4().hex[:8]}", lambda items: handed.extend(i.item_id for i in items), retry_s=0.2
+    )
     producer = EventProducer(kafka)
 
     def embedded(item_id: str) -> None:
@@ -129,6 +132,8 @@ def test_feed_follows_every_partition_against_the_real_broker_and_milvus(infra) 
         embedded("a")
         wait_for(lambda: nearest([-1, 0]) == "a")
         assert nearest([1, 1]) == "new-0"
+        wait_for(lambda: handed[-1:] == ["a"])
+        assert sorted(set(handed)) == sorted(["a", *(f"new-{n}" for n in range(6))]), "every event handed on, after its refresh"
     finally:
         feed.stop()
         store.drop()

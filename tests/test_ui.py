@@ -175,7 +175,7 @@ def ui(tmp_path: Path) -> Callable[[Callable[[Any, FeedPage], Awaitable[None]]],
     uris = make_images(tmp_path / "images")
     uris["red-2"] = (tmp_path / "elsewhere.png").as_uri()  # outside the file roots: refused
     items.upsert(records(uris))
-    service = StreamsApp(StreamsConfig(topics=TopicNames()), items, MemoryVectorStore())
+    service = StreamsApp(StreamsConfig(topics=TopicNames()), items)
     page = register_ui(service, ImageLoader(ImageLimits(file_roots=(tmp_path / "images",))))
     service.app.web.init_server()
 

@@ -151,10 +151,6 @@ class Settings(BaseSettings):
         1.0, ge=0, description="the ranker's learner starts a batch at most this often (beside the recs rounds: "
         "on a small machine it competes with them for CPU and Milvus)"
     )
-    streams_save_every_s: float = Field(
-        1.0, ge=0, description="changed profiles reach the users collection (read only by the fresh-item fan-out) "
-        "at most this often, in one upsert (a user changed several times in between is written once)"
-    )
     streams_item_replica: bool = Field(
         True,
         description="each stream processor searches its own in-process copy of the items collection, kept "
@@ -173,7 +169,6 @@ class Settings(BaseSettings):
         None, description="rating value that weighs 0 (e.g. 3); lower ratings pull away"
     )
     popularity_half_life_s: float = Field(21600.0, gt=0, description="half-life of recent popularity (cold users)")
-    milvus_users_collection: str = Field("users", description="collection of user profile vectors (fan-out)")
 
     # --- Ranking (streams.rank: the online-trained blend) ------------------------------------
     rank_content_k: int = Field(_RANK.content_k, ge=1, le=1000, description="ANN candidates per profile vector")

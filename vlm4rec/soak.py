@@ -100,7 +100,7 @@ def lag(scraped: Scrape, topic: str) -> float:
     return scraped.total("vlm4rec_streams_consumer_lag", topic=topic)
 
 
-STAGES = ("apply", "learn", "save_profiles", "rank", "push")
+STAGES = ("apply", "learn", "rank", "push")
 
 
 def stage_means_ms(before: Scrape, after: Scrape) -> dict[str, float | None]:

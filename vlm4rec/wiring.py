@@ -103,7 +103,6 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
         broker_shims=settings.streams_broker_shims,
         learn_max=settings.streams_learn_max,
         learn_every_s=settings.streams_learn_every_s,
-        save_every_s=settings.streams_save_every_s,
         neighbour_ttl_s=settings.streams_neighbour_ttl_s,
         rule=ProfileRule(
             weights=settings.profile_weights,
@@ -124,10 +123,7 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
             tail_slots=settings.rank_tail_slots,
         ),
     )
-    token = settings.milvus_token.get_secret_value()
-    items = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection, token)
-    users = MilvusVectorStore(settings.milvus_uri, settings.milvus_users_collection, token)
-    service = StreamsApp(config, items, users)
+    service = StreamsApp(config, build_store(settings))
     register_ui(service, build_loader(settings))
     return service
 
