@@ -30,6 +30,8 @@ from vlm4rec.evaluate import (
     recommend,
     select_targets,
     states,
+    Target,
+    markdown_table,
     summarise,
 )
 from workers.embedder import Embedder
@@ -198,10 +200,10 @@ def test_bootstrap_is_fixed_and_shared_by_methods(tmp_path: Path) -> None:
     assert np.array_equal(bootstrap_resamples(7), bootstrap_resamples(7))
     assert bootstrap_resamples(7).shape == (1000, 7)
     resamples = bootstrap_resamples(4)
-    cold = np.zeros(4, dtype=bool)
-    assert summarise([1, 1, 1, 1], cold, set(), 10, resamples)["HR@10_ci"] == [1.0, 1.0]
-    assert summarise([0, 0, 15, 0], cold, set(), 10, resamples)["HR@10_ci"] == [0.0, 0.0]  # 15 > 10
-    mixed = summarise([1, 0, 3, 0], cold, set(), 10, resamples)
+    targets = [Target(n, n, n, float(n), cold=False) for n in range(4)]
+    assert summarise([1, 1, 1, 1], targets, set(), 10, resamples)["HR@10_ci"] == [1.0, 1.0]
+    assert summarise([0, 0, 15, 0], targets, set(), 10, resamples)["HR@10_ci"] == [0.0, 0.0]  # 15 > 10
+    mixed = summarise([1, 0, 3, 0], targets, set(), 10, resamples)
     low, high = mixed["HR@10_ci"]
     assert low <= mixed["HR@10"] == 0.5 <= high and low < high
     # two methods with the same hits get the same interval: one set of resamples for all
@@ -261,9 +263,11 @@ def test_eval_command_writes_json_table_and_chart(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["eval", str(folder), "--out", str(out), "--methods", "popularity,item_knn"], env=env)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert set(report) == {"dataset", "targets", "cold_targets", "default", "methods"}
+    assert set(report) == {"dataset", "targets", "cold_targets", "later_targets", "default", "methods"}
     assert list(report["methods"]) == ["popularity", "item_knn"]
-    assert set(report["methods"]["popularity"]) == {"HR@10", "NDCG@10", "HR@20", "NDCG@20", "coverage@10", "HR@10_ci", "HR@10_cold"}
+    assert set(report["methods"]["popularity"]) == {
+        "HR@10", "NDCG@10", "HR@20", "NDCG@20", "coverage@10", "HR@10_ci", "HR@10_cold", "HR@10_later", "NDCG@10_later"
+    }
     assert "| popularity |" in out.with_suffix(".md").read_text() and "| item_knn |" in result.output
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     bad = CliRunner().invoke(main, ["eval", str(folder), "--methods", "popularity,magic"], env=env)
@@ -302,3 +306,57 @@ def test_bench_rank_times_the_products_ranker_after_streaming_a_dataset(tmp_path
     assert report["model_fits"] >= 1, "600 rows are enough for the blend's first fit"
     assert report["rank_ms_per_user"] > 0 and report["candidates_per_user"] > 10
     assert report["users_per_s_one_core"] == pytest.approx(1000 / report["rank_ms_per_user"], rel=0.01)
+
+
+def test_later_visit_targets_come_more_than_an_hour_after_the_users_previous_interaction(tmp_path: Path) -> None:
+    """EVAL.md: a target more than 3,600 s after the same user's previous interaction is a
+    later visit; the metrics over them and their count are reported beside the others."""
+    rows: list[Row] = [
+        ("u", "h1", 0), ("u", "h2", 10), ("u", "x", 10 + 3600),  # exactly an hour: same visit
+        ("v", "h1", 0), ("w", "h2", 5), ("v", "h2", 20), ("v", "x", 20 + 3601),  # later visit
+        ("z", "h1", 0), ("z", "x", 7200), ("z", "h2", 7300), ("z", "y", 7400),  # previous is h2, 100 s before
+    ]
+    stream = stream_of(tmp_path, rows)
+    later = {stream.user_ids[t.user]: t.later for _, t in states(stream, {})}
+    assert later == {"u": False, "v": True, "z": False}
+    report = evaluate(stream, ["popularity"], {})
+    assert report["later_targets"] == 1
+    metrics = report["methods"]["popularity"]
+    hit_v = 1.0 if "x" in tops(stream, "popularity")[1][:10] else 0.0
+    assert metrics["HR@10_later"] == hit_v
+    assert "1 later visits" in markdown_table(report) and "HR@10 later" in markdown_table(report)
+
+
+def no_signal_stream(tmp_path: Path, seed: int):  # noqa: ANN201 - (Stream, content)
+    """Users pick items uniformly at random within two days, items are published at their
+    first interaction (no created_at), and their vectors are random: nothing to learn. Over
+    two days every touched item still has a decayed count, which is what made a never-touched
+    one (the target) stand out."""
+    rng = np.random.default_rng(seed)
+    n_items, n_users, per_user, days = 3000, 400, 6, 2
+    rows: list[Row] = []
+    for u in range(n_users):
+        for item in rng.choice(n_items, size=per_user, replace=False).tolist():
+            rows.append((f"u{u}", f"i{item:03d}", float(rng.uniform(0, days * 86400))))
+    rows.sort(key=lambda r: r[2])
+    stream = stream_of(tmp_path / f"s{seed}", rows)
+    vectors = rng.normal(size=(len(stream.item_ids), 16))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return stream, {"text": ContentIndex(vectors.astype(np.float32))}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_no_method_beats_chance_on_a_stream_without_signal(tmp_path: Path, seed: int) -> None:
+    """The guard of the publication leak (issue 20): with nothing to learn, no method may find
+    the target better than a random pick from the candidates would. A feature that tells a
+    never-touched published item (the target itself, when items are published at their first
+    interaction) from the rest would put `default` far above it."""
+    stream, content = no_signal_stream(tmp_path, seed)
+    report = evaluate(stream, ["popularity", "item_knn", "text", "default"], content)
+    targets = report["targets"]
+    # chance: 10 of the candidates published by then, less the user's 5 earlier items
+    published = np.array([(stream.published_at <= t.ts).sum() - 5 for _, t in states(stream, {})])
+    chance = float(np.mean(np.minimum(1.0, 10.0 / np.maximum(published, 1))))
+    bound = chance + 1.96 * math.sqrt(chance * (1 - chance) / targets) + 1.0 / targets
+    for name, metrics in report["methods"].items():
+        assert metrics["HR@10"] <= bound, f"{name}: HR@10 {metrics['HR@10']:.3f} above chance {chance:.3f} (bound {bound:.3f})"

@@ -197,19 +197,20 @@ def test_a_training_group_is_built_from_the_state_before_its_interaction() -> No
     content, ids, _ = world()
     ranker = BlendRanker(RankConfig(train_rate=1.0, warmup_rate=1.0, min_groups=10**6, negatives=5))
     replay = Replay(ranker, content)
-    replay.feed([("a", ids[0], 100.0), ("a", ids[1], 160.0), ("b", ids[0], 200.0)])
-    # b's first interaction with ids[1], about to happen: ids[1] has one earlier interaction (a's)
+    replay.feed([("a", ids[0], 100.0), ("a", ids[1], 160.0), ("c", ids[1], 180.0), ("b", ids[0], 200.0)])
+    # b's first interaction with ids[1], about to happen: ids[1] has two earlier ones (a's, c's)
     request = replay.request("b", 260.0)
     ranker.learn([request], [ids[1]], content)
     positive = ranker.groups[-1].x[0]
     col = {f: n for n, f in enumerate(FEATURES)}
-    # the decayed count sees a's interaction only (1 at 100 s ago with a 1-day half-life),
-    # not b's own; co-occurrence sees a's pair (ids[0], ids[1]) only: 1 / sqrt(2 * 1)
-    assert positive[col["pop_short"]] == pytest.approx(math.log1p(2 ** (-100 / 86400)), rel=1e-5)
-    assert positive[col["cooc_recent"]] == pytest.approx(1 / math.sqrt(2), rel=1e-5)
-    # an item nobody touched yet looks exactly like one touched once long ago (no leak)
+    # the decayed count sees a's and c's interactions only (100 s and 80 s ago with a 1-day
+    # half-life), not b's own; co-occurrence sees a's pair (ids[0], ids[1]) only: 1 / sqrt(2 * 2)
+    assert positive[col["pop_short"]] == pytest.approx(math.log1p(2 ** (-100 / 86400) + 2 ** (-80 / 86400)), rel=1e-5)
+    assert positive[col["cooc_recent"]] == pytest.approx(1 / 2, rel=1e-5)
+    # an item nobody touched yet looks exactly like one touched once, however recently: where
+    # items are published at their first interaction, anything else singles out the target
     fresh, old = ids[50], ids[51]
-    ranker.record([], old, -10 * 86400.0 * 365)
+    ranker.record([], old, 250.0)
     x = ranker.features(request, [fresh, old], content.vectors([fresh, old]))
     popularity = [col[f] for f in ("pop_count", "pop_short", "pop_long", "hist_pop")]
     assert np.array_equal(x[0, popularity], x[1, popularity])
@@ -294,7 +295,8 @@ def test_candidates_are_the_deduplicated_union_of_the_sources_without_seen_items
     content, ids, vectors = world()
     ranker = BlendRanker(RankConfig(content_k=5, interests=2, cooc_k=3, popular_k=4, fresh_k=2))
     history_of: dict[str, list[str]] = {}
-    for user, n, ts in [("a", 10, 1.0), ("b", 10, 2.0), ("c", 10, 3.0), ("a", 11, 4.0), ("b", 11, 5.0), ("b", 12, 6.0), ("c", 13, 7.0)]:
+    events = [("a", 10, 1.0), ("b", 10, 2.0), ("c", 10, 3.0), ("a", 11, 4.0), ("b", 11, 5.0), ("b", 12, 6.0), ("d", 12, 6.5), ("c", 13, 7.0), ("d", 13, 7.5)]
+    for user, n, ts in events:
         history = history_of.setdefault(user, [])
         ranker.record(list(history), ids[n], ts)
         history.append(ids[n])
@@ -309,7 +311,7 @@ def test_candidates_are_the_deduplicated_union_of_the_sources_without_seen_items
     assert not {ids[0], ids[10], ids[11]} & set(pool.ids), "seen and excluded items are dropped"
     assert len(sources["profile"]) == 5 and 5 <= len(sources["interests"]) <= 10
     assert set(sources["cooc"]) == {ids[12], ids[13]}  # co-occur with ids[10]; ids[11] is excluded
-    assert set(sources["popular"]) == {ids[12], ids[13]}  # ids[10], ids[11]: seen / excluded
+    assert set(sources["popular"]) == {ids[12], ids[13]}  # ids[10], ids[11]: seen / excluded; twice touched
     assert set(sources["fresh"]) == {ids[90]}
     # each source's offer carries 1 / log2(1 + rank) of its best rank
     best = sorted(range(N_ITEMS), key=lambda n: -float(vectors[n] @ request.profile))
@@ -344,10 +346,11 @@ def test_item_stats_decay_and_floor() -> None:
     stats.add("a", 0.0)
     stats.add("a", 100.0)
     stats.add("b", 100.0)
-    expected = [[2**-2 + 2**-1, 2**-0.2 + 2**-0.1], [2**-1, 2**-0.1], [0.0, 0.0]]  # (short, long)
+    # (short, long); b, touched once, reads as never touched (no peeking through publication)
+    expected = [[2**-2 + 2**-1, 2**-0.2 + 2**-0.1], [0.0, 0.0], [0.0, 0.0]]
     assert stats.decayed(stats.rows(["a", "b", "zzz"]), 200.0) == pytest.approx(np.array(expected))
     assert stats.decayed(stats.rows(["a"]), 100.0 + 100.0 * 20)[0, 0] == 0.0  # below the floor reads 0
-    assert stats.popular(1, 200.0, exclude=()) == ["a"] and stats.popular(5, 200.0, exclude={"a"}) == ["b"]
+    assert stats.popular(1, 200.0, exclude=()) == ["a"] and stats.popular(5, 200.0, exclude={"a"}) == []
     assert stats.clock == 100.0 and stats.count("a") == 2 and stats.count("zzz") == 0
     stats.add("b", 150.0)
     stats.add("b", 150.0)

@@ -166,6 +166,10 @@ class StreamState:
             self._tail += 1
 
 
+#: a target more than this after the user's previous interaction is a later visit (EVAL.md)
+LATER_VISIT_S = 3600.0
+
+
 @dataclass(frozen=True)
 class Target:
     row: int
@@ -173,6 +177,17 @@ class Target:
     item: int
     ts: float
     cold: bool  # the item had no interaction before the target
+    later: bool = False  # more than LATER_VISIT_S after the user's previous interaction
+
+
+def previous_ts(stream: Stream) -> np.ndarray:
+    """Per row, the ts of the same user's previous row in the sorted stream (NaN for a
+    user's first)."""
+    order = np.lexsort((np.arange(len(stream.users)), stream.users))
+    previous = np.full(len(order), np.nan)
+    same = stream.users[order][1:] == stream.users[order][:-1]
+    previous[order[1:][same]] = stream.ts[order[:-1][same]]
+    return previous
 
 
 def lexicographic(primary: np.ndarray, fallback: np.ndarray) -> np.ndarray:
@@ -427,11 +442,13 @@ def states(
     """Walk the stream once; at each target, yield the state just before it (every earlier row,
     same-ts rows included: EVAL.md step 4) and the target."""
     state = StreamState(stream, content_indexes, window_days)
+    previous = previous_ts(stream)
     for row in select_targets(stream).tolist():
         state.advance(row)
         item, ts = int(stream.items[row]), float(stream.ts[row])
         state.at(ts)
-        yield state, Target(row, int(stream.users[row]), item, ts, cold=bool(state.counts[item] == 0))
+        later = bool(ts - previous[row] > LATER_VISIT_S)  # a target always has earlier rows
+        yield state, Target(row, int(stream.users[row]), item, ts, cold=bool(state.counts[item] == 0), later=later)
 
 
 def recommend(
@@ -487,9 +504,12 @@ def bootstrap_resamples(n_targets: int, n: int = BOOTSTRAP_RESAMPLES, seed: int 
 
 
 def summarise(
-    ranks: Sequence[int], cold: np.ndarray, recommended: set[str], published: int, resamples: np.ndarray
+    ranks: Sequence[int], targets: Sequence[Target], recommended: set[str], published: int, resamples: np.ndarray
 ) -> dict[str, Any]:
-    """EVAL.md's metrics for one method."""
+    """EVAL.md's metrics for one method: over all targets, the cold ones and the later visits
+    (None for a subset without targets)."""
+    cold = np.array([t.cold for t in targets], dtype=bool)
+    later = np.array([t.later for t in targets], dtype=bool)
     rank = np.asarray(ranks, dtype=np.float64)
     out: dict[str, Any] = {}
     for k in KS:
@@ -501,7 +521,10 @@ def summarise(
     low, high = np.percentile(hit10[resamples].mean(axis=1), [2.5, 97.5])
     out["HR@10_ci"] = [float(low), float(high)]
     out["HR@10_cold"] = float(hit10[cold].mean()) if cold.any() else None
-    ordered = ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "coverage@10", "HR@10_ci", "HR@10_cold"]
+    ndcg10 = np.where(hit10 > 0, 1.0 / np.log2(np.maximum(rank, 1) + 1), 0.0)
+    out["HR@10_later"] = float(hit10[later].mean()) if later.any() else None
+    out["NDCG@10_later"] = float(ndcg10[later].mean()) if later.any() else None
+    ordered = ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "coverage@10", "HR@10_ci", "HR@10_cold", "HR@10_later", "NDCG@10_later"]
     return {key: out[key] for key in ordered}
 
 
@@ -512,7 +535,8 @@ def evaluate(
     window_days: float = WINDOW_DAYS,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The report of issue 5: {"dataset", "targets", "cold_targets", "default", "methods"};
+    """The report of issue 5: {"dataset", "targets", "cold_targets", "later_targets", "default",
+    "methods"};
     when `default` runs, also "blend_by_strategy": the same blend with each other embedding
     strategy at hand as its semantic source (issue 6), on the same targets."""
     compared = [s for s in BLEND_STRATEGIES if s in content_indexes] if "default" in methods else []
@@ -521,17 +545,17 @@ def evaluate(
         targets, results = walk(stream, list(methods) + extra, content_indexes, window_days, progress)
     if not targets:
         raise ValueError(f"{stream.name}: no user has a target (a last interaction after 2 others, not a repeat)")
-    cold = np.array([t.cold for t in targets])
     published = int((stream.published_at <= targets[-1].ts).sum())
     resamples = bootstrap_resamples(len(targets))
 
     def summary(name: str) -> dict[str, Any]:
-        return summarise(results[name].ranks, cold, results[name].recommended, published, resamples)
+        return summarise(results[name].ranks, targets, results[name].recommended, published, resamples)
 
     report: dict[str, Any] = {
         "dataset": stream.name,
         "targets": len(targets),
-        "cold_targets": int(cold.sum()),
+        "cold_targets": sum(t.cold for t in targets),
+        "later_targets": sum(t.later for t in targets),
         "default": DEFAULT_IS,
         "methods": {m: summary(m) for m in methods},
     }
@@ -552,22 +576,24 @@ def _metric_rows(first_column: str, methods: Mapping[str, Mapping[str, Any]]) ->
         return "n/a" if value is None else f"{value:.3f}"
 
     lines = [
-        f"| {first_column} | HR@10 | HR@10 95% CI | NDCG@10 | HR@20 | NDCG@20 | coverage@10 | HR@10 cold |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| {first_column} | HR@10 | HR@10 95% CI | NDCG@10 | HR@20 | NDCG@20 | coverage@10 | HR@10 cold | HR@10 later | NDCG@10 later |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
         low, high = m["HR@10_ci"]
         lines.append(
             f"| {name} | {num(m['HR@10'])} | {num(low)}–{num(high)} | {num(m['NDCG@10'])} | "
-            f"{num(m['HR@20'])} | {num(m['NDCG@20'])} | {num(m['coverage@10'])} | {num(m['HR@10_cold'])} |"
+            f"{num(m['HR@20'])} | {num(m['NDCG@20'])} | {num(m['coverage@10'])} | {num(m['HR@10_cold'])} | "
+            f"{num(m.get('HR@10_later'))} | {num(m.get('NDCG@10_later'))} |"
         )
     return lines
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
     lines = [
-        f"{report['dataset']}: {report['targets']} targets, {report['cold_targets']} cold "
-        f"(`default` = `{report['default']}`)",
+        f"{report['dataset']}: {report['targets']} targets, {report['cold_targets']} cold, "
+        f"{report.get('later_targets', 'n/a')} later visits (> 1 h after the user's previous "
+        f"interaction) (`default` = `{report['default']}`)",
         "",
         *_metric_rows("method", report["methods"]),
     ]

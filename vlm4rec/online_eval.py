@@ -433,17 +433,17 @@ def run_online(
     indexes = content_indexes(plan.stream) if callable(content_indexes) else content_indexes
     walked, results = walk(plan.stream, list(methods), indexes, progress=progress)
     assert [t.row for t in walked] == [t.row for t in plan.targets]
-    cold = np.array([t.cold for t in plan.targets])
     published = int((plan.stream.published_at <= plan.targets[-1].ts).sum())
     resamples = bootstrap_resamples(len(plan.targets))
-    online_summary = summarise(score.ranks, cold, score.recommended, published, resamples)
-    offline = {m: summarise(results[m].ranks, cold, results[m].recommended, published, resamples) for m in methods}
+    online_summary = summarise(score.ranks, plan.targets, score.recommended, published, resamples)
+    offline = {m: summarise(results[m].ranks, plan.targets, results[m].recommended, published, resamples) for m in methods}
     from vlm4rec.evaluate import DEFAULT_IS
 
     report: dict[str, Any] = {
         "dataset": dataset.name,
         "targets": len(plan.targets),
-        "cold_targets": int(cold.sum()),
+        "cold_targets": sum(t.cold for t in plan.targets),
+        "later_targets": sum(t.later for t in plan.targets),
         "default": DEFAULT_IS,
         "methods": {"online": online_summary, **offline},
         "mode": "online",
