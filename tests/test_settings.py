@@ -76,3 +76,23 @@ def test_broker_shims_are_on_for_the_local_stack_and_can_be_turned_off(monkeypat
     assert Settings(_env_file=None).streams_broker_shims is True
     monkeypatch.setenv("VLM4REC_STREAMS_BROKER_SHIMS", "false")
     assert Settings(_env_file=None).streams_broker_shims is False
+
+
+def test_the_documented_event_weights_are_the_default_so_a_hide_pulls_the_profile_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from streams.profile import Profile, ProfileRule
+    from topics.events import DEFAULT_EVENT_WEIGHTS
+
+    for key in list(__import__("os").environ):
+        if key.startswith("VLM4REC_"):
+            monkeypatch.delenv(key)
+    weights = Settings(_env_file=None).profile_weights
+    assert weights == DEFAULT_EVENT_WEIGHTS and weights["hide"] < 0 < weights["view"] < weights["purchase"]
+    liked, hidden = np.array([1.0, 0.0]), np.array([0.6, 0.8])
+    profile = Profile("u")
+    profile.apply("liked", liked, "click", None, 1.0, ProfileRule(weights=weights))
+    profile.apply("hidden", hidden, "hide", None, 2.0, ProfileRule(weights=weights))
+    assert float(np.dot(profile.as_array(), hidden)) < float(np.dot(liked, hidden)), "further from the hidden item than before"
+    monkeypatch.setenv("VLM4REC_PROFILE_WEIGHTS", "{}")
+    assert Settings(_env_file=None).profile_weights == {}, "the paper's plain mean is one setting away"

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.rank import RankConfig
 from topics import TopicNames
+from topics.events import DEFAULT_EVENT_WEIGHTS
 
 _RANK = RankConfig()  # the ranker's defaults: `vlm4rec eval` scores exactly these as `default`
 
@@ -161,8 +162,10 @@ class Settings(BaseSettings):
         60.0, ge=0, description="how long an item's cached nearest-neighbour list is reused (0: never cached)"
     )
     profile_weights: dict[str, float] = Field(
-        default_factory=dict,
-        description="weight per event type, JSON (empty: the paper's plain mean; see DEFAULT_EVENT_WEIGHTS)",
+        default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
+        description="weight per event type, JSON; default the contract's DEFAULT_EVENT_WEIGHTS (view 0.5, click 1, "
+        "like 2, share 2, purchase 3, rating 1, skip -0.5, hide -2: a hide pulls the profile away); {} weighs "
+        "every event 1 (the paper's plain mean)",
     )
     profile_half_life_s: float = Field(0.0, ge=0, description="profile time decay half-life (0: none)")
     profile_rating_neutral: float | None = Field(
