@@ -53,6 +53,9 @@ class Profile:
     count: int = 0  # interactions applied (each exactly once)
     updated_at: float = 0.0  # ts of the newest applied interaction
     seen: list[str] = field(default_factory=list)  # distinct items, oldest first, bounded
+    #: the pull each seen item has in the vector, aligned with `seen` (None: unknown, written
+    #: before it was kept; read as the rule's default weight)
+    pulls: list[float | None] = field(default_factory=list)
     history: list[tuple[str, str, float]] = field(default_factory=list)  # (item, event, ts)
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> last offset seen
     awaiting: list[str] = field(default_factory=list)  # origins of deferred interactions not yet applied
@@ -78,6 +81,7 @@ class Profile:
             "count": self.count,
             "updated_at": self.updated_at,
             "seen": self.seen,
+            "pulls": self.pulls,
             "history": [list(h) for h in self.history],
             "offsets": self.offsets,
             "awaiting": self.awaiting,
@@ -96,10 +100,32 @@ class Profile:
             count=int(data.get("count", 0)),
             updated_at=float(data.get("updated_at", 0.0)),
             seen=list(data.get("seen", [])),
+            pulls=_aligned([None if w is None else float(w) for w in data.get("pulls", [])], len(data.get("seen", []))),
             history=[(str(i), str(e), float(t)) for i, e, t in data.get("history", [])],
             offsets={str(k): int(v) for k, v in data.get("offsets", {}).items()},
             awaiting=list(data.get("awaiting", [])),
         )
+
+    def _pulled(self, item_vector: np.ndarray | None, pull: float, ts: float, rule: ProfileRule) -> bool:
+        """Move the vector by `pull` times the item's unit vector; False when it could not
+        (no vector, a zero one, or a result that is not finite: the profile keeps its
+        direction)."""
+        if pull == 0:
+            return True
+        if item_vector is None:
+            return False
+        vec = np.asarray(item_vector, dtype=np.float64)
+        norm = float(np.linalg.norm(vec))
+        if not norm > 0:
+            return False
+        current = np.zeros_like(vec) if self.vector is None else np.asarray(self.vector, dtype=np.float64)
+        if rule.half_life_s > 0 and self.vector is not None and ts > self.updated_at:
+            current *= math.pow(0.5, (ts - self.updated_at) / rule.half_life_s)
+        updated = current + pull * vec / norm
+        if not np.isfinite(updated).all():
+            return False
+        self.vector = updated.tolist()
+        return True
 
     def already_seen(self, source: str, offset: int) -> bool:
         """Re-delivered events (at-least-once) are recognised by their offset within their
@@ -139,27 +165,47 @@ class Profile:
         rule: ProfileRule,
     ) -> None:
         """Fold one interaction in. `item_vector` None: the item has no vector (only history
-        and counts move)."""
-        repeat = item_id in self.seen
-        if item_vector is not None and not (rule.distinct and repeat):
-            weight = rule.weight(event, value)
-            vec = np.asarray(item_vector, dtype=np.float64)
-            norm = float(np.linalg.norm(vec))
-            if norm > 0 and weight != 0:
-                current = np.zeros_like(vec) if self.vector is None else np.asarray(self.vector, dtype=np.float64)
-                if rule.half_life_s > 0 and self.vector is not None and ts > self.updated_at:
-                    current *= math.pow(0.5, (ts - self.updated_at) / rule.half_life_s)
-                updated = current + weight * vec / norm
-                if np.isfinite(updated).all():  # else the profile keeps its direction
-                    self.vector = updated.tolist()
+        and counts move).
+
+        With `rule.distinct` an item pulls the profile once, with the weight of its most
+        telling event (`kept_pull`): a repeat only moves the vector by the difference, so a
+        view then a hide ends as a hide, and a purchase then a view stays a purchase. Under
+        time decay the earlier pull has faded and the difference is taken as if it had not:
+        an approximation that only touches repeats."""
+        self.pulls = _aligned(self.pulls, len(self.seen))
+        at = self.seen.index(item_id) if item_id in self.seen else None
+        before = 0.0 if at is None else (self.pulls[at] if self.pulls[at] is not None else rule.default_weight)
+        weight = rule.weight(event, value)
+        if not rule.distinct:
+            wanted = before + weight
+        else:
+            wanted = weight if at is None else kept_pull(before, weight)
+        pull = wanted if self._pulled(item_vector, wanted - before, ts, rule) else before
         self.count += 1
         self.updated_at = max(self.updated_at, ts)
-        if repeat:
-            self.seen.remove(item_id)
+        if at is not None:
+            del self.seen[at], self.pulls[at]
         self.seen.append(item_id)
-        del self.seen[: max(0, len(self.seen) - rule.max_seen)]
+        self.pulls.append(pull)
+        drop = max(0, len(self.seen) - rule.max_seen)
+        del self.seen[:drop], self.pulls[:drop]
         self.history.append((item_id, event, ts))
         del self.history[: max(0, len(self.history) - rule.max_history)]
+
+
+def kept_pull(before: float, now: float) -> float:
+    """An item's pull after two of its events: the later one when their signs differ (the user
+    changed their mind: a hide after a view, a purchase after a skip), else the stronger."""
+    if (before < 0) != (now < 0):
+        return now
+    return now if abs(now) > abs(before) else before
+
+
+def _aligned(pulls: list[float | None], n: int) -> list[float | None]:
+    """`pulls` as long as `seen`: a profile written before pulls were kept has none."""
+    if len(pulls) == n:
+        return pulls
+    return ([None] * max(0, n - len(pulls)) + pulls)[-n:] if n else []
 
 
 def mean_profile(vectors: Iterable[np.ndarray]) -> np.ndarray | None:

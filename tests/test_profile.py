@@ -125,3 +125,32 @@ def test_mean_profile_is_unit(n: int) -> None:
     vectors = np.random.default_rng(n).normal(size=(n, 4))
     assert np.linalg.norm(mean_profile(vectors)) == pytest.approx(1.0, abs=1e-6)
     assert mean_profile([]) is None
+
+
+def test_a_repeat_moves_the_profile_by_the_difference_of_its_most_telling_event() -> None:
+    """With distinct items (the default) an item pulls once, with the weight of its most
+    telling event: a hide after a view turns the view's pull into the hide's; a view after a
+    purchase leaves the purchase; an item first met without a vector pulls fully later."""
+    rule = ProfileRule(weights={"view": 0.5, "purchase": 3.0, "hide": -2.0})
+    liked, other = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+
+    def after(*events: tuple[str, np.ndarray | None, str]) -> np.ndarray:
+        p = Profile("u")
+        for ts, (item, vector, event) in enumerate(events):
+            p.apply(item, vector, event, None, float(ts), rule)
+        again = Profile.from_dict(json.loads(json.dumps(p.to_dict())))  # the pulls survive the table
+        assert again.pulls == p.pulls and len(p.pulls) == len(p.seen)
+        return np.asarray(p.vector)
+
+    assert np.allclose(after(("o", other, "view"), ("a", liked, "view"), ("a", liked, "hide")), [-2.0, 0.5])
+    assert np.allclose(after(("o", other, "view"), ("a", liked, "purchase"), ("a", liked, "view")), [3.0, 0.5])
+    assert np.allclose(after(("a", liked, "hide"), ("a", liked, "purchase")), [3.0, 0.0]), "a changed mind"
+    assert np.allclose(after(("a", None, "view"), ("o", other, "view"), ("a", liked, "view")), [0.5, 0.5])
+
+
+def test_a_profile_written_before_pulls_were_kept_reads_its_items_at_the_default_weight() -> None:
+    legacy = {"user_id": "u", "vector": [1.0, 0.0], "count": 1, "seen": ["a"], "history": [["a", "click", 1.0]]}
+    p = Profile.from_dict(legacy)
+    assert p.pulls == [None]
+    p.apply("a", X, "hide", None, 2.0, ProfileRule(weights={"hide": -2.0}))
+    assert np.allclose(p.vector, [-2.0, 0.0]) and p.pulls == [-2.0]
