@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from PIL import Image
 from prometheus_client import REGISTRY
 
@@ -165,18 +166,23 @@ def test_worker_killed_mid_stream_leaves_every_item_exactly_once(isolated: Runni
         )
 
     store = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection)
+    # one watcher polling every 50 ms, killing at the first batch out: the worker embeds the
+    # 240 items in a few seconds, and a fresh reader per look (seconds each) once saw them all
+    # before it could kill
+    watcher = Consumer(
+        {**settings.kafka_config(), "group.id": f"watch-{time.time_ns()}", "enable.auto.commit": False, "fetch.wait.max.ms": 50}
+    )
+    watcher.assign([TopicPartition(settings.topics.items_embedded, p, OFFSET_BEGINNING) for p in range(settings.topic_partitions)])
     first = start_worker()
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            done = len(read_topic(settings.kafka_config(), settings.topics.items_embedded, 1, timeout_s=2))
-            if done >= 20:
-                break
-            time.sleep(0.3)
+        deadline, done = time.monotonic() + 180, 0
+        while time.monotonic() < deadline and done == 0:  # the first batch is out: kill
+            done += sum(1 for m in watcher.consume(100, timeout=0.05) if m.error() is None)
         assert 0 < done < n, f"kill should land mid-stream (saw {done} of {n})"
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+        watcher.close()
     second = start_worker()
     try:
         embedded = read_topic(settings.kafka_config(), settings.topics.items_embedded, n, timeout_s=240)
