@@ -278,12 +278,11 @@ class Recommender:
             self.content.forget(item_id)
 
     def embedded(self, items: Sequence[tuple[str, float | None]]) -> None:
-        """Items (re-)embedded since the last call, as (item_id, declared created_at): their
-        cached vectors and neighbour lists are stale, and those with a creation time are
-        candidates of the fresh source."""
+        """Items (re-)embedded since the last call, as (item_id, declared created_at): those
+        with a creation time are candidates of the fresh source. (What was cached of them was
+        dropped by `forget` when the item feed took them in.)"""
         with self.lock:
             for item_id, created_at in items:
-                self.content.forget(item_id)
                 if created_at is not None:
                     self.ranker.stats.declare(item_id, created_at)
 

@@ -16,8 +16,7 @@ serves every search."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,16 +28,13 @@ class ReplicaVectorStore(VectorStore):
     """Reads from memory once loaded; everything else is the source's. Thread-safe: the
     stream processor searches from its round and its learner while the feed refreshes."""
 
-    def __init__(self, source: VectorStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, source: VectorStore) -> None:
         self.source = source
-        self._clock = clock
         self._lock = threading.Lock()
         self._index: dict[str, int] = {}
         self._ids: list[str] = []
         self._matrix = np.zeros((0, 0), dtype=np.float32)  # rows beyond len(_ids) are spare capacity
         self.loaded = False
-        #: when `load` finished or a `refresh` last succeeded (the feed's staleness is its own)
-        self.synced_at: float | None = None
 
     # --- kept in step ----------------------------------------------------------------------
     def load(self) -> int:
@@ -49,7 +45,6 @@ class ReplicaVectorStore(VectorStore):
             self._install(batch)
         with self._lock:
             self.loaded = True
-            self.synced_at = self._clock()
             return len(self._ids)
 
     def refresh(self, ids: Collection[str]) -> int:
@@ -57,7 +52,6 @@ class ReplicaVectorStore(VectorStore):
         how many the source holds. An id the source does not hold is left as it is."""
         found = self.source.get_vectors(ids) if ids else {}
         self._install(found)
-        self.synced_at = self._clock()
         return len(found)
 
     def __len__(self) -> int:

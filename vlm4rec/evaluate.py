@@ -511,19 +511,19 @@ def summarise(
     cold = np.array([t.cold for t in targets], dtype=bool)
     later = np.array([t.later for t in targets], dtype=bool)
     rank = np.asarray(ranks, dtype=np.float64)
+    hits = {k: (rank > 0) & (rank <= k) for k in KS}  # per target
+    gains = {k: np.where(hits[k], 1.0 / np.log2(np.maximum(rank, 1) + 1), 0.0) for k in KS}
     out: dict[str, Any] = {}
     for k in KS:
-        hit = (rank > 0) & (rank <= k)
-        out[f"HR@{k}"] = float(hit.mean())
-        out[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(np.maximum(rank, 1) + 1), 0.0).mean())
-    hit10 = ((rank > 0) & (rank <= 10)).astype(np.float64)
+        out[f"HR@{k}"] = float(hits[k].mean())
+        out[f"NDCG@{k}"] = float(gains[k].mean())
+    hit10 = hits[10].astype(np.float64)
     out["coverage@10"] = len(recommended) / published
     low, high = np.percentile(hit10[resamples].mean(axis=1), [2.5, 97.5])
     out["HR@10_ci"] = [float(low), float(high)]
     out["HR@10_cold"] = float(hit10[cold].mean()) if cold.any() else None
-    ndcg10 = np.where(hit10 > 0, 1.0 / np.log2(np.maximum(rank, 1) + 1), 0.0)
     out["HR@10_later"] = float(hit10[later].mean()) if later.any() else None
-    out["NDCG@10_later"] = float(ndcg10[later].mean()) if later.any() else None
+    out["NDCG@10_later"] = float(gains[10][later].mean()) if later.any() else None
     ordered = ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "coverage@10", "HR@10_ci", "HR@10_cold", "HR@10_later", "NDCG@10_later"]
     return {key: out[key] for key in ordered}
 
