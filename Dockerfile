@@ -36,6 +36,7 @@ WORKDIR /app
 # Only what the package needs (see .dockerignore): no tests, no .env, no local data.
 COPY pyproject.toml README.md ./
 COPY topics ./topics
+COPY images ./images
 COPY vectorstore ./vectorstore
 COPY workers ./workers
 COPY streams ./streams

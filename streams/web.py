@@ -13,9 +13,11 @@ Routes (all GET, read-only):
 Titles and ids come from producers and are untrusted. The shells escape every value they hold
 (`html.escape`), the script builds the DOM with `textContent` and percent-encodes ids in URLs,
 and a strict Content-Security-Policy (scripts only from this origin, no inline script) stops
-anything that would slip through from running. Pictures are fetched by the server with the
-same `ImageLoader` rules as the embedding workers (no SSRF, byte and pixel limits, file:// only
-under the configured roots) and never hot-linked: the browser talks to this origin only.
+anything that would slip through from running. Pictures come from the thumbnail the worker
+stored with the item (`images.thumbnails`), so the page needs no access to where the worker read
+them; items stored without one are fetched by the server with the same `ImageLoader` rules as
+the embedding workers (no SSRF, byte and pixel limits, file:// only under the configured roots).
+Nothing is hot-linked: the browser talks to this origin only.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import html
-import io
 import logging
 import time
 from collections import OrderedDict, deque
@@ -32,12 +33,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from PIL import Image
 
 from streams import metrics
 from streams.profile import Profile
 from topics import Rec, Recs
-from workers.images import ImageError, ImageLoader
+from images.loader import ImageError, ImageLoader
+from images.thumbnails import jpeg_thumbnail
 
 if TYPE_CHECKING:
     from streams.app import StreamsApp
@@ -123,7 +124,7 @@ def card(item_id: str, meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
         "item_id": item_id,
         "title": str(meta.get("title", "")),
         "category": str(meta.get("category", "")),
-        "has_image": bool(meta.get("image_url")),
+        "has_image": bool(picture_uri(meta)),
         **extra,
     }
 
@@ -150,13 +151,10 @@ def user_snapshot(profile: Profile, recs: Recs, meta: dict[str, dict[str, Any]],
     }
 
 
-def thumbnail(image: Image.Image, size: int) -> bytes:
-    """A JPEG no larger than size x size, aspect kept (product shots are rarely square)."""
-    copy = image.copy()
-    copy.thumbnail((size, size), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    copy.save(out, "JPEG", quality=82, optimize=True)
-    return out.getvalue()
+def picture_uri(meta: dict[str, Any]) -> str:
+    """Where the page reads an item's picture: the thumbnail the worker stored with it, else
+    (items embedded before thumbnails were stored) the picture's own address."""
+    return str(meta.get("thumb") or meta.get("image_url") or "")
 
 
 def image_etag(image_url: str, size: int) -> str:
@@ -284,7 +282,7 @@ class FeedPage:
         """(status, body, etag): 200 with a JPEG, 304 when the browser has it, 404 when the item
         or its picture is missing or refused (the reason is logged, not shown)."""
         meta = (await self.service._store(self.service.items.get_meta, [item_id])).get(item_id, {})
-        uri = str(meta.get("image_url") or "")
+        uri = picture_uri(meta)
         if not uri:
             return 404, b"no picture", ""
         etag = image_etag(uri, size)
@@ -305,7 +303,7 @@ class FeedPage:
         return 200, body, etag
 
     def _load(self, uri: str, size: int) -> bytes:
-        return thumbnail(self.images.load(uri), size)
+        return jpeg_thumbnail(self.images.load(uri), size)
 
     def asset(self, name: str) -> str:
         return self._assets[name]

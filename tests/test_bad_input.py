@@ -41,9 +41,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import REPO, RunningStack, free_port, isolate, read_topic
+from images.thumbnails import STORED_THUMB_CHARS
 from topics import DeadLetter, EventError, Interaction, ItemEmbedded, ItemNew, decode, encode
 from topics.events import MAX_ID_CHARS
 from topics.producer import EventProducer, event_key
+from vectorstore import MilvusVectorStore
 
 ALLOWED_HOST = "127.0.0.2"  # the worker's only allowed private address
 MAX_IMAGE_BYTES = 300_000
@@ -327,6 +329,19 @@ def test_bad_items_are_dead_lettered_with_their_reason_and_the_worker_carries_on
     later = read_topic(s.kafka_config(), s.topics.items_embedded, want + 1, timeout_s=60)
     assert "after-the-storm" in {decode(ItemEmbedded, m.value()).item_id for m in later}
     assert processes.alive()
+
+    # what the page shows: a stored thumbnail of the picture, the data: URI itself not copied
+    store = MilvusVectorStore(s.milvus_uri, s.milvus_collection)
+    try:
+        meta = store.get_meta(["after-the-storm", "ok-http"])
+    finally:
+        store.close()
+    for item_id in ("after-the-storm", "ok-http"):
+        thumb = meta[item_id]["thumb"]
+        assert thumb.startswith("data:image/jpeg;base64,") and len(thumb) <= STORED_THUMB_CHARS
+        with Image.open(io.BytesIO(base64.b64decode(thumb.partition(",")[2]))) as picture:
+            assert picture.format == "JPEG" and max(picture.size) <= 192
+    assert meta["after-the-storm"]["image_url"] == "" and meta["ok-http"]["image_url"] == f"{img}/ok.png"
 
 
 # --- interactions -> the stream processor -------------------------------------------------

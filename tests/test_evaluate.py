@@ -239,7 +239,7 @@ def test_embeddings_are_cached_and_strategies_share_model_passes(tmp_path: Path)
     assert failed == {"c": "image: strategy 'image' needs an image: backend fake has no joint text-image space"}
     # the very vectors the worker's Embedder makes, one strategy at a time
     from workers.embedder import ItemContent
-    from workers.images import ImageLimits, ImageLoader
+    from images.loader import ImageLimits, ImageLoader
 
     loader = ImageLoader(ImageLimits(file_roots=(folder,)))
     contents = [ItemContent(i.item_id, i.title, i.text, loader.load(i.image_url) if i.image_url else None) for i in dataset.items]

@@ -1,4 +1,4 @@
-"""workers.images: the safe image loader. Fast and offline: real HTTP(S) servers on 127.0.0.1 in
+"""images.loader: the safe image loader. Fast and offline: real HTTP(S) servers on 127.0.0.1 in
 threads, admitted with allowed_hosts for the positive cases; a fake resolver where a test needs a
 host name other than localhost."""
 
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from workers.images import ImageError, ImageLimits, ImageLoader, blocked_address_reason
+from images.loader import ImageError, ImageLimits, ImageLoader, blocked_address_reason
 
 LOCAL = ("127.0.0.1",)
 METADATA = "a cloud metadata address (never admitted)"

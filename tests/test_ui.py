@@ -7,11 +7,13 @@ payloads that set `window.__xss` if they ever run."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
 import re
 import shutil
+import signal
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,6 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from images.loader import ImageLimits, ImageLoader
+from images.thumbnails import stored_thumbnail
 from streams.profile import Profile
 from streams.web import (
     CSP,
@@ -32,13 +36,12 @@ from streams.web import (
     image_etag,
     register_ui,
     shell,
-    thumbnail,
     user_link,
     user_snapshot,
 )
 from topics import Interaction, Rec, Recs, TopicNames
 from vectorstore import MemoryVectorStore, MilvusVectorStore, VectorRecord
-from workers.images import ImageLimits, ImageLoader
+from vlm4rec.simulated import COLOURS
 
 XSS_TITLE = '<img src=x onerror="window.__xss=1">'
 XSS_ID = '"><script>window.__xss=2</script>'
@@ -95,12 +98,6 @@ def test_shell_escapes_every_value() -> None:
 def test_user_link_encodes_the_whole_id() -> None:
     assert user_link("a/b?c#d") == "/ui/users/a%2Fb%3Fc%23d"
     assert user_link(XSS_ID) == "/ui/users/%22%3E%3Cscript%3Ewindow.__xss%3D2%3C%2Fscript%3E"
-
-
-def test_thumbnail_is_a_jpeg_within_the_size_with_its_aspect() -> None:
-    data = thumbnail(Image.new("RGB", (400, 800), (10, 20, 30)), 128)
-    with Image.open(io.BytesIO(data)) as image:
-        assert image.format == "JPEG" and image.size == (64, 128)
 
 
 def test_etag_follows_address_and_size() -> None:
@@ -174,7 +171,11 @@ def ui(tmp_path: Path) -> Callable[[Callable[[Any, FeedPage], Awaitable[None]]],
     items.open(4, "test/handmade", "describe")
     uris = make_images(tmp_path / "images")
     uris["red-2"] = (tmp_path / "elsewhere.png").as_uri()  # outside the file roots: refused
-    items.upsert(records(uris))
+    stored = records(uris)
+    # as the worker keeps a picture it read from a data: URI: a thumbnail, no address
+    thumb = stored_thumbnail(Image.new("RGB", (300, 200), (40, 160, 60)))
+    stored[-1] = dataclasses.replace(stored[-1], meta={**stored[-1].meta, "image_url": "", "thumb": thumb})
+    items.upsert(stored)
     service = StreamsApp(StreamsConfig(topics=TopicNames()), items)
     page = register_ui(service, ImageLoader(ImageLimits(file_roots=(tmp_path / "images",))))
     service.app.web.init_server()
@@ -222,6 +223,10 @@ def test_thumbnails_are_served_cached_and_refused_outside_the_roots(ui: Any) -> 
         refused = await client.get("/ui/images/red-2")
         assert refused.status == 404 and "elsewhere" not in await refused.text(), "no server paths shown"
         assert (await client.get("/ui/images/nothing")).status == 404
+        kept = await client.get("/ui/images/green-1", params={"size": "512"})
+        assert kept.status == 200, "the stored thumbnail, whatever the picture's address was"
+        with Image.open(io.BytesIO(await kept.read())) as image:
+            assert image.format == "JPEG" and image.size == (192, 128)
 
     ui(check)
 
@@ -366,3 +371,49 @@ def test_live_page_in_chromium(browser: Any, isolated: Any, tmp_path: Path) -> N
     finally:
         streams.stop()
         items.close()
+
+
+@pytest.mark.integration
+def test_demo_without_data_in_chromium(browser: Any, tmp_path: Path) -> None:
+    """`vlm4rec demo` with no folder, as in a fresh clone: drawn pictures (published as data:
+    URIs, shown from the worker's stored thumbnails) and a feed that changes as the simulated
+    user acts, towards what they like."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, stack_env
+
+    env = stack_env(tmp_path / "demo")
+    log_path = tmp_path / "demo.out"
+    with open(log_path, "w") as out:
+        demo = subprocess.Popen([sys.executable, "-m", "vlm4rec", "demo", "--limit-users", "3"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        page = wait_for("the demo to print ana's page", lambda: (
+            (m := re.search(r"ana, who likes red things: (\S+)", log_path.read_text())) and m.group(1)), timeout_s=180)
+        assert demo.poll() is None, log_path.read_text()
+        browser.get(page)
+        first = wait_for("ana's recommendations with their pictures", lambda: (
+            (cards := browser.execute_script(CARDS_JS, "#recs")) and all(c["loaded"] for c in cards) and cards), timeout_s=120)
+        wait_for("the history with pictures", lambda: (
+            (cards := browser.execute_script(CARDS_JS, "#history")) and all(c["loaded"] for c in cards)))
+        later = wait_for("the recommendations to change as ana acts", lambda: (
+            (cards := browser.execute_script(CARDS_JS, "#recs")) and [c["id"] for c in cards] != [c["id"] for c in first]
+            and all(c["loaded"] for c in cards) and cards), timeout_s=60)
+        browser.save_screenshot(str(tmp_path / "demo.png"))
+        history = browser.execute_script(CARDS_JS, "#history")
+        assert any(c["title"].startswith("Red ") for c in history), "ana acts on red things"
+        assert all(c["loaded"] for c in later)
+        # the feeds follow taste: the demo's own report, over its three users
+        report = wait_for("a report on every feed", lambda: (
+            (m := re.findall(r"likes: ana (\d+)%, ben (\d+)%, chloe (\d+)%", log_path.read_text())) and m[-1]), timeout_s=60)
+        liked = sum(int(share) for share in report) / 300
+        chance = (1 / len(COLOURS) + 1 / len(COLOURS) + 1 / 4) / 3  # red, blue, stars
+        assert liked > 2 * chance, f"feeds follow taste: {report} (chance {chance:.0%})"
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.wait(60)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+    assert "stopped." in log_path.read_text()

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from images.thumbnails import STORED_THUMB_CHARS
 from vectorstore import (
     CollectionMismatch,
     MemoryVectorStore,
@@ -158,6 +159,21 @@ def test_meta_and_space(store: VectorStore) -> None:
     meta = store.get_meta(["a", "b", "zz"])
     assert meta["a"] == {"title": 'Robe "rouge" ünï', "partition": 3}
     assert set(meta) == {"a", "b"}
+
+
+def test_meta_keeps_a_stored_thumbnail_beside_the_longest_display_fields(store: VectorStore) -> None:
+    """The worker's meta at its largest: a title and category of 4-byte characters, a long
+    address and a thumbnail as big as the worker stores. The address gives way, nothing else."""
+    store.open(2, "m", "text")
+    meta = {
+        "title": "\U0001f457" * 300,
+        "category": "\U0001f45f" * 100,
+        "thumb": "data:image/jpeg;base64," + "B" * (STORED_THUMB_CHARS - 23),
+        "image_url": "https://img.example/" + "p" * 6000,
+    }
+    store.upsert([VectorRecord("a", unit([[1, 0]])[0], meta=meta)])
+    kept = store.get_meta(["a"])["a"]
+    assert {k: kept.get(k) for k in ("title", "category", "thumb")} == {k: meta[k] for k in ("title", "category", "thumb")}
 
 
 def test_scan_reads_every_vector_once(store: VectorStore) -> None:

@@ -48,11 +48,14 @@ def id_list_expr(ids: Sequence[str]) -> str:
 
 
 def _meta_json(meta: Any) -> str:
-    """Meta as JSON within the field's byte limit: values too long to keep (a data: URI as an
-    image address, say) are left out rather than failing the upsert."""
-    kept = {k: v for k, v in dict(meta).items() if len(str(v).encode("utf-8")) <= MAX_META_BYTES // 4}
+    """Meta as JSON within the field's byte limit: when it does not fit, the longest values
+    (a long image address, say) are left out first, rather than failing the upsert."""
+    kept = dict(meta)
     text = json.dumps(kept, ensure_ascii=False)
-    return text if len(text.encode("utf-8")) <= MAX_META_BYTES else "{}"
+    while len(text.encode("utf-8")) > MAX_META_BYTES:
+        del kept[max(kept, key=lambda k: len(json.dumps(kept[k], ensure_ascii=False).encode("utf-8")))]
+        text = json.dumps(kept, ensure_ascii=False)
+    return text
 
 
 class MilvusVectorStore(VectorStore):

@@ -27,7 +27,7 @@ from vlm4rec.blas import single_threaded_blas
 from topics.producer import EventProducer
 from vectorstore import VectorRecord, VectorStore
 from workers.embedder import Embedder, ItemContent
-from workers.images import ImageError, ImageLoader
+from images.loader import ImageError, ImageLoader
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -631,18 +631,22 @@ def tqdm_bar(total: int, desc: str) -> Any:
 
 
 @main.command()
-@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False), required=False)
 @click.option("--limit-users", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Replay only the first N users (by first interaction).")
+              help="Replay only the first N users (by first interaction); without DATASET_DIR, simulate at most N of the 8 users.")
 @click.option("--duration", type=click.FloatRange(min=1), default=120.0, show_default=True,
-              help="Wall seconds the replay takes: event time is compressed to fit.")
+              help="Wall seconds the replay of DATASET_DIR takes: event time is compressed to fit.")
 @click.pass_obj
-def demo(settings: Settings, dataset_dir: str, limit_users: int, duration: float) -> None:
-    """See it work: the local stack, a brisk replay of DATASET_DIR and the live page, until Ctrl-C.
+def demo(settings: Settings, dataset_dir: str | None, limit_users: int, duration: float) -> None:
+    """See it work: the local stack, a live feed and the page, until Ctrl-C.
 
-    Starts what `vlm4rec up` starts (with DATASET_DIR readable for item pictures), prints the
-    page's address, replays the first users of the folder behind a progress bar and keeps
-    everything running until Ctrl-C.
+    Starts what `vlm4rec up` starts and prints the page's address. Without DATASET_DIR it
+    runs a simulated shop that needs no data: items whose pictures are drawn by code (a red
+    star on grey dots, ...), a new one every few seconds, and eight users who each like one
+    thing and act on what their feed shows; every few seconds a line says how much of each
+    feed matches its user's taste. With DATASET_DIR (a folder as described in
+    ../shared/data/README.md) it replays the folder's first users behind a progress bar,
+    with the folder readable for item pictures.
     """
     from pathlib import Path
 
@@ -650,7 +654,7 @@ def demo(settings: Settings, dataset_dir: str, limit_users: int, duration: float
     from vlm4rec.localstack import StackError
 
     try:
-        run_demo(settings, Path(dataset_dir), limit_users, duration, _stack_services)
+        run_demo(settings, Path(dataset_dir) if dataset_dir else None, limit_users, duration, _stack_services)
     except (StackError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -1,16 +1,21 @@
-"""`vlm4rec demo DATASET_DIR`: the one command a newcomer runs to see the product work.
+"""`vlm4rec demo [DATASET_DIR]`: the one command a newcomer runs to see the product work.
 
 It starts the same local stack as `vlm4rec up` (broker, Milvus Lite, embedding worker, stream
-processor), with the dataset's folder added to the file roots of the processes that read item
-pictures (the worker embeds them, the page serves thumbnails of them). Then it replays the
-first users of the dataset with event time compressed into a couple of minutes, behind a
-progress bar, while the page at the printed address fills with pictures, and keeps everything
-running until Ctrl-C.
+processor) and feeds it while the page at the printed address fills with pictures, until Ctrl-C:
+
+- without a folder, the simulated shop of `vlm4rec.simulated` (drawn pictures, users with
+  distinct tastes acting on their feeds), live and endless, with a line every few seconds
+  saying how much of each user's feed matches their taste;
+- with a dataset folder, a replay of its first users with event time compressed into a couple
+  of minutes, behind a progress bar; the folder is added to the file roots of the processes
+  that read item pictures.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import signal
 import threading
 import time
@@ -28,10 +33,18 @@ from vlm4rec.dataset import load_dataset
 from vlm4rec.localstack import LocalStack, Service
 from vlm4rec.replay import Scheduled, Sender, replay, schedule
 from vlm4rec.settings import Settings
+from vlm4rec.simulated import TASTES, Shop, item_event, user_id
 
 StackServices = Callable[[Settings, bool], tuple[list[Service], int]]
 
 PAGE_WAIT_S = 120.0
+#: The simulated shop: items at the start, seconds between fresh items, between two actions
+#: of the same user, and between progress lines.
+#: Fresh items come faster than a user who likes one colour (an eighth of them) uses them up.
+INITIAL_ITEMS = 256
+FRESH_EVERY_S = 1.0
+ACT_EVERY_S = 4.0
+REPORT_EVERY_S = 15.0
 
 
 class Stopped(Exception):
@@ -75,17 +88,42 @@ def page_answers(url: str) -> bool:
         return False
 
 
-def run_demo(settings: Settings, dataset_dir: Path, limit_users: int, duration_s: float, stack_services: StackServices) -> None:
-    """Start the stack, replay the dataset, keep running until Ctrl-C or SIGTERM.
+Feed = Callable[[Settings, str, threading.Event, list[str]], None]
+
+
+def run_demo(settings: Settings, dataset_dir: Path | None, limit_users: int, duration_s: float, stack_services: StackServices) -> None:
+    """Start the stack, feed it (the dataset's replay, else the simulated shop), keep running
+    until Ctrl-C or SIGTERM.
 
     `stack_services` is the function behind `vlm4rec up` that lists the stack's processes."""
-    from topics.admin import create_topics
-
+    if dataset_dir is None:
+        names = list(TASTES)[:limit_users]
+        intro = [f"  {name}, who likes {TASTES[name].name}: {{page}}ui/users/{quote(user_id(name), safe='')}" for name in names]
+        intro.append(
+            f"Simulating {len(names)} users on a shop of {INITIAL_ITEMS} drawn items, with a new item every "
+            f"{FRESH_EVERY_S:.0f} s; each user clicks what they like in their feed and hides what they do not.\n"
+        )
+        _run_stack(settings, stack_services, intro, lambda s, page, stop, out: simulate(s, page, names, stop, out))
+        return
     dataset = load_dataset(dataset_dir).limit_users(limit_users)
     if dataset.rejected:
         click.echo(f"{len(dataset.rejected)} rows rejected by the event contract (left out), e.g. {dataset.rejected[0]}", err=True)
     events = schedule(dataset.items, dataset.interactions)
     settings.image_file_roots = [*settings.image_file_roots, dataset.root]
+    user = most_active_user(dataset.interactions)
+    intro = [] if user is None else [f"  the most active user: {{page}}ui/users/{quote(user, safe='')}"]
+    intro.append(
+        f"Replaying {len(dataset.interactions)} interactions of {limit_users} users and their items from "
+        f"{dataset.name} in about {duration_s:.0f} s; the worker embeds each item's picture as it arrives.\n"
+    )
+    _run_stack(settings, stack_services, intro, lambda s, page, stop, out: _replay(s, events, duration_s, stop, out))
+
+
+def _run_stack(settings: Settings, stack_services: StackServices, intro: list[str], feed: Feed) -> None:
+    """The stack's processes under supervision, the page's address, then `feed` in a thread
+    until Ctrl-C or SIGTERM; everything is stopped on the way out."""
+    from topics.admin import create_topics
+
     services, infra = stack_services(settings, False)
     roots = json.dumps([str(root) for root in settings.image_file_roots])
     for service in services[infra:]:
@@ -108,16 +146,11 @@ def run_demo(settings: Settings, dataset_dir: Path, limit_users: int, duration_s
             stop.wait(0.5)
         if stop.is_set():
             return
-        user = most_active_user(dataset.interactions)
         click.echo(f"\nThe live page: {page}")
-        if user is not None:
-            click.echo(f"  the most active user: {page}ui/users/{quote(user, safe='')}")
-        click.echo(
-            f"Replaying {len(dataset.interactions)} interactions of {limit_users} users and their items from "
-            f"{dataset.name} in about {duration_s:.0f} s; the worker embeds each item's picture as it arrives.\n"
-        )
+        for line in intro:
+            click.echo(line.format(page=page))
         outcome: list[str] = []
-        thread = threading.Thread(target=_replay, args=(settings, events, duration_s, stop, outcome), daemon=True)
+        thread = threading.Thread(target=feed, args=(settings, page, stop, outcome), daemon=True)
         thread.start()
         while not stop.is_set():
             stack.supervise_once()
@@ -129,6 +162,53 @@ def run_demo(settings: Settings, dataset_dir: Path, limit_users: int, duration_s
         click.echo("stopping...")
         stack.stop()
         click.echo("stopped.")
+
+
+def current_recs(page: str, user: str) -> list[str]:
+    """The item ids the page shows as `user`'s recommendations, best first; none while the
+    user has no push yet or the page does not answer (the simulated user then browses)."""
+    try:
+        with urllib.request.urlopen(f"{page}ui/api/users/{quote(user, safe='')}", timeout=2) as response:
+            body = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError):
+        return []
+    recs = body.get("recs") if isinstance(body, dict) else None
+    return [str(card["item_id"]) for card in (recs or {}).get("items", []) if isinstance(card, dict) and "item_id" in card]
+
+
+def simulate(settings: Settings, page: str, names: Sequence[str], stop: threading.Event, outcome: list[str], seed: int = 0) -> None:
+    """The simulated shop's thread: publish the first items, then one user acts per tick
+    (round robin, on what their feed shows now), a fresh item every `FRESH_EVERY_S`, and a
+    line every `REPORT_EVERY_S` saying how much of each user's list matches their taste."""
+    from topics.producer import DeliveryError, EventProducer
+
+    topics = settings.topics
+    shop = Shop(random.Random(seed), names)
+    sent = 0
+    try:
+        with EventProducer(settings.kafka_config()) as producer:
+            for design in shop.publish(INITIAL_ITEMS):
+                producer.send(topics.items_new, item_event(design, time.time()))
+            producer.flush()
+            fresh_due = time.monotonic() + FRESH_EVERY_S
+            report_due = time.monotonic() + REPORT_EVERY_S
+            users = itertools.cycle(names)
+            while not stop.wait(ACT_EVERY_S / len(names)):
+                name = next(users)
+                event = shop.act(name, current_recs(page, user_id(name)), time.time())
+                if event is not None:
+                    producer.send(topics.interactions, event)
+                    sent += 1
+                if time.monotonic() >= fresh_due:
+                    fresh_due += FRESH_EVERY_S
+                    for design in shop.publish(1):
+                        producer.send(topics.items_new, item_event(design, time.time()))
+                if time.monotonic() >= report_due:
+                    report_due += REPORT_EVERY_S
+                    shares = ", ".join(f"{n} {shop.share_liked(n, current_recs(page, user_id(n))):.0%}" for n in names)
+                    click.echo(f"{len(shop.published)} items, {sent} interactions sent; share of each feed the user likes: {shares}")
+    except DeliveryError as exc:
+        outcome.append(f"Simulation stopped: {exc}.")
 
 
 def _replay(settings: Settings, events: list[Scheduled], duration_s: float, stop: threading.Event, outcome: list[str]) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from topics import ItemNew
 from workers.backends.base import EmbeddingBackend
 from workers.embedder import Embedder, ItemContent, Strategy, content_hash
-from workers.images import ImageError, ImageLoader
+from images.loader import ImageError, ImageLoader
 
 
 class EmbeddingCache:

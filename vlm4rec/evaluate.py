@@ -31,7 +31,7 @@ from vlm4rec.dataset import Dataset, publish_times
 from vlm4rec.embedcache import EmbeddingCache, embed_items
 from workers.backends.base import EmbeddingBackend
 from workers.embedder import Embedder, Strategy
-from workers.images import ImageLimits, ImageLoader
+from images.loader import ImageLimits, ImageLoader
 
 KS = (10, 20)
 #: recent_popularity's trailing window. A week: long enough that a sparse catalogue (hm: about

@@ -151,7 +151,8 @@ def milvus_answers(host: str, port: int) -> bool:
     from pymilvus import MilvusClient
 
     try:
-        client = MilvusClient(uri=f"http://{host}:{port}", timeout=2.0)
+        # dedicated: pymilvus keeps a shared channel open (pinging) after close()
+        client = MilvusClient(uri=f"http://{host}:{port}", timeout=2.0, dedicated=True)
         client.list_collections()
         client.close()
         return True

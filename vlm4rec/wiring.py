@@ -6,7 +6,7 @@ from vectorstore import MilvusVectorStore, VectorStore
 from vlm4rec.settings import Settings
 from workers.backends.base import EmbeddingBackend
 from workers.embedder import Embedder
-from workers.images import ImageLimits, ImageLoader
+from images.loader import ImageLimits, ImageLoader
 from workers.worker import EmbeddingWorker, WorkerConfig
 
 

@@ -25,7 +25,8 @@ from vectorstore import VectorRecord, VectorStore
 from workers import metrics
 from workers.backends.base import BackendError
 from workers.embedder import Embedder, EmbedResult, ItemContent, content_hash
-from workers.images import ImageError, ImageLoader
+from images.loader import ImageError, ImageLoader
+from images.thumbnails import stored_thumbnail
 
 log = logging.getLogger("vlm4rec.worker")
 
@@ -52,6 +53,7 @@ class _Pending:
     message: Message
     item: ItemNew
     hash: str
+    thumb: str | None = None  # the stored thumbnail's data: URI, once the picture is read
 
 
 class EmbeddingWorker:
@@ -154,8 +156,9 @@ class EmbeddingWorker:
                 embedded_at=now,
                 meta={
                     "title": fetched[item_id].item.title[:300],
-                    "image_url": fetched[item_id].item.image_url or "",
+                    "image_url": _address(fetched[item_id].item.image_url),
                     "category": fetched[item_id].item.category[:100],
+                    **({"thumb": fetched[item_id].thumb} if fetched[item_id].thumb else {}),
                 },
             )
             for item_id, vector in zip(result.item_ids, result.vectors, strict=True)
@@ -199,6 +202,7 @@ class EmbeddingWorker:
                     image = self.loader.load(p.item.image_url)
                 except ImageError as exc:
                     return exc.reason
+                p.thumb = stored_thumbnail(image)
             return ItemContent(p.item.item_id, p.item.title, p.item.text, image)
 
         contents: list[ItemContent] = []
@@ -301,3 +305,9 @@ class EmbeddingWorker:
 def _kafka_time(message: Message) -> float | None:
     kind, millis = message.timestamp()
     return millis / 1000 if kind != 0 and millis > 0 else None
+
+
+def _address(image_url: str | None) -> str:
+    """The picture's address as kept in the item's meta: a `data:` URI is the picture itself,
+    already kept as the (smaller) thumbnail, so it is not copied again."""
+    return "" if not image_url or image_url.startswith("data:") else image_url
