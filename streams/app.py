@@ -59,6 +59,7 @@ from streams.profile_updates import Deferral, ProfileUpdater, Received
 from streams.user_index import UserIndex, fanout_share
 from streams.rank import RankConfig
 from streams.recommend import Observation, Recommender
+from streams.variants import Variant, online_hit
 from pydantic import ValidationError
 
 from topics import DeadLetter, EventError, Interaction, ItemEmbedded, Rec, Recs, TopicNames, decode, encode
@@ -106,6 +107,7 @@ class StreamsConfig:
     rule: ProfileRule = field(default_factory=ProfileRule)
     popularity_half_life_s: float = 6 * 3600
     rank: RankConfig = field(default_factory=RankConfig)
+    variants: tuple[Variant, ...] = ()  # ranking variants served side by side (`streams.variants`)
     #: librdkafka settings of the recs producer and the item feed (the composition root hands
     #: down the product's `kafka_config()`); empty: `bootstrap_servers` in plain text
     kafka: dict[str, Any] = field(default_factory=dict)
@@ -183,7 +185,8 @@ class StreamsApp:
         self.items = items
         self.popularity = RecentPopularity(config.popularity_half_life_s)
         self.recommender = Recommender(
-            items, self.popularity, k=config.k, rank=config.rank, neighbour_ttl_s=config.neighbour_ttl_s
+            items, self.popularity, k=config.k, rank=config.rank, neighbour_ttl_s=config.neighbour_ttl_s,
+            variants=config.variants,
         )
         # this worker's users, for the fan-out of every fresh item (streams.item_feed)
         self.user_index = UserIndex()
@@ -395,6 +398,7 @@ class StreamsApp:
         metrics.INTERACTIONS.labels("applied").inc(len(update.applied))
         for interaction in update.applied:
             self.popularity.add(interaction.item_id, interaction.ts, 1.0)
+            self._judge(interaction)
         # Deferrals are delivered before the profiles that mark their events seen: a crash in
         # between would otherwise skip the re-delivered events as duplicates and lose them.
         await asyncio.gather(*[await self._defer(deferral) for deferral in update.deferred])
@@ -413,6 +417,19 @@ class StreamsApp:
             self._mark_due(user_id, Due(partition, published_at=published_at))
         self._wake.set()  # recs need the profiles in memory, not yet their changelog: rank while it is flushed
         await self.shims.fence(self.app.producer, self.profiles, [event for _, event in update.profiles.values()])
+
+    def _judge(self, interaction: Interaction) -> None:
+        """Online HR@k per ranking variant: was a positive interaction's item in the list last
+        pushed to its user? Users this worker has pushed nothing to (new, or before a
+        rebalance gave it their partition) are not judged."""
+        shown = self.last_recs.get(interaction.user_id)
+        if shown is None or self.config.rule.weight(interaction.event, interaction.value) <= 0:
+            return
+        variant = shown.variant or "default"
+        metrics.ONLINE_JUDGED.labels(variant).inc()
+        for k, hit in online_hit([r.item_id for r in shown.items], interaction.item_id).items():
+            if hit:
+                metrics.ONLINE_HITS.labels(variant, str(k)).inc()
 
     def _mark_due(self, user_id: str, due: Due) -> None:
         if (queued := self.due.get(user_id)) is not None:
@@ -528,6 +545,7 @@ class StreamsApp:
                 model=self.model,
                 generated_at=time.time(),
                 answers=answers or {},
+                variant=self.recommender.variant_of(user_id),
             )
         except ValidationError as exc:
             metrics.RECS_INVALID.inc()

@@ -90,3 +90,13 @@ REPLICA_LAG = Gauge(
 REPLICA_REFRESHES = Counter(
     "vlm4rec_streams_item_replica_refreshes_total", "Replica loads and refreshes", ["kind", "outcome"]
 )
+ONLINE_JUDGED = Counter(
+    "vlm4rec_streams_online_judged_total",
+    "Positive interactions of users who had been pushed a list, by the list's ranking variant (the denominator of online HR@k)",
+    ["variant"],
+)
+ONLINE_HITS = Counter(
+    "vlm4rec_streams_online_hits_total",
+    "Of those, interactions whose item was in the first k of the list last pushed to the user, by variant and k",
+    ["variant", "k"],
+)

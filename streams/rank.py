@@ -949,11 +949,21 @@ class BlendRanker:
     def score(self, x: np.ndarray) -> np.ndarray:
         return x @ self.prior if self.model.weights is None else self.model.score(x)
 
-    def rank(self, requests: Sequence[Request], content: ContentSource, k: int) -> list[Hits]:
+    def rank(self, requests: Sequence[Request], content: ContentSource, k: int, serving: RankConfig | None = None) -> list[Hits]:
         """Top k (item_id, score) per request, best first, ties by item_id. A round is ranked
         at once: its candidates (`_round`) and features (`_round_features`) come from numpy
         passes over all its (request, candidate) pairs; what is left per request is its scores
-        (one product each), its best k + `tail_slots` (`best_by`) and the tail slots."""
+        (one product each), its best k + `tail_slots` (`best_by`) and the tail slots.
+
+        `serving`: the settings to rank with instead of the ranker's own, for a ranking variant
+        (`streams.variants`; only serving settings may differ). The caller serialises it with
+        learning, which reads the ranker's own settings (`Recommender.lock`)."""
+        if serving is not None and serving != self.config:
+            own, self.config = self.config, serving
+            try:
+                return self.rank(requests, content, k)
+            finally:
+                self.config = own
         c, names = self.config, self.stats.ids
         if not requests:
             return []

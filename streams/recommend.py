@@ -26,6 +26,7 @@ from streams import metrics
 from streams.popularity import RecentPopularity
 from streams.profile import Profile
 from streams.rank import BlendRanker, Hits, RankConfig, Request
+from streams.variants import Assignment, Variant, parse_variants
 from vectorstore import VectorStore
 
 log = logging.getLogger("vlm4rec.streams")
@@ -204,21 +205,28 @@ class Recommender:
         cache_size: int = 20_000,
         rank: RankConfig | None = None,
         neighbour_ttl_s: float = 60.0,
+        variants: Sequence[Variant] = (),
     ) -> None:
+        """`variants`: the ranking variants served side by side (`streams.variants`); none:
+        everyone gets the ranker's own settings, as variant `default`."""
         self.items = items
         self.popularity = popularity
         self.k = k
         self.vectors = VectorCache(items, cache_size)
         self.content = StoreContent(items, self.vectors, neighbour_ttl_s)
         self.ranker = BlendRanker(rank)
+        self.assignment = Assignment(variants or parse_variants([]))
+        self._serving = {v.name: v.config(self.ranker.config) for v in self.assignment.variants}
         self.lock = threading.Lock()
         # the training-example draw happens on the caller's thread (see `observation`)
         self._draw = random.Random(self.ranker.config.seed)
         self._logged: OrderedDict[str, None] = OrderedDict()
 
-    def request(self, profile: Profile) -> Request:
-        """The user as the ranker sees them now (the stream clock: the latest event time)."""
-        return Request(list(profile.seen), profile.as_array(), max(self.ranker.stats.clock, profile.updated_at))
+    def request(self, profile: Profile, now: float | None = None) -> Request:
+        """The user as the ranker sees them at `now`, by default the stream clock (the latest
+        event time, theirs included)."""
+        ts = max(self.ranker.stats.clock, profile.updated_at) if now is None else now
+        return Request(list(profile.seen), profile.as_array(), ts)
 
     def observation(self, profile: Profile, item_id: str, ts: float) -> Observation:
         """Taken just before `profile` applies the interaction (cheap: the request, with its
@@ -289,7 +297,8 @@ class Recommender:
     def recommend(self, profiles: Sequence[Profile], k: int | None = None) -> list[list[tuple[str, float]]]:
         """Top k per user, seen items excluded: the blend over Milvus ANN (one search call for
         all users' profile vectors), co-occurrence, recent popularity and fresh candidates;
-        users left without a candidate get recent popularity.
+        users left without a candidate get recent popularity. The users of each ranking
+        variant are ranked together, with that variant's settings (`variant_of`).
 
         One user never fails the others: when the round's ranking raises while the vector
         store answers, each user is ranked alone, and a user whose ranking still fails, or
@@ -297,16 +306,29 @@ class Recommender:
         answer, the error is raised for the caller to retry the round later."""
         k = k or self.k
         metrics.SEARCH_BATCH.observe(len(profiles))
-        requests = [self.request(p) for p in profiles]
+        # one moment for the round, as all its users are served now: the ranker's popularity
+        # and freshness work is per moment, and a moment per user took a fifth of its samples
+        # at 1,000/s (docs/streaming.md)
+        now = max([self.ranker.stats.clock, *(p.updated_at for p in profiles)])
+        requests = [self.request(p, now) for p in profiles]
+        groups: dict[str, list[int]] = {}
+        for n, profile in enumerate(profiles):
+            groups.setdefault(self.assignment.of(profile.user_id).name, []).append(n)
+        results: list[Hits | None] = [None] * len(profiles)
         with metrics.SEARCH_SECONDS.labels("items").time():
-            try:
-                source = Prefetched(self.content, requests, self.ranker.config)
-                with self.lock:
-                    results: list[Hits | None] = list(self.ranker.rank(requests, source, k))
-            except Exception:
-                if not self._store_answers():
-                    raise
-                results = [self._alone(request, profile, k) for request, profile in zip(requests, profiles, strict=True)]
+            for name, members in groups.items():
+                serving = self._serving[name]
+                group = [requests[n] for n in members]
+                try:
+                    source = Prefetched(self.content, group, serving)
+                    with self.lock:
+                        ranked: list[Hits | None] = list(self.ranker.rank(group, source, k, serving))
+                except Exception:
+                    if not self._store_answers():
+                        raise
+                    ranked = [self._alone(requests[n], profiles[n], k) for n in members]
+                for n, hits in zip(members, ranked, strict=True):
+                    results[n] = hits
         out = []
         for profile, hits in zip(profiles, results, strict=True):
             if hits is not None and not all(math.isfinite(score) for _, score in hits):
@@ -318,6 +340,10 @@ class Recommender:
                 hits = self.popularity.top(k, exclude=set(profile.seen))
             out.append(hits)
         return out
+
+    def variant_of(self, user_id: str) -> str:
+        """The ranking variant that serves the user (`streams.variants`)."""
+        return self.assignment.of(user_id).name
 
     def warm_up(self) -> None:
         """Rank once for a made-up user whose history is one stored item, so that the first
@@ -338,7 +364,7 @@ class Recommender:
     def _alone(self, request: Request, profile: Profile, k: int) -> Hits | None:
         try:
             with self.lock:
-                return self.ranker.rank([request], self.content, k)[0]
+                return self.ranker.rank([request], self.content, k, self._serving[self.assignment.of(profile.user_id).name])[0]
         except Exception as exc:  # noqa: BLE001 - this user's ranking, isolated
             self._failed(profile.user_id, f"{type(exc).__name__}: {exc}")
             return None

@@ -24,7 +24,7 @@ from PIL import Image
 from conftest import RunningStack, free_port
 from topics import Interaction, ItemNew
 from vectorstore import MilvusVectorStore, VectorRecord
-from vlm4rec.chaos import TARGETS, plan_faults, with_updates
+from vlm4rec.chaos import FAULT_KINDS, TARGETS, plan_faults, with_updates
 from vlm4rec.localstack import LocalStack, milvus_service
 from vlm4rec.replay import Scheduled
 
@@ -34,10 +34,56 @@ def test_fault_plan_is_seeded_sorted_within_the_window_and_hits_every_target() -
     plan = plan_faults(7, seed=3, window_s=100.0)
     assert plan == plan_faults(7, seed=3, window_s=100.0)
     assert plan != plan_faults(7, seed=4, window_s=100.0)
-    times = [t for t, _ in plan]
+    times = [f.at_s for f in plan]
     assert times == sorted(times) and all(5.0 <= t <= 95.0 for t in times)
-    assert {name for _, name in plan} == set(TARGETS)
+    assert {f.target for f in plan} == set(TARGETS) and {f.kind for f in plan} == {"kill"}
     assert plan_faults(0, seed=1, window_s=10.0) == []
+
+
+def test_every_kind_of_fault_is_planned_and_only_milvus_is_slowed() -> None:
+    plan = plan_faults(7, seed=5, window_s=100.0, kinds=FAULT_KINDS)
+    pairs = {(f.target, f.kind) for f in plan}
+    assert pairs == {(t, k) for t in TARGETS for k in ("kill", "pause")} | {("milvus", "slow")}
+    for f in plan:
+        assert (f.hold_s == 0.0) == (f.kind == "kill") and (f.delay_s > 0) == (f.kind == "slow")
+        if f.kind != "kill":
+            assert 10.0 <= f.hold_s <= 30.0
+    kills = plan_faults(7, seed=3, window_s=100.0, kinds=("kill",))
+    assert [(f.at_s, f.target) for f in kills] == [(f.at_s, f.target) for f in plan_faults(7, seed=3, window_s=100.0)]
+
+
+def test_the_slow_proxy_forwards_and_holds_every_chunk_while_slow() -> None:
+    import socket
+    import threading
+    import time
+
+    from vlm4rec.slowproxy import SlowProxy
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(1024):
+                conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    proxy = SlowProxy("127.0.0.1", server.getsockname()[1])
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+            started = time.monotonic()
+            client.sendall(b"fast")
+            assert client.recv(1024) == b"fast" and time.monotonic() - started < 0.2
+            proxy.slow(0.3)
+            started = time.monotonic()
+            client.sendall(b"slow")
+            assert client.recv(1024) == b"slow" and time.monotonic() - started >= 0.6, "held both ways"
+            proxy.fast()
+            client.sendall(b"again")
+            assert client.recv(1024) == b"again", "the connection survives a slow period"
+    finally:
+        proxy.close()
+        server.close()
 
 
 def test_updates_follow_their_original_with_new_content() -> None:
@@ -149,6 +195,28 @@ def test_chaos_keeps_every_invariant(tmp_path: Path, infra: RunningStack) -> Non
     assert report["users_with_recs"] == report["active_users"] == 6
     assert report["ok"]
     assert report["interactions_counted"] == report["interactions_expected"] == 46
+
+
+@pytest.mark.integration
+def test_chaos_with_pauses_and_a_slow_milvus_keeps_every_invariant(tmp_path: Path, infra: RunningStack) -> None:
+    """Worker, stream processor and Milvus each paused (SIGSTOP, SIGCONT 10-30 s later), and
+    Milvus slowed behind the proxy, during the replay."""
+    from vlm4rec.chaos import run_chaos
+    from vlm4rec.cli import _stack_services
+    from vlm4rec.settings import Settings
+
+    make_dataset(tmp_path / "data")
+    settings = Settings(data_dir=Path(infra.env["VLM4REC_DATA_DIR"]), topic_partitions=2)
+    report = run_chaos(
+        settings, tmp_path / "data", _stack_services, limit_users=None, faults=4, seed=11,
+        duration_s=20.0, timeout_s=150.0, run_dir=tmp_path / "run", log=lambda _: None, kinds=("pause", "slow"),
+    )
+    assert report["violations"] == []
+    assert report["faults_by_kind"] == {"pause": 3, "slow": 1} and report["faults_recovered"] == 4
+    assert report["items_in_milvus"] == 24 and report["item_duplicates"] == 0
+    assert report["users_with_recs"] == report["active_users"] == 6
+    assert report["interactions_counted"] == report["interactions_expected"] == 46
+    assert report["ok"]
 
 
 # --- soak figures (no stack) --------------------------------------------------------------

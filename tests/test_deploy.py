@@ -692,6 +692,11 @@ def at_least(n: float) -> Any:
     return lambda result: sum(float(series["value"][1]) for series in result) >= n
 
 
+def positive(result: list[dict[str, Any]]) -> bool:
+    """A check for Prometheus.wait_for: some value is above 0 (a rate() that saw an increase)."""
+    return any(float(series["value"][1]) > 0 for series in result)
+
+
 class Prometheus:
     def __init__(self, tmp_path: Path, scrape_configs: list[dict[str, Any]], interval: str = "1s") -> None:
         binary = shutil.which("prometheus")
@@ -839,7 +844,8 @@ def test_a_real_worker_scraped_by_prometheus_feeds_the_worker_panels(isolated: R
             prometheus.wait_for(
                 'sum(vlm4rec_worker_items_total{outcome="embedded"})', at_least(sent), f"{sent} items not embedded", 180, alive
             )
-            time.sleep(3)  # a few more scrapes, so rate() sees the increase
+        # the second wave scraped after the first: rate() sees the increase
+        prometheus.wait_for('sum(rate(vlm4rec_worker_items_total{outcome="embedded"}[1m]))', positive, "rate() of items embedded", 60, alive)
         panels: dict[str, list[list[dict[str, Any]]]] = {}
         for title, expr in dashboard_queries():
             answer = prometheus.query(expr)
@@ -921,11 +927,11 @@ def test_the_whole_local_stack_scraped_by_prometheus_feeds_the_streams_panels(tm
                             Interaction(user_id=f"{user}-{wave}", item_id=f"{style}-{n + wave}", event="click", ts=now),
                         )
             wait_for("sum(vlm4rec_streams_recs_pushed_total)", 3 * (wave + 1), "no recs pushed")
-            time.sleep(3)
+        prometheus.wait_for("sum(rate(vlm4rec_streams_recs_pushed_total[1m]))", positive, "rate() of recs pushed", 60, alive)
         with EventProducer(settings.kafka_config()) as producer:
             producer.send(settings.topics.items_new, ItemNew(item_id="red-new", title="red silk evening dress, new", text=styles["red"]))
         wait_for("sum(vlm4rec_streams_fresh_item_seconds_count)", 1, "fresh item not pushed")
-        time.sleep(3)
+        prometheus.wait_for("sum(rate(vlm4rec_streams_fresh_item_seconds_count[1m]))", positive, "rate() of fresh items", 60, alive)
 
         panels: dict[str, list[dict[str, Any]]] = {}
         for title, expr in dashboard_queries():

@@ -208,10 +208,10 @@ def test_a_user_whose_ranking_fails_gets_the_fallback_and_the_others_their_blend
     expected = rec.recommend(profiles)
     rank = rec.ranker.rank
 
-    def poisoned(requests: list[Request], content: object, k: int) -> list:
+    def poisoned(requests: list[Request], content: object, k: int, serving: RankConfig | None = None) -> list:
         if any(ids[3] in r.history for r in requests):  # u1's history
             raise ValueError("odd user")
-        return rank(requests, content, k)
+        return rank(requests, content, k, serving)
 
     monkeypatch.setattr(rec.ranker, "rank", poisoned)
     before = metrics.RANK_FALLBACKS._value.get()

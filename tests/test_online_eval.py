@@ -101,7 +101,9 @@ def test_online_eval_scores_the_pushes_of_the_running_stack(tmp_path: Path) -> N
     from conftest import REPO, stack_env, start_stack
 
     root = write_dataset(tmp_path / "tiny").resolve()
-    env = stack_env(tmp_path / "stack", VLM4REC_IMAGE_FILE_ROOTS=json.dumps([str(root)]), VLM4REC_WORKER_BATCH_MS="50")
+    variants = [{"name": "wide", "share": 0.5}, {"name": "narrow", "share": 0.5, "tail_slots": 0, "content_k": 5}]
+    env = stack_env(tmp_path / "stack", VLM4REC_IMAGE_FILE_ROOTS=json.dumps([str(root)]), VLM4REC_WORKER_BATCH_MS="50",
+                    VLM4REC_RANK_VARIANTS=json.dumps(variants))
     stack = start_stack(tmp_path / "stack", [], env=env, timeout_s=180)
     try:
         out = tmp_path / "online.json"
@@ -123,6 +125,13 @@ def test_online_eval_scores_the_pushes_of_the_running_stack(tmp_path: Path) -> N
         assert set(report["agreement"]["methods"]) == {"popularity", strategy, "default"}
         assert all(isinstance(a["agree"], bool) for a in report["agreement"]["methods"].values())
         assert out.with_suffix(".md").read_text().count("agree") >= 1
+        # the two ranking variants, each scored online and offline on its own users' targets
+        assert set(report["by_variant"]) == {"wide", "narrow"}
+        assert sum(v["targets"] for v in report["by_variant"].values()) == 10
+        for v in report["by_variant"].values():
+            if v["targets"]:
+                assert 0.0 <= v["online"]["HR@10"] <= 1.0 and 0.0 <= v["offline"]["HR@10"] <= 1.0
+        assert "Per ranking variant" in out.with_suffix(".md").read_text()
         # a second run on the same stack is refused: the rows would be applied twice
         again = subprocess.run(
             [sys.executable, "-m", "vlm4rec", "eval", str(root), "--online", "--out", str(tmp_path / "again.json")],

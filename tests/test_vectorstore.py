@@ -4,13 +4,16 @@ Lite."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 from images.thumbnails import STORED_THUMB_CHARS
+from vectorstore.milvus import milvus_client
 from vectorstore import (
     CollectionMismatch,
     MemoryVectorStore,
@@ -188,3 +191,33 @@ def test_scan_reads_every_vector_once(store: VectorStore) -> None:
     assert sorted(seen) == [f"i{n:03d}" for n in range(250)]
     merged = {i: v for b in batches for i, v in b.items()}
     assert all(np.allclose(merged[f"i{n:03d}"], vectors[n], atol=1e-6) for n in range(250))
+
+
+#: how long an idle client with pymilvus's default options lasts at most (measured: about 100 s)
+IDLE_LIMIT_S = 240
+
+
+@pytest.mark.integration
+def test_idle_clients_are_not_sent_away_by_milvus_lite(infra: Any, capfd: pytest.CaptureFixture[str]) -> None:
+    """The misbehaviour `vectorstore.milvus.milvus_client` works around: with pymilvus's
+    default channel options an idle client pings every 10 s and Milvus Lite's gRPC server sends
+    it away (GOAWAY "too_many_pings", logged by gRPC on stderr) within about two minutes; the
+    project's client sits idle as long without a ping, and still answers."""
+    from pymilvus import MilvusClient
+
+    default = MilvusClient(uri=infra.milvus_uri, timeout=10, dedicated=True)
+    ours = milvus_client(infra.milvus_uri, timeout_s=10)
+    default.list_collections()
+    ours.list_collections()
+    capfd.readouterr()
+    try:
+        deadline = time.monotonic() + IDLE_LIMIT_S
+        while "too_many_pings" not in capfd.readouterr().err:
+            assert time.monotonic() < deadline, f"pymilvus's defaults were not sent away in {IDLE_LIMIT_S} s: the work-around may go"
+            time.sleep(1)
+        time.sleep(25)  # a further ping interval and more: ours would have been sent away too
+        assert capfd.readouterr().err.count("too_many_pings") == 0, "the project's client was sent away"
+        ours.list_collections()
+    finally:
+        default.close()
+        ours.close()

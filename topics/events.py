@@ -203,6 +203,12 @@ class Recs(Event):
         "of the user's last event there that the profile had handled when the list was ranked (applied, or "
         "held until its item is embedded)",
     )
+    variant: str = Field(
+        default="",
+        max_length=64,
+        description="the ranking variant that produced the list (VLM4REC_RANK_VARIANTS; \"default\" when only one "
+        "is served); empty from producers that predate variants",
+    )
 
 
 class DeadLetter(Event):

@@ -58,9 +58,27 @@ def _meta_json(meta: Any) -> str:
     return text
 
 
+def milvus_client(uri: str, token: str = "", timeout_s: float = 30.0) -> MilvusClient:
+    """Every Milvus client of the project, made here to work around two behaviours of
+    pymilvus 3.0 (tests/test_vectorstore.py shows the second against Milvus Lite):
+
+    - clients of one address share a gRPC channel that `close()` never closes, so a process
+      that opens and closes clients (a readiness probe, a test) keeps idle channels alive;
+      `dedicated=True` gives each client its own channel, closed with it;
+    - its channels ping every 10 s even without calls in flight, which Milvus Lite's gRPC server
+      answers after about two minutes with GOAWAY "too_many_pings"; a call racing that GOAWAY
+      failed a test ("Too many pings" while pymilvus re-registered the channel). Pinging only
+      during calls keeps the dead-server detection where it matters. Since the stream processor
+      searches its own replica, its client sits idle for minutes: exactly this case."""
+    return MilvusClient(
+        uri=uri, token=token, timeout=timeout_s, dedicated=True,
+        grpc_options={"grpc.keepalive_permit_without_calls": False},
+    )
+
+
 class MilvusVectorStore(VectorStore):
     def __init__(self, uri: str, collection: str = "items", token: str = "", timeout_s: float = 30.0) -> None:
-        self._client = MilvusClient(uri=uri, token=token, timeout=timeout_s)
+        self._client = milvus_client(uri, token, timeout_s)
         self.collection = collection
 
     def space(self) -> tuple[int, str, str] | None:

@@ -1,6 +1,9 @@
-"""`vlm4rec chaos DATASET_DIR`: replay a slice of a dataset through a local stack while killing
-its processes with SIGKILL at seeded random moments, then check that nothing was lost and
-nothing was counted twice.
+"""`vlm4rec chaos DATASET_DIR`: replay a slice of a dataset through a local stack while hurting
+its processes at seeded random moments, then check that nothing was lost and nothing was
+counted twice. Three kinds of fault (`FAULT_KINDS`): `kill` (SIGKILL of the process group, no
+clean shutdown, then a restart), `pause` (SIGSTOP, SIGCONT 10-30 s later: the process misses its
+heartbeats, its consumer group rebalances, its callers time out) and `slow` (Milvus answers
+through a proxy that holds every chunk 0.2-1 s, for 10-30 s: `vlm4rec.slowproxy`).
 
 The stack is the command's own (`OwnStack`): the same services as `vlm4rec up`, on free ports
 with a fresh data folder, so that a running `vlm4rec up` and its Milvus data are never touched
@@ -45,13 +48,17 @@ from pydantic import SecretStr
 
 from topics import DeadLetter, EventError, Interaction, ItemNew, Recs, decode
 from vlm4rec.dataset import load_dataset
-from vlm4rec.localstack import LocalStack, Service, StackError, port_answers
+from vlm4rec.localstack import LocalStack, Service, StackError, parse_host_port, port_answers
 from vlm4rec.replay import Scheduled, replay, schedule
 from vlm4rec.settings import Settings
+from vlm4rec.slowproxy import SlowProxy
 
 StackServices = Callable[[Settings, bool], tuple[list[Service], int]]
 
 TARGETS = ("worker", "streams", "milvus")
+FAULT_KINDS = ("kill", "pause", "slow")
+HOLD_S = (10.0, 30.0)  # how long a pause or a slow period lasts, at most and at least
+SLOW_DELAY_S = (0.2, 1.0)  # what the proxy holds each chunk for during a slow period
 #: the figures every report carries; None when the stack never reached a state that could be checked
 REPORT_KEYS = (
     "items_published", "items_in_milvus", "item_duplicates", "interactions_published",
@@ -74,6 +81,7 @@ class OwnStack:
     settings: Settings  # points at this stack
     stack: LocalStack
     run_dir: Path
+    proxy: SlowProxy | None = None  # between the worker and stream processor and Milvus
 
     def service(self, name: str) -> Service:
         return next(s for s in self.stack.services if s.name == name)
@@ -154,10 +162,12 @@ def own_stack(
     stack_services: StackServices,
     file_roots: Sequence[Path] = (),
     restart_milvus: bool = False,
+    milvus_proxy: bool = False,
 ) -> Iterator[OwnStack]:
     """Start broker, Milvus Lite, worker and stream processor under `run_dir` on free ports;
     stop them all on exit. `restart_milvus`: restart Milvus when it dies, as an operator's
-    supervisor would (`vlm4rec up` ends the stack instead)."""
+    supervisor would (`vlm4rec up` ends the stack instead). `milvus_proxy`: the worker and the
+    stream processor reach Milvus through a `SlowProxy` (the `slow` fault)."""
     from topics.admin import create_topics
 
     run_dir.mkdir(parents=True, exist_ok=False)
@@ -167,22 +177,30 @@ def own_stack(
     own = own_settings(settings, run_dir, file_roots)
     services, infra = stack_services(own, False)
     env = settings_env(own)
+    proxy = None
+    if milvus_proxy:
+        host, port = parse_host_port(own.milvus_uri, 19530)
+        proxy = SlowProxy(host, port)
     for service in services:
         service.env.update(env)
         if service.name == "milvus":
             service.restart = restart_milvus
+        elif proxy is not None and service.name in ("worker", "streams"):
+            service.env["VLM4REC_MILVUS_URI"] = f"http://127.0.0.1:{proxy.port}"
     stack = LocalStack(services, log_dir=run_dir / "logs")
     stack.start(
         after_infra=lambda: create_topics(own.kafka_config(), own.topic_partitions_map(), own.topic_replication),
         infra=infra,
     )
-    running = OwnStack(own, stack, run_dir)
+    running = OwnStack(own, stack, run_dir, proxy)
     try:
         for name in ("worker", "streams"):
             running.wait_ready(name)
         yield running
     finally:
         stack.stop()
+        if proxy is not None:
+            proxy.close()
 
 
 # --- reading topics ---------------------------------------------------------------------
@@ -248,14 +266,31 @@ class Observed:
 
 
 # --- the plan -----------------------------------------------------------------------------
-def plan_faults(count: int, seed: int, window_s: float, targets: Sequence[str] = TARGETS) -> list[tuple[float, str]]:
-    """(seconds after the replay starts, target) of each fault, sorted by time. Targets take
-    turns before the shuffle, so that every target is hit once `count` >= len(targets)."""
+@dataclass(frozen=True)
+class PlannedFault:
+    at_s: float  # seconds after the replay starts
+    target: str
+    kind: str = "kill"
+    hold_s: float = 0.0  # a pause's or a slow period's length
+    delay_s: float = 0.0  # a slow period's hold per chunk
+
+
+def plan_faults(
+    count: int, seed: int, window_s: float, targets: Sequence[str] = TARGETS, kinds: Sequence[str] = ("kill",)
+) -> list[PlannedFault]:
+    """The faults of a run, sorted by time. The (target, kind) pairs take turns before the
+    shuffle, so that every pair is hit once `count` is at least their number; only Milvus is
+    slowed. A kill-only plan is the same as before the other kinds existed, seed for seed."""
     rng = random.Random(seed)
-    names = [targets[n % len(targets)] for n in range(count)]
-    rng.shuffle(names)
-    times = sorted(rng.uniform(0.05, 0.95) * window_s for _ in range(count))
-    return list(zip(times, names, strict=True))
+    pairs = [(target, kind) for kind in kinds for target in targets if kind != "slow" or target == "milvus"]
+    picked = [pairs[n % len(pairs)] for n in range(count)] if pairs else []
+    rng.shuffle(picked)
+    times = sorted(rng.uniform(0.05, 0.95) * window_s for _ in range(len(picked)))
+    return [
+        PlannedFault(at, target, kind,
+                     rng.uniform(*HOLD_S) if kind != "kill" else 0.0, rng.uniform(*SLOW_DELAY_S) if kind == "slow" else 0.0)
+        for at, (target, kind) in zip(times, picked, strict=True)
+    ]
 
 
 def with_updates(events: list[Scheduled], share: float, seed: int) -> list[Scheduled]:
@@ -281,11 +316,14 @@ def with_updates(events: list[Scheduled], share: float, seed: int) -> list[Sched
 class Fault:
     target: str
     planned_at_s: float
-    at_s: float = 0.0  # seconds after the replay started, when the kill happened
+    kind: str = "kill"
+    hold_s: float = 0.0  # pause or slow: how long
+    delay_s: float = 0.0  # slow: the hold per chunk
+    at_s: float = 0.0  # seconds after the replay started, when the fault began
     during: str = ""  # "replay" or "catch-up" (after the last event was published)
     pid: int = 0
     new_pid: int = 0
-    recovered_s: float | None = None  # from the kill until the target answered again (None: it did not)
+    recovered_s: float | None = None  # from the kill (or the end of a pause) until the target answered again (None: it did not)
     embedded_before: int = 0  # items.embedded messages seen before the kill
     milvus_rows_before: int | None = None  # Milvus only: rows just before the kill ...
     milvus_rows_after: int | None = None  # ... and once restarted (durable if not fewer)
@@ -303,20 +341,25 @@ def run_chaos(
     update_share: float = 0.05,
     run_dir: Path | None = None,
     log: Callable[[str], None] = print,
+    kinds: Sequence[str] = ("kill",),
 ) -> dict[str, Any]:
-    """Run the whole experiment and return the report (see the module docstring)."""
+    """Run the whole experiment and return the report (see the module docstring); `kinds`:
+    which of `FAULT_KINDS` to plan."""
     from topics.producer import EventProducer
 
     dataset = load_dataset(dataset_dir).limit_users(limit_users)
     events = with_updates(schedule(dataset.items, dataset.interactions), update_share, seed)
     span = events[-1].ts - events[0].ts if events else 0.0
     speed = span / duration_s if span > 0 else None
-    plan = plan_faults(faults, seed, duration_s)
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"fault kinds must be among {', '.join(FAULT_KINDS)}, not {list(kinds)}")
+    plan = plan_faults(faults, seed, duration_s, kinds=kinds)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = run_dir or settings.data_dir / "chaos" / f"seed{seed}-{stamp}-{os.getpid()}"
-    log(f"chaos: {len(events)} events of {dataset.name}, {faults} faults, seed {seed}; run folder {run_dir}")
+    log(f"chaos: {len(events)} events of {dataset.name}, {faults} faults ({', '.join(kinds)}), seed {seed}; run folder {run_dir}")
 
-    with own_stack(settings, run_dir, stack_services, [dataset.root], restart_milvus=True) as own:
+    with own_stack(settings, run_dir, stack_services, [dataset.root], restart_milvus=True, milvus_proxy="slow" in kinds) as own:
         s = own.settings
         observed = Observed()
         partitions = s.topic_partitions
@@ -340,7 +383,7 @@ def run_chaos(
 
             started = time.monotonic()
             threading.Thread(target=publish, name="replay", daemon=True).start()
-            record = [_inject(own, observed, at, target, started, done, log) for at, target in plan]
+            record = [_inject(own, observed, planned, started, done, log) for planned in plan]
             while not done.is_set():
                 own.stack.supervise_once()
                 time.sleep(0.2)
@@ -362,6 +405,7 @@ def run_chaos(
     report.update(
         {
             "faults": len(record),
+            "faults_by_kind": dict(Counter(f.kind for f in record)),
             "faults_recovered": len(record) - len(lost),
             "fault_details": [vars(f) for f in record],
             "seed": seed,
@@ -424,47 +468,67 @@ def dump_topics(settings: Settings, folder: Path) -> Path:
 def _inject(
     own: OwnStack,
     observed: Observed,
-    at_s: float,
-    target: str,
+    planned: PlannedFault,
     started: float,
     replay_done: threading.Event,
     log: Callable[[str], None],
 ) -> Fault:
-    """Wait for the planned moment (restarting whatever died meanwhile), SIGKILL the target's
-    process group, and wait until it answers again (a target that does not is recorded, and the
-    run goes on to report what that cost)."""
-    fault = Fault(target, round(at_s, 2))
-    while time.monotonic() < started + at_s:
+    """Wait for the planned moment (restarting whatever died meanwhile), do the fault, and
+    wait until the target answers again (a target that does not is recorded, and the run goes
+    on to report what that cost). `kill`: SIGKILL of the process group; `pause`: SIGSTOP, then
+    SIGCONT after `hold_s`; `slow`: the Milvus proxy holds every chunk `delay_s` for `hold_s`."""
+    target, kind = planned.target, planned.kind
+    fault = Fault(target, round(planned.at_s, 2), kind, round(planned.hold_s, 1), round(planned.delay_s, 2))
+    while time.monotonic() < started + planned.at_s:
         own.stack.supervise_once()
         time.sleep(0.1)
     own.wait_ready(target)
     service = own.service(target)
     assert service.process is not None
-    if target == "milvus":
+    if target == "milvus" and kind == "kill":
         fault.milvus_rows_before = _milvus_rows(own.settings)
     with observed.lock:
         fault.embedded_before = observed.embedded_messages
     fault.at_s = round(time.monotonic() - started, 2)
     fault.during = "catch-up" if replay_done.is_set() else "replay"
     fault.pid = service.process.pid
-    os.killpg(service.process.pid, signal.SIGKILL)
-    service.process.wait()
+    if kind == "kill":
+        os.killpg(service.process.pid, signal.SIGKILL)
+        service.process.wait()
+    elif kind == "pause":
+        os.killpg(service.process.pid, signal.SIGSTOP)
+        _hold(own, planned.hold_s)
+        os.killpg(service.process.pid, signal.SIGCONT)
+    else:
+        assert own.proxy is not None, "a slow fault needs the Milvus proxy (own_stack(milvus_proxy=True))"
+        own.proxy.slow(planned.delay_s)
+        _hold(own, planned.hold_s)
+        own.proxy.fast()
+    what = {"kill": "killed", "pause": f"paused for {planned.hold_s:.0f}s", "slow": f"slowed for {planned.hold_s:.0f}s"}[kind]
     try:
         fault.recovered_s = round(own.wait_ready(target), 2)
     except StackError as exc:
-        log(f"chaos: killed {target} (pid {fault.pid}) at {fault.at_s:.1f}s; not back: {exc}")
+        log(f"chaos: {what} {target} (pid {fault.pid}) at {fault.at_s:.1f}s; not back: {exc}")
         return fault
     fault.new_pid = service.process.pid if service.process else 0
-    if target == "milvus":
+    if target == "milvus" and kind == "kill":
         fault.milvus_rows_after = _milvus_rows(own.settings)
-    log(f"chaos: killed {target} (pid {fault.pid}) at {fault.at_s:.1f}s; back after {fault.recovered_s:.1f}s")
+    log(f"chaos: {what} {target} (pid {fault.pid}) at {fault.at_s:.1f}s; answering after {fault.recovered_s:.1f}s more")
     return fault
 
 
-def _milvus_client(settings: Settings) -> Any:
-    from pymilvus import MilvusClient
+def _hold(own: OwnStack, seconds: float) -> None:
+    """Let a pause or slow period last, restarting meanwhile whatever else died."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        own.stack.supervise_once()
+        time.sleep(0.2)
 
-    return MilvusClient(uri=settings.milvus_uri, token=settings.milvus_token.get_secret_value(), timeout=30)
+
+def _milvus_client(settings: Settings) -> Any:
+    from vectorstore.milvus import milvus_client
+
+    return milvus_client(settings.milvus_uri, settings.milvus_token.get_secret_value(), 30)
 
 
 def _milvus_rows(settings: Settings) -> int | None:

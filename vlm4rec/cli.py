@@ -351,10 +351,13 @@ def replay_command(
 @click.option("--out", default=None, help="Report JSON (default eval-DATASET.json); the .md table and .png chart go beside it.")
 @click.option("--methods", default=None, help="Comma-separated subset of the methods (default: all).")
 @click.option("--limit-users", type=click.IntRange(min=1), default=None, help="Only the first N users (by first interaction): a quick run.")
-@click.option("--online", is_flag=True, help="Replay through the running local stack and score the pushed recs.")
+@click.option("--online", is_flag=True, help="Replay through the running local stack and score the pushed recs (per ranking variant too, when several are set).")
+@click.option("--variants", "with_variants", is_flag=True,
+              help="Also score `default` with each ranking variant of VLM4REC_RANK_VARIANTS (its serving settings), on the same targets.")
 @click.pass_obj
 def eval_command(
-    settings: Settings, dataset_dir: str, out: str | None, methods: str | None, limit_users: int | None, online: bool
+    settings: Settings, dataset_dir: str, out: str | None, methods: str | None, limit_users: int | None, online: bool,
+    with_variants: bool,
 ) -> None:
     """Measure recommendation quality offline, exactly as EVAL.md says.
 
@@ -365,6 +368,7 @@ def eval_command(
     from pathlib import Path
 
     from vlm4rec.embedcache import EmbeddingCache
+    from streams.variants import parse_variants
     from vlm4rec.evaluate import (
         METHODS,
         ContentIndex,
@@ -385,6 +389,11 @@ def eval_command(
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise click.BadParameter(f"unknown methods {unknown}; choose from {', '.join(METHODS)}", param_hint="--methods")
+    variants = parse_variants(settings.rank_variants) if with_variants else ()
+    if with_variants and not settings.rank_variants:
+        raise click.UsageError("--variants scores the ranking variants of VLM4REC_RANK_VARIANTS, and none is set")
+    if variants and "default" not in names:
+        names.append("default")  # the variants rank with its model and vectors
     started = time.perf_counter()
     dataset = _load_dataset(dataset_dir, limit_users)
     stream = build_stream(dataset)
@@ -403,7 +412,7 @@ def eval_command(
             for item_id, reason in list(failed.items())[:5]:
                 click.echo(f"  {item_id}: {reason}", err=True)
     try:
-        report = evaluate(stream, names, indexes, progress=True)
+        report = evaluate(stream, names, indexes, progress=True, variants=variants)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     path = Path(out or f"eval-{dataset.name}.json")
@@ -608,11 +617,11 @@ def _scrape_stream_processors(settings: Settings) -> list[Any]:
 
 def _milvus_kind(settings: Settings) -> str:
     """Which Milvus a figure was measured against, with the version it reports."""
-    from pymilvus import MilvusClient
+    from vectorstore.milvus import milvus_client
 
     from vlm4rec.localstack import LOCAL_HOSTS, parse_host_port
 
-    client = MilvusClient(uri=settings.milvus_uri, token=settings.milvus_token.get_secret_value(), timeout=10)
+    client = milvus_client(settings.milvus_uri, settings.milvus_token.get_secret_value(), 10)
     try:
         version = client.get_server_version()
     except Exception:  # noqa: BLE001 - only a label
@@ -662,19 +671,23 @@ def demo(settings: Settings, dataset_dir: str | None, limit_users: int, duration
 @main.command("chaos")
 @click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--limit-users", type=click.IntRange(min=1), default=20, show_default=True, help="Replay only the first N users (by first interaction).")
-@click.option("--faults", type=click.IntRange(min=0), default=6, show_default=True, help="SIGKILLs, shared among worker, streams and Milvus.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the fault times and targets and the re-published items.")
+@click.option("--faults", type=click.IntRange(min=0), default=6, show_default=True, help="Faults, shared among worker, streams and Milvus and among the kinds.")
+@click.option("--kinds", default="kill,pause,slow", show_default=True,
+              help="Fault kinds: kill (SIGKILL, restart), pause (SIGSTOP, SIGCONT after 10-30 s), slow (Milvus behind a proxy holding every chunk 0.2-1 s for 10-30 s).")
+@click.option("--seed", default=0, show_default=True, help="Seeds the fault times, targets and kinds and the re-published items.")
 @click.option("--duration", type=click.FloatRange(min=1), default=60.0, show_default=True, help="Wall seconds the replay takes; the faults fall within it.")
 @click.option("--timeout", type=click.FloatRange(min=10), default=600.0, show_default=True, help="Seconds to wait for the stack to catch up afterwards.")
 @click.option("--out", type=click.Path(dir_okay=False), default="chaos.json", show_default=True)
 @click.pass_obj
 def chaos_command(
-    settings: Settings, dataset_dir: str, limit_users: int, faults: int, seed: int, duration: float, timeout: float, out: str
+    settings: Settings, dataset_dir: str, limit_users: int, faults: int, kinds: str, seed: int, duration: float,
+    timeout: float, out: str,
 ) -> None:
-    """Replay DATASET_DIR while SIGKILLing the worker, the stream processor and Milvus Lite.
+    """Replay DATASET_DIR while killing, pausing and slowing the worker, the stream processor and Milvus Lite.
 
     Starts a local stack of its own (free ports, a fresh folder under VLM4REC_DATA_DIR/chaos),
-    replays the slice, kills and restarts the processes at seeded random moments, then checks:
+    replays the slice, kills and restarts, pauses and resumes the processes and slows Milvus at
+    seeded random moments, then checks:
     every item in Milvus once with its latest content, every interaction counted once, recs
     resume for every active user. Writes {"ok", "violations", "faults", "items_published",
     "items_in_milvus", "item_duplicates", "interactions_published", "interactions_counted",
@@ -690,11 +703,14 @@ def chaos_command(
         report = run_chaos(
             settings, Path(dataset_dir), _stack_services, limit_users=limit_users, faults=faults,
             seed=seed, duration_s=duration, timeout_s=timeout, log=click.echo,
+            kinds=[k.strip() for k in kinds.split(",") if k.strip()],
         )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--kinds") from exc
     except (StackError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     Path(out).write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    keys = ("faults", "faults_recovered", "items_published", "items_in_milvus", "item_duplicates",
+    keys = ("faults", "faults_by_kind", "faults_recovered", "items_published", "items_in_milvus", "item_duplicates",
             "interactions_published", "interactions_counted", "users_with_recs", "active_users")
     click.echo(json.dumps({k: report.get(k) for k in keys}))
     click.echo(f"wrote {out}")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from streams.profile import Ranker, mean_profile
 from streams.cooccur import CoOccurrence
 from streams.rank import BlendRanker, Hits, ItemStats, RankConfig, Request
+from streams.variants import Variant
 from vlm4rec.blas import single_threaded_blas
 from vlm4rec.dataset import Dataset, publish_times
 from vlm4rec.embedcache import EmbeddingCache, embed_items
@@ -370,9 +371,14 @@ class Blend:
         self.walk.advance(to)
 
     def __call__(self, state: StreamState, target: Target) -> np.ndarray:
+        return self.scores(state, target)
+
+    def scores(self, state: StreamState, target: Target, serving: RankConfig | None = None) -> np.ndarray:
+        """The ranking at the target as scores over the catalogue, with the ranker's own
+        settings or a ranking variant's (`serving`)."""
         self.walk.advance(target.row)
         self.content.ts = target.ts
-        top = self.ranker.rank([self.request(target.user, target.ts)], self.content, max(KS))[0]
+        top = self.ranker.rank([self.request(target.user, target.ts)], self.content, max(KS), serving)[0]
         primary = np.zeros(len(self.walk.stream.item_ids))
         for position, (item_id, _) in enumerate(top):
             primary[self.content.index[item_id]] = len(top) - position
@@ -396,15 +402,34 @@ class Method:
         return self.score
 
 
+def _blend_of(stream: Stream, indexes: Mapping[str, ContentIndex], shared: dict[str, Any], strategy: Strategy) -> Blend:
+    """The walk's blend over `strategy` (made once: `default` and the ranking variants share
+    it, and with it the model it learns)."""
+    walk = shared.setdefault("blend", BlendWalk(stream))
+    if f"blend:{strategy}" not in shared:
+        shared[f"blend:{strategy}"] = walk.add(indexes[strategy])
+    return shared[f"blend:{strategy}"]
+
+
 def blend(strategy: Strategy) -> Method:
     """The product's blend over `strategy`'s vectors; the blends of one walk share a
     `BlendWalk`."""
 
     def make(stream: Stream, indexes: Mapping[str, ContentIndex], shared: dict[str, Any]) -> Scorer:
-        walk = shared.setdefault("blend", BlendWalk(stream))
-        return walk.add(indexes[strategy])
+        return _blend_of(stream, indexes, shared, strategy)
 
     return Method(strategy=strategy, make=make)
+
+
+def variant(serving: RankConfig) -> Method:
+    """`default` ranked with a ranking variant's serving settings (`streams.variants`): the
+    same walk and the same learnt model, as in the stream processor."""
+
+    def make(stream: Stream, indexes: Mapping[str, ContentIndex], shared: dict[str, Any]) -> Scorer:
+        shared_blend = _blend_of(stream, indexes, shared, DEFAULT_STRATEGY)
+        return lambda state, target: shared_blend.scores(state, target, serving)
+
+    return Method(strategy=DEFAULT_STRATEGY, make=make)
 
 
 METHODS: dict[str, Method] = {
@@ -426,10 +451,14 @@ def strategies_of(methods: Sequence[str]) -> list[Strategy]:
     return list(dict.fromkeys(s for m in methods if (s := METHODS[m].strategy) is not None))
 
 
-def method_of(name: str) -> Method:
-    """A method of `METHODS`, or `blend:STRATEGY` (the blend over another semantic source)."""
+def method_of(name: str, variants: Sequence[Variant] = ()) -> Method:
+    """A method of `METHODS`, `blend:STRATEGY` (the blend over another semantic source) or
+    `variant:NAME` (`default` with one of `variants`' serving settings)."""
     if name.startswith("blend:"):
         return blend(name.split(":", 1)[1])  # type: ignore[arg-type]
+    if name.startswith("variant:"):
+        wanted = name.split(":", 1)[1]
+        return variant(next(v for v in variants if v.name == wanted).config(RankConfig()))
     return METHODS[name]
 
 
@@ -470,6 +499,7 @@ def recommend(
 class MethodResult:
     ranks: list[int]  # per target: 1-based rank in the top 20, 0 when not in it
     recommended: set[str]  # distinct items in any top 10
+    tops: list[list[str]] = field(default_factory=list)  # per target: the top 10 (for subsets' coverage)
 
 
 def walk(
@@ -478,11 +508,12 @@ def walk(
     content_indexes: Mapping[str, ContentIndex],
     window_days: float = WINDOW_DAYS,
     progress: bool = False,
+    variants: Sequence[Variant] = (),
 ) -> tuple[list[Target], dict[str, MethodResult]]:
-    """Every target scored by every method."""
+    """Every target scored by every method (`variant:NAME` methods from `variants`)."""
     ranker = Ranker(stream.item_ids)
     shared: dict[str, Any] = {}
-    scorers = {m: method_of(m).scorer(stream, content_indexes, shared) for m in methods}
+    scorers = {m: method_of(m, variants).scorer(stream, content_indexes, shared) for m in methods}
     results = {m: MethodResult([], set()) for m in methods}
     targets: list[Target] = []
     n_targets = len(select_targets(stream)) if progress else None
@@ -494,6 +525,7 @@ def walk(
             top = recommend(state, target, name, ranker, scorer=scorers[name])
             results[name].ranks.append(top.index(wanted) + 1 if wanted in top else 0)
             results[name].recommended.update(top[: KS[0]])
+            results[name].tops.append(top[: KS[0]])
     return targets, results
 
 
@@ -534,15 +566,18 @@ def evaluate(
     content_indexes: Mapping[str, ContentIndex],
     window_days: float = WINDOW_DAYS,
     progress: bool = False,
+    variants: Sequence[Variant] = (),
 ) -> dict[str, Any]:
     """The report of issue 5: {"dataset", "targets", "cold_targets", "later_targets", "default",
     "methods"};
     when `default` runs, also "blend_by_strategy": the same blend with each other embedding
-    strategy at hand as its semantic source (issue 6), on the same targets."""
+    strategy at hand as its semantic source (issue 6), on the same targets; with `variants`,
+    "variants": `default` ranked with each ranking variant's serving settings, on the same
+    targets (the offline side of the online per-variant hit rates)."""
     compared = [s for s in BLEND_STRATEGIES if s in content_indexes] if "default" in methods else []
-    extra = [f"blend:{s}" for s in compared if s != DEFAULT_STRATEGY]
+    extra = [f"blend:{s}" for s in compared if s != DEFAULT_STRATEGY] + [f"variant:{v.name}" for v in variants]
     with single_threaded_blas():
-        targets, results = walk(stream, list(methods) + extra, content_indexes, window_days, progress)
+        targets, results = walk(stream, list(methods) + extra, content_indexes, window_days, progress, variants)
     if not targets:
         raise ValueError(f"{stream.name}: no user has a target (a last interaction after 2 others, not a repeat)")
     published = int((stream.published_at <= targets[-1].ts).sum())
@@ -563,6 +598,8 @@ def evaluate(
         report["blend_by_strategy"] = {
             s: report["methods"]["default"] if s == DEFAULT_STRATEGY else summary(f"blend:{s}") for s in compared
         }
+    if variants:
+        report["variants"] = {v.name: {"share": v.share, "overrides": dict(v.overrides), **summary(f"variant:{v.name}")} for v in variants}
     return report
 
 
@@ -604,6 +641,14 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             f"`{DEFAULT_STRATEGY}`):",
             "",
             *_metric_rows("semantic source", report["blend_by_strategy"]),
+        ]
+    if report.get("variants"):
+        lines += [
+            "",
+            "`default` with each ranking variant's serving settings (VLM4REC_RANK_VARIANTS), on all targets:",
+            "",
+            *_metric_rows("variant", {f"{n} {json.dumps(v['overrides']) if v['overrides'] else '(no overrides)'}": v
+                                      for n, v in report["variants"].items()}),
         ]
     return "\n".join(lines) + "\n"
 

@@ -148,11 +148,10 @@ def milvus_answers(host: str, port: int) -> bool:
     """Whether a Milvus server answers a gRPC call there (its health port can pass while it cannot)."""
     if not port_answers(host, port):
         return False
-    from pymilvus import MilvusClient
+    from vectorstore.milvus import milvus_client
 
     try:
-        # dedicated: pymilvus keeps a shared channel open (pinging) after close()
-        client = MilvusClient(uri=f"http://{host}:{port}", timeout=2.0, dedicated=True)
+        client = milvus_client(f"http://{host}:{port}", timeout_s=2.0)
         client.list_collections()
         client.close()
         return True

@@ -40,9 +40,11 @@ import numpy as np
 
 from topics import EventError, Interaction, Recs, decode
 from vlm4rec.dataset import Dataset
+from streams.variants import Assignment, Variant, parse_variants
 from vlm4rec.evaluate import (
     KS,
     ContentIndex,
+    MethodResult,
     Stream,
     Target,
     bootstrap_resamples,
@@ -283,6 +285,7 @@ def last_pushes(settings: Settings, users: set[str]) -> tuple[dict[str, Recs], i
 class OnlineScore:
     ranks: list[int]  # per target: 1-based rank in the push's top 20, 0 when not in it
     recommended: set[str] = field(default_factory=set)
+    tops: list[list[str]] = field(default_factory=list)  # per target: the push's top 10 (none: no push)
     pushed: int = 0  # targets whose user had a push
     k: Counter = field(default_factory=Counter)  # push lengths
     triggers: Counter = field(default_factory=Counter)
@@ -298,11 +301,13 @@ def score_pushes(stream: Stream, targets: Sequence[Target], pushes: Mapping[str,
         recs = pushes.get(stream.user_ids[target.user])
         if recs is None:
             score.ranks.append(0)
+            score.tops.append([])
             continue
         top = [r.item_id for r in recs.items][: max(KS)]
         wanted = stream.item_ids[target.item]
         score.ranks.append(top.index(wanted) + 1 if wanted in top else 0)
         score.recommended.update(top[: KS[0]])
+        score.tops.append(top[: KS[0]])
         score.pushed += 1
         score.k[len(recs.items)] += 1
         score.triggers[recs.trigger] += 1
@@ -429,9 +434,11 @@ def run_online(
     echo(f"online: {quiet.reason} after {quiet.wall_s:.0f} s; reading {settings.topics.recs}")
     pushes, n_pushes = last_pushes(settings, target_users)
     score = score_pushes(plan.stream, plan.targets, pushes)
+    variants = parse_variants(settings.rank_variants)
+    compared = [f"variant:{v.name}" for v in variants] if len(variants) > 1 else []
 
     indexes = content_indexes(plan.stream) if callable(content_indexes) else content_indexes
-    walked, results = walk(plan.stream, list(methods), indexes, progress=progress)
+    walked, results = walk(plan.stream, list(methods) + compared, indexes, progress=progress, variants=variants)
     assert [t.row for t in walked] == [t.row for t in plan.targets]
     published = int((plan.stream.published_at <= plan.targets[-1].ts).sum())
     resamples = bootstrap_resamples(len(plan.targets))
@@ -452,6 +459,8 @@ def run_online(
         "methods": agreement(score.ranks, online_summary, {m: results[m].ranks for m in methods}, offline, resamples),
         "reasons": explain(report, score, quiet, settings, len(plan.targets)),
     }
+    if compared:
+        report["by_variant"] = by_variant(plan.stream, plan.targets, variants, score, results, published)
     report["online"] = {
         "targets_with_push": score.pushed,
         "pushes_read": n_pushes,
@@ -469,6 +478,49 @@ def run_online(
                      "milvus_collection": settings.milvus_collection},
     }
     return OnlineResult(report, quiet, replay_s)
+
+
+def by_variant(
+    stream: Stream, targets: Sequence[Target], variants: Sequence[Variant], score: OnlineScore,
+    offline: Mapping[str, MethodResult], published: int,
+) -> dict[str, Any]:
+    """Per ranking variant, on the targets of its users: the online figures of the pushes and
+    the offline figures of `default` with the variant's settings (`variant:NAME`)."""
+    assignment = Assignment(variants)
+    out: dict[str, Any] = {}
+    for v in variants:
+        chosen = [n for n, t in enumerate(targets) if assignment.of(stream.user_ids[t.user]).name == v.name]
+        entry: dict[str, Any] = {"share": v.share, "overrides": dict(v.overrides), "targets": len(chosen)}
+        if chosen:
+            subset = [targets[n] for n in chosen]
+            resamples = bootstrap_resamples(len(chosen))
+            result = offline[f"variant:{v.name}"]
+            entry["online"] = summarise([score.ranks[n] for n in chosen], subset, {i for n in chosen for i in score.tops[n]}, published, resamples)
+            entry["offline"] = summarise([result.ranks[n] for n in chosen], subset, {i for n in chosen for i in result.tops[n]}, published, resamples)
+        out[v.name] = entry
+    return out
+
+
+def markdown_variants(report: Mapping[str, Any]) -> str:
+    """The per-variant table of an online report (empty without variants)."""
+    if not report.get("by_variant"):
+        return ""
+    lines = [
+        "", "Per ranking variant, on the targets of its users (online: the pushes; offline: `default` with the variant's settings):", "",
+        "| variant | overrides | targets | online HR@10 | offline HR@10 (95% CI) | online HR@20 | offline HR@20 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in report["by_variant"].items():
+        if "online" not in v:
+            lines.append(f"| {name} | {json.dumps(v['overrides'])} | 0 | n/a | n/a | n/a | n/a |")
+            continue
+        on, off = v["online"], v["offline"]
+        lo, hi = off["HR@10_ci"]
+        lines.append(
+            f"| {name} | {json.dumps(v['overrides'])} | {v['targets']} | {on['HR@10']:.3f} | {off['HR@10']:.3f} ({lo:.3f}–{hi:.3f}) | "
+            f"{on['HR@20']:.3f} | {off['HR@20']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown_agreement(report: Mapping[str, Any]) -> str:
@@ -532,7 +584,7 @@ def run_cli(
     report = result.report
     path = Path(out or f"eval-online-{dataset.name}.json")
     table, chart = write_outputs(report, path)
-    text = markdown_table(report) + markdown_agreement(report)
+    text = markdown_table(report) + markdown_agreement(report) + markdown_variants(report)
     table.write_text(text)
     click.echo(text)
     click.echo(f"wrote {path}, {table}, {chart} in {time.perf_counter() - started:.1f} s")

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.rank import RankConfig
+from streams.variants import SERVING_FIELDS, VariantError, parse_variants
 from topics import TopicNames
 from topics.events import DEFAULT_EVENT_WEIGHTS
 
@@ -197,6 +198,14 @@ class Settings(BaseSettings):
         description="of the first 10 recs, places kept for items with at most one interaction, in the order of "
         "their cosine to the profile (0: none; docs/quality.md)",
     )
+    rank_variants: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="ranking variants served side by side, JSON: [{\"name\": \"a\", \"share\": 0.5}, {\"name\": "
+        "\"b\", \"share\": 0.5, \"tail_slots\": 0}]; each user is in one, by a stable hash of their id; any key "
+        "besides name and share overrides that serving setting of the ranker (" + ", ".join(SERVING_FIELDS) + "); "
+        "every recs event names its variant and /metrics counts each one's online hit rate (empty: one variant, "
+        "default)",
+    )
 
     # --- Local stack ---------------------------------------------------------------------
     data_dir: Path = Field(
@@ -207,6 +216,15 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=1, le=65535, description="HTTP API and page port")
     worker_metrics_port: int = Field(9101, ge=0, le=65535, description="embedding worker /metrics port (0: off)")
     log_level: str = Field("INFO", description="log level of every process")
+
+    @field_validator("rank_variants")
+    @classmethod
+    def _variants(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        try:
+            parse_variants(value)
+        except VariantError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("data_dir")
     @classmethod

@@ -73,6 +73,7 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
     from streams.app import StreamsApp, StreamsConfig
     from streams.profile import ProfileRule
     from streams.rank import RankConfig
+    from streams.variants import parse_variants
     from streams.web import register_ui
 
     config = StreamsConfig(
@@ -122,6 +123,7 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
             min_groups=settings.rank_min_groups,
             tail_slots=settings.rank_tail_slots,
         ),
+        variants=parse_variants(settings.rank_variants),
     )
     service = StreamsApp(config, build_store(settings))
     register_ui(service, build_loader(settings))
