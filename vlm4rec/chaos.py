@@ -42,13 +42,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import SecretStr
 
 from topics import DeadLetter, EventError, Interaction, ItemNew, Recs, decode
 from vlm4rec.dataset import load_dataset
 from vlm4rec.localstack import LocalStack, Service, StackError, parse_host_port, port_answers
+from vlm4rec.probes import TopicTail, user_interactions
 from vlm4rec.replay import Scheduled, replay, schedule
 from vlm4rec.settings import Settings
 from vlm4rec.slowproxy import SlowProxy
@@ -204,42 +204,6 @@ def own_stack(
 
 
 # --- reading topics ---------------------------------------------------------------------
-class TopicTail:
-    """Reads every partition of a topic from its beginning in a thread, for as long as the run
-    lasts, handing each message to `on_message` (called from that thread)."""
-
-    def __init__(self, kafka_config: dict[str, Any], topic: str, partitions: int, on_message: Callable[[Any], None]) -> None:
-        self.kafka_config = kafka_config
-        self.topic = topic
-        self.partitions = partitions
-        self.on_message = on_message
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"tail-{topic}", daemon=True)
-
-    def start(self) -> TopicTail:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-        consumer = Consumer(
-            {**self.kafka_config, "group.id": f"chaos-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
-        )
-        consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(self.partitions)])
-        try:
-            while not self._stop.is_set():
-                for message in consumer.consume(500, 0.5):
-                    if message.error() is None:
-                        self.on_message(message)
-        finally:
-            consumer.close()
-
-
 @dataclass
 class Observed:
     """What the run saw on the output topics, filled by `TopicTail` threads."""
@@ -567,23 +531,6 @@ def _milvus_items(settings: Settings, ids: Sequence[str]) -> tuple[dict[str, lis
         client.close()
 
 
-def _user_counts(web_url: str, users: Sequence[str]) -> dict[str, int] | None:
-    """Interactions applied per user, from the stream processor's HTTP API (None while it is
-    not answering, e.g. restarting)."""
-    counts = {}
-    for user in users:
-        try:
-            with urllib.request.urlopen(f"{web_url}/users/{quote(user, safe='')}", timeout=10) as response:
-                counts[user] = int(json.loads(response.read())["interactions"])
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:
-                return None
-            counts[user] = 0
-        except OSError:
-            return None
-    return counts
-
-
 @dataclass
 class _Check:
     """One look at the stack's state against the input."""
@@ -629,7 +576,7 @@ def _look(own: OwnStack, observed: Observed, interactions: Sequence[Interaction]
         else:
             undeliverable += 1
     users = sorted({row.user_id for row in interactions})
-    counts = _user_counts(own.web_url, users)
+    counts = user_interactions(own.web_url, users)
     if counts is None:
         raise StackError("the stream processor's HTTP API does not answer")
     return _Check(items, {u: expected.get(u, 0) for u in users}, counts, undeliverable)
@@ -687,7 +634,7 @@ def _verify(
 
     active = sorted(u for u, n in check.counts.items() if n > 0)
     pushed = _probe(own, producer, observed, interactions, active)
-    after = _user_counts(own.web_url, active) or {}
+    after = user_interactions(own.web_url, active) or {}
     counted_once = [u for u in active if after.get(u) == check.counts[u] + 1]
 
     violations = []

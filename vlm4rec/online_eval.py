@@ -26,10 +26,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +49,7 @@ from vlm4rec.evaluate import (
     summarise,
     walk,
 )
+from vlm4rec.probes import http_get, metric_totals, read_topic, user_interactions
 from vlm4rec.replay import Scheduled, replay, schedule
 from vlm4rec.settings import Settings
 
@@ -81,59 +78,6 @@ def web_url(settings: Settings) -> str:
     return f"http://{host}:{settings.web_port}"
 
 
-def _get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - local stack
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def metric_totals(url: str, names: Sequence[str]) -> dict[str, float]:
-    """Sum of every sample of each named metric family on a /metrics page (absent: 0)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        status, body = _get(url)
-    except OSError:
-        return {}
-    if status != 200:
-        return {}
-    totals = dict.fromkeys(names, 0.0)
-    for family in text_string_to_metric_families(body.decode("utf-8", "replace")):
-        if family.name in totals:
-            totals[family.name] += sum(s.value for s in family.samples if s.name.endswith("_total") or s.name == family.name)
-    return totals
-
-
-def read_topic(kafka_config: Mapping[str, Any], topic: str, idle_s: float = 3.0, max_s: float = 600.0) -> list[Any]:
-    """Every message of `topic` from the beginning, until none arrived for `idle_s` (end
-    offsets are not used: the embedded broker reports them one low)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer(
-        {**kafka_config, "group.id": f"online-eval-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False, "log_level": 0}
-    )
-    try:
-        metadata = consumer.list_topics(topic, timeout=10.0)
-        partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
-        if not partitions:
-            return []
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        messages: list[Any] = []
-        started = last = time.monotonic()
-        while time.monotonic() - last < idle_s and time.monotonic() - started < max_s:
-            batch = consumer.consume(1000, 0.5)
-            for msg in batch:
-                if msg.error() is None:
-                    messages.append(msg)
-            if batch:
-                last = time.monotonic()
-        return messages
-    finally:
-        consumer.close()
-
-
 def check_stack(settings: Settings, wait_s: float = 60.0) -> None:
     """The broker answers, the stream processor's HTTP answers (within `wait_s`), and the
     stack is fresh."""
@@ -146,7 +90,7 @@ def check_stack(settings: Settings, wait_s: float = 60.0) -> None:
     deadline = time.monotonic() + wait_s  # `vlm4rec up` says "up" before the streams' HTTP listens
     while True:
         try:
-            status, _ = _get(f"{web_url(settings)}/metrics")
+            status, _ = http_get(f"{web_url(settings)}/metrics")
         except OSError as exc:
             status = f"{exc}"  # type: ignore[assignment]
         if status == 200 or time.monotonic() > deadline:
@@ -211,18 +155,6 @@ class Quiescence:
     reason: str  # "caught up" | "idle" | "timeout"
 
 
-def user_counts(base: str, users: Sequence[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for user in users:
-        try:
-            status, body = _get(f"{base}/users/{urllib.parse.quote(user, safe='')}")
-        except OSError:
-            continue
-        if status == 200:
-            counts[user] = int(json.loads(body).get("interactions", 0))
-    return counts
-
-
 def wait_quiescent(
     settings: Settings,
     expected: Mapping[str, int],
@@ -242,7 +174,7 @@ def wait_quiescent(
     users = list(expected)
     reported = -1
     while True:
-        counts = user_counts(base, users)
+        counts = user_interactions(base, users) or {}
         behind = {u: (counts.get(u, 0), n) for u, n in expected.items() if counts.get(u, 0) < n}
         totals = metric_totals(f"{base}/metrics", ["vlm4rec_streams_interactions", "vlm4rec_streams_recs_pushed"])
         if worker:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from workers.backends.base import BackendError, EmbeddingBackend
+from workers.backends.base import BackendError
 from workers.backends.vllm_http import DEFAULT_PROMPT, VllmModels, image_data_uri, l2_normalise
 
 
