@@ -111,9 +111,9 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
 
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Milvus 2.3 standalone server (`vlm4rec.milvusserver`, the `milvus` wheel that
+    """A real Milvus 2.3 standalone server (`vlm4rec.localstack.milvusserver`, the `milvus` wheel that
     the dev extra installs); yields its URI."""
-    from vlm4rec import milvusserver
+    from vlm4rec.localstack import milvusserver
     from vlm4rec.localstack import milvus_server_service, LocalStack
 
     if not milvusserver.available():

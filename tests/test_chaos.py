@@ -24,9 +24,9 @@ from PIL import Image
 from conftest import RunningStack, free_port
 from topics import Interaction, ItemNew
 from vectorstore import MilvusVectorStore, VectorRecord
-from vlm4rec.chaos import FAULT_KINDS, TARGETS, plan_faults, with_updates
+from vlm4rec.harness.chaos import FAULT_KINDS, TARGETS, plan_faults, with_updates
 from vlm4rec.localstack import LocalStack, milvus_service
-from vlm4rec.replay import Scheduled
+from vlm4rec.evaluation.replay import Scheduled
 
 
 # --- the plan (no stack) ------------------------------------------------------------------
@@ -57,7 +57,7 @@ def test_the_slow_proxy_forwards_and_holds_every_chunk_while_slow() -> None:
     import threading
     import time
 
-    from vlm4rec.slowproxy import SlowProxy
+    from vlm4rec.harness.slowproxy import SlowProxy
 
     server = socket.create_server(("127.0.0.1", 0))
 
@@ -169,15 +169,15 @@ def make_dataset(root: Path, users: int = 6, items: int = 24) -> None:
 @pytest.mark.integration
 def test_chaos_keeps_every_invariant(tmp_path: Path, infra: RunningStack) -> None:
     """Worker, stream processor and Milvus each SIGKILLed once during the replay."""
-    from vlm4rec.chaos import run_chaos
-    from vlm4rec.cli import _stack_services
+    from vlm4rec.harness.chaos import run_chaos
+    from vlm4rec.cli.stack import stack_services
     from vlm4rec.settings import Settings
 
     make_dataset(tmp_path / "data")
     # the session stack's data folder: its exported image model is reused, not exported again
     settings = Settings(data_dir=Path(infra.env["VLM4REC_DATA_DIR"]), topic_partitions=2)
     report = run_chaos(
-        settings, tmp_path / "data", _stack_services, limit_users=None, faults=3, seed=11,
+        settings, tmp_path / "data", stack_services, limit_users=None, faults=3, seed=11,
         duration_s=20.0, timeout_s=150.0, run_dir=tmp_path / "run", log=lambda _: None,
     )
     assert report["violations"] == []
@@ -201,14 +201,14 @@ def test_chaos_keeps_every_invariant(tmp_path: Path, infra: RunningStack) -> Non
 def test_chaos_with_pauses_and_a_slow_milvus_keeps_every_invariant(tmp_path: Path, infra: RunningStack) -> None:
     """Worker, stream processor and Milvus each paused (SIGSTOP, SIGCONT 10-30 s later), and
     Milvus slowed behind the proxy, during the replay."""
-    from vlm4rec.chaos import run_chaos
-    from vlm4rec.cli import _stack_services
+    from vlm4rec.harness.chaos import run_chaos
+    from vlm4rec.cli.stack import stack_services
     from vlm4rec.settings import Settings
 
     make_dataset(tmp_path / "data")
     settings = Settings(data_dir=Path(infra.env["VLM4REC_DATA_DIR"]), topic_partitions=2)
     report = run_chaos(
-        settings, tmp_path / "data", _stack_services, limit_users=None, faults=4, seed=11,
+        settings, tmp_path / "data", stack_services, limit_users=None, faults=4, seed=11,
         duration_s=20.0, timeout_s=150.0, run_dir=tmp_path / "run", log=lambda _: None, kinds=("pause", "slow"),
     )
     assert report["violations"] == []
@@ -225,7 +225,7 @@ def _histogram(counts: dict[float, float]) -> list[tuple[str, dict[str, str], fl
 
 
 def test_window_quantile_interpolates_within_the_bucket_like_prometheus() -> None:
-    from vlm4rec.soak import Scrape, window_quantile
+    from vlm4rec.harness.soak import Scrape, window_quantile
 
     before = Scrape(_histogram({0.1: 10, 0.5: 10, 1.0: 10, float("inf"): 10}))
     after = Scrape(_histogram({0.1: 60, 0.5: 100, 1.0: 110, float("inf"): 110}))
@@ -237,7 +237,7 @@ def test_window_quantile_interpolates_within_the_bucket_like_prometheus() -> Non
 
 
 def test_stage_means_are_per_batch_over_the_interval() -> None:
-    from vlm4rec.soak import Scrape, stage_means_ms
+    from vlm4rec.harness.soak import Scrape, stage_means_ms
 
     def page(count: float, seconds: float) -> Scrape:
         labels = {"stage": "rank"}
@@ -249,7 +249,7 @@ def test_stage_means_are_per_batch_over_the_interval() -> None:
 
 
 def test_scrape_sums_samples_whose_labels_match() -> None:
-    from vlm4rec.soak import Scrape, lag
+    from vlm4rec.harness.soak import Scrape, lag
 
     scraped = Scrape([
         ("vlm4rec_streams_consumer_lag", {"topic": "interactions", "partition": "0"}, 3.0),
@@ -268,7 +268,7 @@ def _sample(t: float, lag: float, worker_mb: float, p99_ms: float) -> dict:
 
 
 def test_summary_tells_flat_from_growing(tmp_path: Path) -> None:
-    from vlm4rec.soak import summarise, write
+    from vlm4rec.harness.soak import summarise, write
 
     steady = [_sample(10.0 * n, lag=5.0, worker_mb=800.0 + (n % 2), p99_ms=120.0) for n in range(1, 31)]
     summary = summarise(steady)
@@ -295,7 +295,7 @@ def test_a_failed_chaos_run_dumps_its_topics(tmp_path: Path, isolated: RunningSt
     """What `vlm4rec chaos` leaves for whoever traces a violated invariant."""
     from topics import Interaction
     from topics.producer import EventProducer
-    from vlm4rec.chaos import dump_topics
+    from vlm4rec.harness.chaos import dump_topics
 
     settings = isolated.settings()
     with EventProducer(settings.kafka_config()) as producer:

@@ -16,9 +16,9 @@ from PIL import Image
 from fakes import FakeBackend
 from streams.profile import Ranker
 from vlm4rec.cli import main
-from vlm4rec.dataset import load_dataset
-from vlm4rec.embedcache import EmbeddingCache
-from vlm4rec.evaluate import (
+from vlm4rec.evaluation.dataset import load_dataset
+from vlm4rec.evaluation.embedcache import EmbeddingCache
+from vlm4rec.evaluation.evaluate import (
     METHODS,
     ContentIndex,
     bootstrap_resamples,
@@ -186,7 +186,7 @@ def test_identical_vectors_tie_exactly_and_fall_back_to_item_id(tmp_path: Path) 
 
 
 def test_default_is_the_products_blend_over_its_semantic_source(tmp_path: Path) -> None:
-    from vlm4rec.evaluate import DEFAULT_STRATEGY, Blend
+    from vlm4rec.evaluation.evaluate import DEFAULT_STRATEGY, Blend
 
     default = METHODS["default"]
     assert default.strategy == DEFAULT_STRATEGY and default.make is not None

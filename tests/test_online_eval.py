@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from topics import Interaction, Rec, Recs
-from vlm4rec.dataset import load_dataset
-from vlm4rec.evaluate import bootstrap_resamples, select_targets
+from vlm4rec.evaluation.dataset import load_dataset
+from vlm4rec.evaluation.evaluate import bootstrap_resamples, select_targets
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
 
@@ -49,7 +49,7 @@ def write_dataset(root: Path, users: int = 10, per_user: int = 6) -> Path:
 
 
 def test_split_holds_back_exactly_the_offline_targets_and_keeps_their_items(tmp_path: Path) -> None:
-    from vlm4rec.online_eval import split
+    from vlm4rec.evaluation.online_eval import split
 
     dataset = load_dataset(write_dataset(tmp_path / "tiny"))
     plan = split(dataset)
@@ -63,7 +63,7 @@ def test_split_holds_back_exactly_the_offline_targets_and_keeps_their_items(tmp_
 
 
 def test_pushes_are_scored_like_offline_ranks(tmp_path: Path) -> None:
-    from vlm4rec.online_eval import agreement, score_pushes, split
+    from vlm4rec.evaluation.online_eval import agreement, score_pushes, split
 
     dataset = load_dataset(write_dataset(tmp_path / "tiny"))
     plan = split(dataset)
@@ -87,7 +87,7 @@ def test_pushes_are_scored_like_offline_ranks(tmp_path: Path) -> None:
 
 
 def test_online_refuses_a_dataset_outside_the_image_roots(tmp_path: Path) -> None:
-    from vlm4rec.online_eval import OnlineError, check_file_roots
+    from vlm4rec.evaluation.online_eval import OnlineError, check_file_roots
     from vlm4rec.settings import Settings
 
     dataset = load_dataset(write_dataset(tmp_path / "tiny"))

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from conftest import RunningStack, read_topic
 from topics import Event, Interaction, ItemNew, decode
 from vlm4rec.cli import main
-from vlm4rec.dataset import load_dataset, parse_time
-from vlm4rec.replay import Scheduled, parse_speed, replay, schedule
+from vlm4rec.evaluation.dataset import load_dataset, parse_time
+from vlm4rec.evaluation.replay import Scheduled, parse_speed, replay, schedule
 
 ITEMS = [
     # item_id, title, image, created_at

@@ -1,4 +1,4 @@
-"""vlm4rec.simulated: the drawn catalogue and the simulated users of `vlm4rec demo`, without a
+"""vlm4rec.harness.simulated: the drawn catalogue and the simulated users of `vlm4rec demo`, without a
 broker. The live run is in tests/test_ui.py (Chromium)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from PIL import Image
 
 from images.loader import ImageLimits, ImageLoader
 from topics import ItemNew, decode, encode
-from vlm4rec.simulated import COLOURS, TASTES, Design, Shop, draw, every_design, item_event, user_id
+from vlm4rec.harness.simulated import COLOURS, TASTES, Design, Shop, draw, every_design, item_event, user_id
 
 
 def test_every_design_is_a_distinct_item_whose_words_say_what_it_shows() -> None:

@@ -41,7 +41,7 @@ from streams.web import (
 )
 from topics import Interaction, Rec, Recs, TopicNames
 from vectorstore import MemoryVectorStore, MilvusVectorStore, VectorRecord
-from vlm4rec.simulated import COLOURS
+from vlm4rec.harness.simulated import COLOURS
 
 XSS_TITLE = '<img src=x onerror="window.__xss=1">'
 XSS_ID = '"><script>window.__xss=2</script>'
@@ -132,8 +132,8 @@ def test_user_snapshot_newest_first_with_titles_and_reasons() -> None:
 def test_demo_compresses_event_time_and_stops_on_request() -> None:
     import threading
 
-    from vlm4rec.demo import StoppableSender, Stopped, most_active_user, replay_speed
-    from vlm4rec.replay import Scheduled
+    from vlm4rec.harness.demo import StoppableSender, Stopped, most_active_user, replay_speed
+    from vlm4rec.evaluation.replay import Scheduled
 
     rows = [Interaction(user_id=u, item_id="i", event="click", ts=ts) for u, ts in (("a", 1e9), ("b", 1e9 + 50), ("b", 1e9 + 100))]
     assert replay_speed([Scheduled(r.ts, r) for r in rows], duration_s=10) == 10.0, "100 s of event time in 10 s"

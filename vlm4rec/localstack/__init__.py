@@ -129,14 +129,14 @@ def milvus_service(host: str, port: int, data_dir: Path) -> Service:
 
 
 def milvus_server_service(host: str, port: int, data_dir: Path) -> Service:
-    """Milvus 2.3 standalone, the real engine (`vlm4rec.milvusserver`); `host` must be local."""
-    from vlm4rec import milvusserver
+    """Milvus 2.3 standalone, the real engine (`vlm4rec.localstack.milvusserver`); `host` must be local."""
+    from vlm4rec.localstack import milvusserver
 
     if not milvusserver.available():
         raise StackError(f"VLM4REC_LOCAL_MILVUS=server: {milvusserver.INSTALL_HINT}")
     return Service(
         name="milvus",
-        argv=[sys.executable, "-m", "vlm4rec.milvusserver", "--data-dir", str(data_dir), "--port", str(port)],
+        argv=[sys.executable, "-m", "vlm4rec.localstack.milvusserver", "--data-dir", str(data_dir), "--port", str(port)],
         ready=lambda: milvus_answers(host, port),
         ports=[(host, port)],
         # up to `milvusserver.START_ATTEMPTS` starts of about 8 s plus `READY_S` each

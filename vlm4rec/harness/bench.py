@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from topics import Interaction, ItemNew, Recs, decode, encode
-from vlm4rec.blas import single_threaded_blas
+from vlm4rec.evaluation.blas import single_threaded_blas
 from topics.producer import EventProducer
 from vectorstore import VectorRecord, VectorStore
 from workers.embedder import Embedder, ItemContent
@@ -452,7 +452,7 @@ def _stream_figures(before: Sequence[Any], after: Sequence[Any], sent: int) -> d
     """From the stream processors' metrics at a step's start and end: the share of the
     step's interactions their profiles applied, and their time per stage (summed over the
     processes: ms per batch or round, and the seconds spent)."""
-    from vlm4rec.soak import applied
+    from vlm4rec.harness.soak import applied
 
     applied_delta = sum(applied(b) for b in after) - sum(applied(b) for b in before)
     stages: dict[str, dict[str, float]] = {}
@@ -501,8 +501,8 @@ def bench_rank(dataset: Any, users: int = 256, rounds: int = 8, dim: int = 384, 
     random unit vectors of `dim` (the cost of ranking does not depend on what they say) and the
     content search is exact and in-process and its time is left out, since the stream asks
     Milvus instead (vector lookups count: the stream serves them from its cache). One BLAS
-    thread, as in the stream processor (`vlm4rec.blas`)."""
-    from vlm4rec.evaluate import BlendWalk, ContentIndex, build_stream
+    thread, as in the stream processor (`vlm4rec.evaluation.blas`)."""
+    from vlm4rec.evaluation.evaluate import BlendWalk, ContentIndex, build_stream
 
     stream = build_stream(dataset)
     rng = np.random.default_rng(seed)

@@ -2,8 +2,8 @@
 it actually pushed, on the targets and with the metrics of the offline protocol (EVAL.md).
 
 How (honest and simple, see docs/online_eval.md):
-1. The targets are `vlm4rec.evaluate.select_targets` of the dataset (same `--limit-users` cut).
-2. Phase 1 replays every row except the targets (`vlm4rec.replay`; every item is published at
+1. The targets are `vlm4rec.evaluation.evaluate.select_targets` of the dataset (same `--limit-users` cut).
+2. Phase 1 replays every row except the targets (`vlm4rec.evaluation.replay`; every item is published at
    its EVAL.md publish time, computed over the whole dataset, so a target's item is in the
    catalogue even when the target is its only interaction).
 3. It waits until the stack is quiescent: every target user's profile (`/users/{id}`) has
@@ -11,8 +11,8 @@ How (honest and simple, see docs/online_eval.md):
    (`/metrics`) have stopped moving.
 4. Each target user's LAST push on the `recs` topic is "what the system would have shown just
    before the target"; the target's rank in it gives HR/NDCG exactly as offline
-   (`vlm4rec.evaluate.summarise`, same bootstrap resamples).
-5. The same targets are scored offline (`vlm4rec.evaluate.walk`) with the methods compared,
+   (`vlm4rec.evaluation.evaluate.summarise`, same bootstrap resamples).
+5. The same targets are scored offline (`vlm4rec.evaluation.evaluate.walk`) with the methods compared,
    and a paired bootstrap of the per-target HR@10 difference says whether they agree.
 
 The stack must be fresh (no interactions seen yet): a second run on the same stack would
@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from topics import EventError, Interaction, Recs, decode
-from vlm4rec.dataset import Dataset
+from vlm4rec.evaluation.dataset import Dataset
 from streams.variants import Assignment, Variant, parse_variants
-from vlm4rec.evaluate import (
+from vlm4rec.evaluation.evaluate import (
     KS,
     ContentIndex,
     MethodResult,
@@ -49,8 +49,8 @@ from vlm4rec.evaluate import (
     summarise,
     walk,
 )
-from vlm4rec.probes import http_get, metric_totals, read_topic, user_interactions
-from vlm4rec.replay import Scheduled, replay, schedule
+from vlm4rec.harness.probes import http_get, metric_totals, read_topic, user_interactions
+from vlm4rec.evaluation.replay import Scheduled, replay, schedule
 from vlm4rec.settings import Settings
 
 
@@ -376,7 +376,7 @@ def run_online(
     resamples = bootstrap_resamples(len(plan.targets))
     online_summary = summarise(score.ranks, plan.targets, score.recommended, published, resamples)
     offline = {m: summarise(results[m].ranks, plan.targets, results[m].recommended, published, resamples) for m in methods}
-    from vlm4rec.evaluate import DEFAULT_IS
+    from vlm4rec.evaluation.evaluate import DEFAULT_IS
 
     report: dict[str, Any] = {
         "dataset": dataset.name,
@@ -485,8 +485,8 @@ def run_cli(
     """`vlm4rec eval DATASET_DIR --online`: the command's body (click errors, outputs)."""
     import click
 
-    from vlm4rec.embedcache import EmbeddingCache
-    from vlm4rec.evaluate import METHODS, embed_content, markdown_table, strategies_of, write_outputs
+    from vlm4rec.evaluation.embedcache import EmbeddingCache
+    from vlm4rec.evaluation.evaluate import METHODS, embed_content, markdown_table, strategies_of, write_outputs
 
     names = default_methods(settings) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]

@@ -10,7 +10,7 @@ recommendations, hide what does not, and now and then find a matching item on th
 their recommendations visibly turn towards their taste.
 
 Everything here is pure (given a random generator) and tested without a broker; `run` in
-`vlm4rec.demo` does the sending.
+`vlm4rec.harness.demo` does the sending.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ its processes at seeded random moments, then check that nothing was lost and not
 counted twice. Three kinds of fault (`FAULT_KINDS`): `kill` (SIGKILL of the process group, no
 clean shutdown, then a restart), `pause` (SIGSTOP, SIGCONT 10-30 s later: the process misses its
 heartbeats, its consumer group rebalances, its callers time out) and `slow` (Milvus answers
-through a proxy that holds every chunk 0.2-1 s, for 10-30 s: `vlm4rec.slowproxy`).
+through a proxy that holds every chunk 0.2-1 s, for 10-30 s: `vlm4rec.harness.slowproxy`).
 
 The stack is the command's own (`OwnStack`): the same services as `vlm4rec up`, on free ports
 with a fresh data folder, so that a running `vlm4rec up` and its Milvus data are never touched
@@ -46,12 +46,12 @@ from typing import Any
 from pydantic import SecretStr
 
 from topics import DeadLetter, EventError, Interaction, ItemNew, Recs, decode
-from vlm4rec.dataset import load_dataset
+from vlm4rec.evaluation.dataset import load_dataset
 from vlm4rec.localstack import LocalStack, Service, StackError, parse_host_port, port_answers
-from vlm4rec.probes import TopicTail, user_interactions
-from vlm4rec.replay import Scheduled, replay, schedule
+from vlm4rec.harness.probes import TopicTail, user_interactions
+from vlm4rec.evaluation.replay import Scheduled, replay, schedule
 from vlm4rec.settings import Settings
-from vlm4rec.slowproxy import SlowProxy
+from vlm4rec.harness.slowproxy import SlowProxy
 
 StackServices = Callable[[Settings, bool], tuple[list[Service], int]]
 

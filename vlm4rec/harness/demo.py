@@ -3,7 +3,7 @@
 It starts the same local stack as `vlm4rec up` (broker, Milvus Lite, embedding worker, stream
 processor) and feeds it while the page at the printed address fills with pictures, until Ctrl-C:
 
-- without a folder, the simulated shop of `vlm4rec.simulated` (drawn pictures, users with
+- without a folder, the simulated shop of `vlm4rec.harness.simulated` (drawn pictures, users with
   distinct tastes acting on their feeds), live and endless, with a line every few seconds
   saying how much of each user's feed matches their taste;
 - with a dataset folder, a replay of its first users with event time compressed into a couple
@@ -29,11 +29,11 @@ from urllib.parse import quote
 import click
 
 from topics import Event, Interaction
-from vlm4rec.dataset import load_dataset
+from vlm4rec.evaluation.dataset import load_dataset
 from vlm4rec.localstack import LocalStack, Service
-from vlm4rec.replay import Scheduled, Sender, replay, schedule
+from vlm4rec.evaluation.replay import Scheduled, Sender, replay, schedule
 from vlm4rec.settings import Settings
-from vlm4rec.simulated import TASTES, Shop, item_event, user_id
+from vlm4rec.harness.simulated import TASTES, Shop, item_event, user_id
 
 StackServices = Callable[[Settings, bool], tuple[list[Service], int]]
 

@@ -1,7 +1,7 @@
 """`vlm4rec soak --minutes M --out soak.json`: a bounded soak at a steady rate near the measured
 capacity, sampling what would grow if something leaked or fell behind.
 
-The soak starts a local stack of its own (`vlm4rec.chaos.own_stack`: free ports, a fresh data
+The soak starts a local stack of its own (`vlm4rec.harness.chaos.own_stack`: free ports, a fresh data
 folder), rather than driving a running `vlm4rec up`: it must know the process id of every
 part to sample their resident memory, and counts that start at zero make the figures its own.
 
@@ -37,7 +37,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from topics import Interaction, ItemNew, encode
-from vlm4rec.chaos import OwnStack, StackServices, own_stack
+from vlm4rec.harness.chaos import OwnStack, StackServices, own_stack
 from vlm4rec.settings import Settings
 
 RAMP_RATES = (50, 100, 200, 400, 800, 1600, 3200)

@@ -19,7 +19,7 @@ from typing import Protocol
 from tqdm import tqdm
 
 from topics import Event, Interaction, ItemNew
-from vlm4rec.dataset import publish_times
+from vlm4rec.evaluation.dataset import publish_times
 
 
 @dataclass(frozen=True)

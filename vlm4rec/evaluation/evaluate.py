@@ -27,9 +27,9 @@ from streams.profile import Ranker, mean_profile
 from streams.cooccur import CoOccurrence
 from streams.rank import BlendRanker, Hits, ItemStats, RankConfig, Request
 from streams.variants import Variant
-from vlm4rec.blas import single_threaded_blas
-from vlm4rec.dataset import Dataset, publish_times
-from vlm4rec.embedcache import EmbeddingCache, embed_items
+from vlm4rec.evaluation.blas import single_threaded_blas
+from vlm4rec.evaluation.dataset import Dataset, publish_times
+from vlm4rec.evaluation.embedcache import EmbeddingCache, embed_items
 from workers.backends.base import EmbeddingBackend
 from workers.embedder import Embedder, Strategy
 from images.loader import ImageLimits, ImageLoader

@@ -8,7 +8,7 @@ as a production Milvus, and a search engine that is not bound by one Python thre
 call, Strong reads: Milvus Lite 251 queries/s, this server 2,285). It needs `pip install
 milvus==2.3.5` (57 MB; the `milvus-server` extra) and takes about 8 s to start.
 
-Run as `python -m vlm4rec.milvusserver --data-dir DIR --port PORT`: it prepares the server's
+Run as `python -m vlm4rec.localstack.milvusserver --data-dir DIR --port PORT`: it prepares the server's
 files under DIR, starts the server (a child in the same process group, so a SIGKILL of the
 group takes both), and stops it on SIGTERM or SIGINT. Its internal ports (etcd, coordinators)
 are picked free above 40000, and bound to 127.0.0.1 only where the wheel allows it: the
