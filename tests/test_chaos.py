@@ -295,7 +295,7 @@ def test_a_failed_chaos_run_dumps_its_topics(tmp_path: Path, isolated: RunningSt
     """What `vlm4rec chaos` leaves for whoever traces a violated invariant."""
     from topics import Interaction
     from topics.producer import EventProducer
-    from vlm4rec.harness.chaos import dump_topics
+    from vlm4rec.harness.chaos_checks import dump_topics
 
     settings = isolated.settings()
     with EventProducer(settings.kafka_config()) as producer:

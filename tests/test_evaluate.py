@@ -18,22 +18,9 @@ from streams.profile import Ranker
 from vlm4rec.cli import main
 from vlm4rec.evaluation.dataset import load_dataset
 from vlm4rec.evaluation.embedcache import EmbeddingCache
-from vlm4rec.evaluation.evaluate import (
-    METHODS,
-    ContentIndex,
-    bootstrap_resamples,
-    build_stream,
-    embed_content,
-    evaluate,
-    co_occurrence,
-    lexicographic,
-    recommend,
-    select_targets,
-    states,
-    Target,
-    markdown_table,
-    summarise,
-)
+from vlm4rec.evaluation.evaluate import bootstrap_resamples, evaluate, recommend, states, markdown_table, summarise
+from vlm4rec.evaluation.methods import METHODS, co_occurrence
+from vlm4rec.evaluation.stream import ContentIndex, build_stream, embed_content, lexicographic, select_targets, Target
 from workers.embedder import Embedder
 
 Row = tuple[str, str, float]  # user, item, ts
@@ -186,7 +173,8 @@ def test_identical_vectors_tie_exactly_and_fall_back_to_item_id(tmp_path: Path) 
 
 
 def test_default_is_the_products_blend_over_its_semantic_source(tmp_path: Path) -> None:
-    from vlm4rec.evaluation.evaluate import DEFAULT_STRATEGY, Blend
+    from vlm4rec.evaluation.methods import Blend
+    from vlm4rec.evaluation.stream import DEFAULT_STRATEGY
 
     default = METHODS["default"]
     assert default.strategy == DEFAULT_STRATEGY and default.make is not None

@@ -12,7 +12,8 @@ import pytest
 
 from topics import Interaction, Rec, Recs
 from vlm4rec.evaluation.dataset import load_dataset
-from vlm4rec.evaluation.evaluate import bootstrap_resamples, select_targets
+from vlm4rec.evaluation.evaluate import bootstrap_resamples
+from vlm4rec.evaluation.stream import select_targets
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
 

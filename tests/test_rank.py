@@ -219,7 +219,8 @@ def test_a_training_group_is_built_from_the_state_before_its_interaction() -> No
 def test_the_ranking_of_a_target_depends_on_earlier_rows_only(tmp_path: Path) -> None:
     """The evaluator's `default` at a target is the same whatever the target row and the rows
     after it say: it would differ if training or counts used them."""
-    from vlm4rec.evaluation.evaluate import Blend, ContentIndex, Stream, StreamState, Target
+    from vlm4rec.evaluation.methods import Blend
+    from vlm4rec.evaluation.stream import ContentIndex, Stream, StreamState, Target
 
     content, ids, vectors = world()
     rows = chain_stream(ids, users=30, steps=6, seed=3)
@@ -262,7 +263,8 @@ def test_the_ranking_of_a_target_depends_on_earlier_rows_only(tmp_path: Path) ->
 def test_blends_sharing_one_walk_rank_as_each_would_alone() -> None:
     """The evaluator walks the blends of every semantic source together, sharing the counts and
     co-occurrence: each must rank exactly as it would walked alone."""
-    from vlm4rec.evaluation.evaluate import BlendWalk, ContentIndex, Stream, StreamState, Target
+    from vlm4rec.evaluation.methods import BlendWalk
+    from vlm4rec.evaluation.stream import ContentIndex, Stream, StreamState, Target
 
     _, ids, vectors = world()
     other = np.roll(vectors, 1, axis=1)
@@ -572,7 +574,8 @@ def test_a_vectorised_round_ranks_hm_exactly_as_the_per_user_reference(shared_da
     blends sharing the walk: the product's ranker and the per-user reference."""
     from tests.rank_reference import ReferenceRanker
     from vlm4rec.evaluation.dataset import load_dataset
-    from vlm4rec.evaluation.evaluate import BlendWalk, ContentIndex, build_stream
+    from vlm4rec.evaluation.methods import BlendWalk
+    from vlm4rec.evaluation.stream import ContentIndex, build_stream
 
     stream = build_stream(load_dataset(shared_data / "hm"))
     rng = np.random.default_rng(0)

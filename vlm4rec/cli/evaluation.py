@@ -113,16 +113,9 @@ def eval_command(
 
     from vlm4rec.evaluation.embedcache import EmbeddingCache
     from streams.variants import parse_variants
-    from vlm4rec.evaluation.evaluate import (
-        METHODS,
-        ContentIndex,
-        build_stream,
-        embed_content,
-        evaluate,
-        markdown_table,
-        strategies_of,
-        write_outputs,
-    )
+    from vlm4rec.evaluation.evaluate import evaluate, markdown_table, write_outputs
+    from vlm4rec.evaluation.methods import METHODS, strategies_of
+    from vlm4rec.evaluation.stream import ContentIndex, build_stream, embed_content
 
     if online:  # replay through the running stack and score its pushes (vlm4rec/evaluation/online_eval.py)
         from vlm4rec.evaluation.online_eval import run_cli

@@ -37,18 +37,8 @@ import numpy as np
 from topics import EventError, Interaction, Recs, decode
 from vlm4rec.evaluation.dataset import Dataset
 from streams.variants import Assignment, Variant, parse_variants
-from vlm4rec.evaluation.evaluate import (
-    KS,
-    ContentIndex,
-    MethodResult,
-    Stream,
-    Target,
-    bootstrap_resamples,
-    build_stream,
-    states,
-    summarise,
-    walk,
-)
+from vlm4rec.evaluation.evaluate import MethodResult, bootstrap_resamples, states, summarise, walk
+from vlm4rec.evaluation.stream import KS, ContentIndex, Stream, Target, build_stream
 from vlm4rec.harness.probes import http_get, metric_totals, read_topic, user_interactions
 from vlm4rec.evaluation.replay import Scheduled, replay, schedule
 from vlm4rec.settings import Settings
@@ -376,7 +366,7 @@ def run_online(
     resamples = bootstrap_resamples(len(plan.targets))
     online_summary = summarise(score.ranks, plan.targets, score.recommended, published, resamples)
     offline = {m: summarise(results[m].ranks, plan.targets, results[m].recommended, published, resamples) for m in methods}
-    from vlm4rec.evaluation.evaluate import DEFAULT_IS
+    from vlm4rec.evaluation.stream import DEFAULT_IS
 
     report: dict[str, Any] = {
         "dataset": dataset.name,
@@ -486,7 +476,9 @@ def run_cli(
     import click
 
     from vlm4rec.evaluation.embedcache import EmbeddingCache
-    from vlm4rec.evaluation.evaluate import METHODS, embed_content, markdown_table, strategies_of, write_outputs
+    from vlm4rec.evaluation.evaluate import markdown_table, write_outputs
+    from vlm4rec.evaluation.methods import METHODS, strategies_of
+    from vlm4rec.evaluation.stream import embed_content
 
     names = default_methods(settings) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]

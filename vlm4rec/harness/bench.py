@@ -502,7 +502,8 @@ def bench_rank(dataset: Any, users: int = 256, rounds: int = 8, dim: int = 384, 
     content search is exact and in-process and its time is left out, since the stream asks
     Milvus instead (vector lookups count: the stream serves them from its cache). One BLAS
     thread, as in the stream processor (`vlm4rec.evaluation.blas`)."""
-    from vlm4rec.evaluation.evaluate import BlendWalk, ContentIndex, build_stream
+    from vlm4rec.evaluation.methods import BlendWalk
+    from vlm4rec.evaluation.stream import ContentIndex, build_stream
 
     stream = build_stream(dataset)
     rng = np.random.default_rng(seed)

@@ -37,7 +37,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from topics import Interaction, ItemNew, encode
-from vlm4rec.harness.chaos import OwnStack, StackServices, own_stack
+from vlm4rec.harness.ownstack import OwnStack, StackServices, own_stack
 from vlm4rec.settings import Settings
 
 RAMP_RATES = (50, 100, 200, 400, 800, 1600, 3200)
