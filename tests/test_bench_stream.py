@@ -3,7 +3,7 @@ answers, from the offsets it says its profile had applied, and how the unanswere
 
 from __future__ import annotations
 
-from vlm4rec.harness.bench import UNANSWERED_MS, _Tracker
+from vlm4rec.harness.bench_stream import UNANSWERED_MS, _Tracker
 from topics import Rec, Recs
 
 
@@ -51,7 +51,7 @@ def test_a_fresh_item_is_timed_at_its_first_push_only() -> None:
 
 
 def test_the_stack_processes_are_told_apart_by_their_arguments() -> None:
-    from vlm4rec.harness.bench import _ProcessCpu
+    from vlm4rec.harness.bench_stream import _ProcessCpu
 
     role = _ProcessCpu.role
     assert role(["/usr/bin/python3", "-m", "vlm4rec", "streams"]) == "streams"
@@ -63,7 +63,7 @@ def test_the_stack_processes_are_told_apart_by_their_arguments() -> None:
 
 
 def test_the_nth_interaction_is_due_at_n_periods_into_the_step() -> None:
-    from vlm4rec.harness.bench import due_now
+    from vlm4rec.harness.bench_stream import due_now
 
     assert due_now(0.0, 2.0, 60.0) == 1, "the first goes at once"
     assert due_now(0.49, 2.0, 60.0) == 1 and due_now(0.5, 2.0, 60.0) == 2

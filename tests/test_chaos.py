@@ -268,7 +268,7 @@ def _sample(t: float, lag: float, worker_mb: float, p99_ms: float) -> dict:
 
 
 def test_summary_tells_flat_from_growing(tmp_path: Path) -> None:
-    from vlm4rec.harness.soak import summarise, write
+    from vlm4rec.harness.soak_report import summarise, write
 
     steady = [_sample(10.0 * n, lag=5.0, worker_mb=800.0 + (n % 2), p99_ms=120.0) for n in range(1, 31)]
     summary = summarise(steady)

@@ -64,7 +64,8 @@ def test_split_holds_back_exactly_the_offline_targets_and_keeps_their_items(tmp_
 
 
 def test_pushes_are_scored_like_offline_ranks(tmp_path: Path) -> None:
-    from vlm4rec.evaluation.online_eval import agreement, score_pushes, split
+    from vlm4rec.evaluation.online_eval import split
+    from vlm4rec.evaluation.online_scoring import agreement, score_pushes
 
     dataset = load_dataset(write_dataset(tmp_path / "tiny"))
     plan = split(dataset)

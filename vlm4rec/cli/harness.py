@@ -152,7 +152,7 @@ def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: f
     from pathlib import Path
 
     from vectorstore import MilvusVectorStore
-    from vlm4rec.harness.bench import bench_stream
+    from vlm4rec.harness.bench_stream import bench_stream
     from vlm4rec.evaluation.dataset import read_items
 
     root = Path(dataset_dir).resolve()
@@ -334,7 +334,8 @@ def soak_command(
     from pathlib import Path
 
     from vlm4rec.localstack import StackError
-    from vlm4rec.harness.soak import run_soak, write
+    from vlm4rec.harness.soak import run_soak
+    from vlm4rec.harness.soak_report import write
 
     try:
         figures = run_soak(

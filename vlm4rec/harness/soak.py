@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import os
 import random
@@ -39,6 +38,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from topics import Interaction, ItemNew, encode
 from vlm4rec.harness.ownstack import OwnStack, StackServices, own_stack
 from vlm4rec.settings import Settings
+from vlm4rec.harness.soak_report import summarise
+
 
 RAMP_RATES = (50, 100, 200, 400, 800, 1600, 3200)
 SOAK_SHARE = 0.8  # of the measured capacity
@@ -375,131 +376,3 @@ def _drain(metrics_url: str, topic: str, timeout_s: float = 60.0) -> float:
 def _ms(seconds: float | None) -> float | None:
     """Milliseconds; None when unknown or beyond the histogram (see `p99_beyond_buckets`)."""
     return None if seconds is None or seconds == math.inf else round(seconds * 1000, 1)
-
-
-# --- judging -------------------------------------------------------------------------------
-def _slope_per_min(points: Sequence[tuple[float, float]]) -> float:
-    """Least-squares slope of (seconds, value) points, per minute."""
-    if len(points) < 2:
-        return 0.0
-    n = len(points)
-    mean_t = sum(t for t, _ in points) / n
-    mean_v = sum(v for _, v in points) / n
-    var = sum((t - mean_t) ** 2 for t, _ in points)
-    return 0.0 if var == 0 else 60 * sum((t - mean_t) * (v - mean_v) for t, v in points) / var
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return round(sum(kept) / len(kept), 1) if kept else None
-
-
-def summarise(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """First third against last third, and memory growth over the second half.
-
-    Flat lag (the gauge, and the backlog counted by the soak itself): the last third's mean is
-    within one second of input plus 100 messages of the first third's. Bounded memory: a process grows less than 1 % of its size per minute over
-    the second half (a leak grows for as long as the load lasts). Flat p99: the last third's
-    mean p99 is at most 1.5 times the first third's plus 50 ms, and never beyond the histogram's
-    last bucket in the last third unless it already was in the first (then: unknown, None)."""
-    if len(samples) < 3:
-        return {"note": "too few samples to judge"}
-    third = len(samples) // 3
-    first, last = samples[:third], samples[-third:]
-    half = samples[len(samples) // 2 :]
-    rate = samples[-1]["sent"] / max(samples[-1]["t_s"], 1e-9)
-    lag_first = _mean([s["lag_interactions"] for s in first]) or 0.0
-    lag_last = _mean([s["lag_interactions"] for s in last]) or 0.0
-    backlog_first = _mean([s["backlog"] for s in first]) or 0.0
-    backlog_last = _mean([s["backlog"] for s in last]) or 0.0
-    memory = {}
-    for name in samples[0]["rss_mb"]:
-        points = [(s["t_s"], s["rss_mb"][name]) for s in half if s["rss_mb"][name] is not None]
-        sizes = [v for _, v in points] or [0.0]
-        slope = _slope_per_min(points)
-        memory[name] = {
-            "start_mb": samples[0]["rss_mb"][name],
-            "end_mb": samples[-1]["rss_mb"][name],
-            "max_mb": max(sizes),
-            "growth_mb_per_min_second_half": round(slope, 2),
-            "bounded": slope < 0.01 * max(sizes),
-        }
-    p99 = {}
-    for name in samples[0]["p99_ms"]:
-        a = _mean([s["p99_ms"][name] for s in first])
-        b = _mean([s["p99_ms"][name] for s in last])
-        beyond_first = sum(name in s["p99_beyond_buckets"] for s in first)
-        beyond_last = sum(name in s["p99_beyond_buckets"] for s in last)
-        if beyond_first and beyond_last:
-            flat = None
-        elif beyond_last:
-            flat = False
-        else:
-            flat = None if a is None or b is None else b <= 1.5 * a + 50
-        p99[name] = {
-            "first_third_ms": a, "last_third_ms": b, "flat": flat,
-            "samples_beyond_buckets": {"first_third": beyond_first, "last_third": beyond_last},
-        }
-    return {
-        "sent_per_s": round(rate, 1),
-        "lag": {
-            "first_third_mean": lag_first,
-            "last_third_mean": lag_last,
-            "max": max(s["lag_interactions"] for s in samples),
-            "flat": lag_last <= lag_first + rate + 100,
-        },
-        "backlog": {
-            "first_third_mean": backlog_first,
-            "last_third_mean": backlog_last,
-            "max": max(s["backlog"] for s in samples),
-            "flat": backlog_last <= backlog_first + rate + 100,
-        },
-        "rss": memory,
-        "p99": p99,
-    }
-
-
-def plot(figures: dict[str, Any], path: Path) -> None:
-    """Rate, lag, memory and p99 over time, one panel each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samples = figures["samples"]
-    t = [s["t_s"] / 60 for s in samples]
-    fig, axes = plt.subplots(4, 1, figsize=(9, 12), sharex=True)
-    axes[0].plot(t, [s["applied_per_s"] for s in samples], label="applied/s")
-    axes[0].axhline(figures["rate_per_s"], color="grey", linestyle="--", label="sent/s (target)")
-    axes[0].set_ylabel("interactions/s")
-    axes[1].plot(t, [s["lag_interactions"] for s in samples], label="interactions")
-    axes[1].plot(t, [s["lag_items_embedded"] for s in samples], label="items.embedded")
-    axes[1].plot(t, [s["backlog"] for s in samples], label="backlog (sent - applied)", linestyle=":")
-    axes[1].set_ylabel("consumer lag (messages)")
-    for name in samples[0]["rss_mb"]:
-        axes[2].plot(t, [s["rss_mb"][name] for s in samples], label=f"{name} RSS")
-    cpu_axis = axes[2].twinx()
-    for name in samples[0]["cpu_percent"]:
-        cpu_axis.plot(t, [s["cpu_percent"][name] for s in samples], linestyle=":", alpha=0.6)
-    cpu_axis.set_ylabel("CPU % of a core (dotted)")
-    axes[2].set_ylabel("RSS (MiB)")
-    for name in samples[0]["p99_ms"]:
-        axes[3].plot(t, [s["p99_ms"][name] for s in samples], label=name)
-    axes[3].set_ylabel("p99 over the interval (ms; gaps: none or beyond 60 s)")
-    axes[3].set_yscale("log")
-    axes[3].set_xlabel("minutes")
-    for axis in axes:
-        axis.legend(loc="upper left", fontsize=8)
-        axis.grid(alpha=0.3)
-    fig.suptitle(f"vlm4rec soak: {figures['rate_per_s']}/s for {figures['minutes']:g} min, {figures['cpu_cores']} cores")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def write(figures: dict[str, Any], out: Path) -> Path:
-    """The JSON at `out` and the plot beside it (same name, .png); returns the plot's path."""
-    out.write_text(json.dumps(figures, indent=2))
-    picture = out.with_suffix(".png")
-    plot(figures, picture)
-    return picture
