@@ -932,6 +932,11 @@ def test_the_whole_local_stack_scraped_by_prometheus_feeds_the_streams_panels(tm
             producer.send(settings.topics.items_new, ItemNew(item_id="red-new", title="red silk evening dress, new", text=styles["red"]))
         wait_for("sum(vlm4rec_streams_fresh_item_seconds_count)", 1, "fresh item not pushed")
         prometheus.wait_for("sum(rate(vlm4rec_streams_fresh_item_seconds_count[1m]))", positive, "rate() of fresh items", 60, alive)
+        # every throughput panel asserted below has scraped an increase (each process is scraped on its own)
+        throughput = ("Interactions /s", "Recs pushed /s", "Items embedded /s")
+        for title, expr in dashboard_queries():
+            if title in throughput:
+                prometheus.wait_for(expr, positive, title, 60, alive)
 
         panels: dict[str, list[dict[str, Any]]] = {}
         for title, expr in dashboard_queries():
