@@ -59,7 +59,7 @@ from streams.profile_updates import Deferral, ProfileUpdater, Received
 from streams.user_index import UserIndex, fanout_share
 from streams.rank import RankConfig
 from streams.recommend import Observation, Recommender
-from streams.variants import Variant, online_hit
+from streams.variants import DEFAULT_VARIANT, Variant, online_hit
 from pydantic import ValidationError
 
 from topics import DeadLetter, EventError, Interaction, ItemEmbedded, Rec, Recs, TopicNames, decode, encode
@@ -425,7 +425,7 @@ class StreamsApp:
         shown = self.last_recs.get(interaction.user_id)
         if shown is None or self.config.rule.weight(interaction.event, interaction.value) <= 0:
             return
-        variant = shown.variant or "default"
+        variant = shown.variant or DEFAULT_VARIANT
         metrics.ONLINE_JUDGED.labels(variant).inc()
         for k, hit in online_hit([r.item_id for r in shown.items], interaction.item_id).items():
             if hit:

@@ -326,7 +326,7 @@ class Recommender:
                 except Exception:
                     if not self._store_answers():
                         raise
-                    ranked = [self._alone(requests[n], profiles[n], k) for n in members]
+                    ranked = [self._alone(requests[n], profiles[n], k, serving) for n in members]
                 for n, hits in zip(members, ranked, strict=True):
                     results[n] = hits
         out = []
@@ -361,10 +361,10 @@ class Recommender:
         if vector is not None:
             self.recommend([Profile(WARM_UP_USER, vector=np.asarray(vector, dtype=np.float64).tolist(), seen=[item])])
 
-    def _alone(self, request: Request, profile: Profile, k: int) -> Hits | None:
+    def _alone(self, request: Request, profile: Profile, k: int, serving: RankConfig) -> Hits | None:
         try:
             with self.lock:
-                return self.ranker.rank([request], self.content, k, self._serving[self.assignment.of(profile.user_id).name])[0]
+                return self.ranker.rank([request], self.content, k, serving)[0]
         except Exception as exc:  # noqa: BLE001 - this user's ranking, isolated
             self._failed(profile.user_id, f"{type(exc).__name__}: {exc}")
             return None

@@ -19,8 +19,6 @@ import random
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ from vlm4rec.evaluation.dataset import load_dataset
 from vlm4rec.localstack import LocalStack, Service
 from vlm4rec.evaluation.replay import Scheduled, Sender, replay, schedule
 from vlm4rec.settings import Settings
+from vlm4rec.harness.probes import http_get
 from vlm4rec.harness.simulated import TASTES, Shop, item_event, user_id
 
 StackServices = Callable[[Settings, bool], tuple[list[Service], int]]
@@ -82,9 +81,8 @@ def most_active_user(interactions: Sequence[Interaction]) -> str | None:
 
 def page_answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
+        return http_get(url, timeout_s=2)[0] == 200
+    except OSError:
         return False
 
 
@@ -168,9 +166,9 @@ def current_recs(page: str, user: str) -> list[str]:
     """The item ids the page shows as `user`'s recommendations, best first; none while the
     user has no push yet or the page does not answer (the simulated user then browses)."""
     try:
-        with urllib.request.urlopen(f"{page}ui/api/users/{quote(user, safe='')}", timeout=2) as response:
-            body = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError):
+        status, raw = http_get(f"{page}ui/api/users/{quote(user, safe='')}", timeout_s=2)
+        body = json.loads(raw) if status == 200 else None
+    except (OSError, ValueError):
         return []
     recs = body.get("recs") if isinstance(body, dict) else None
     return [str(card["item_id"]) for card in (recs or {}).get("items", []) if isinstance(card, dict) and "item_id" in card]

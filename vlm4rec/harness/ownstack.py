@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pydantic import SecretStr
 
 from vlm4rec.localstack import LocalStack, Service, StackError, parse_host_port, port_answers
 from vlm4rec.settings import Settings
+from vlm4rec.harness.probes import http_get
 from vlm4rec.harness.slowproxy import SlowProxy
 
 
@@ -75,12 +74,9 @@ class OwnStack:
 def streams_answers(web_url: str) -> bool:
     """The stream processor's HTTP API is up when an unknown user gets its 404."""
     try:
-        urllib.request.urlopen(f"{web_url}/users/__probe__", timeout=2).close()
-    except urllib.error.HTTPError as exc:
-        return exc.code == 404
+        return http_get(f"{web_url}/users/__probe__", timeout_s=2)[0] in (200, 404)
     except OSError:
         return False
-    return True
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
