@@ -38,8 +38,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
+from pathlib import Path
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +63,7 @@ from streams.variants import DEFAULT_VARIANT, Variant, online_hit
 from pydantic import ValidationError
 
 from topics import DeadLetter, EventError, Interaction, ItemEmbedded, Rec, Recs, TopicNames, decode, encode
+from topics.connection import KafkaConnection
 from topics.producer import EventProducer
 from vectorstore import ReplicaVectorStore, VectorStore
 
@@ -80,16 +81,13 @@ class StreamsConfig:
     """Plain values the composition root hands down."""
 
     topics: TopicNames
-    bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str = ""
-    sasl_username: str = ""
-    sasl_password: str = ""
-    ssl_cafile: str = ""
-    ssl_certfile: str = ""
-    ssl_keyfile: str = ""
+    #: how the stream processor (Faust), its recs producer and its item feed (librdkafka) reach the brokers
+    connection: KafkaConnection = field(default_factory=KafkaConnection)
     app_id: str = "vlm4rec-streams"
     store: str = "memory://"
+    #: Faust's own folder (its table stores and version marker); empty: "<app_id>-data" in the
+    #: working directory, Faust's default, which litters wherever the command was started
+    data_dir: str = ""
     session_timeout_s: float = 6.0
     partitions: int = 4
     replication: int = 1  # of the topics Faust creates itself (table changelogs)
@@ -108,9 +106,6 @@ class StreamsConfig:
     popularity_half_life_s: float = 6 * 3600
     rank: RankConfig = field(default_factory=RankConfig)
     variants: tuple[Variant, ...] = ()  # ranking variants served side by side (`streams.variants`)
-    #: librdkafka settings of the recs producer and the item feed (the composition root hands
-    #: down the product's `kafka_config()`); empty: `bootstrap_servers` in plain text
-    kafka: dict[str, Any] = field(default_factory=dict)
     #: search an in-process replica of the items collection (vectorstore/replica.py) instead
     #: of the vector store; off for catalogues beyond this worker's memory
     item_replica: bool = True
@@ -127,24 +122,6 @@ class StreamsConfig:
 
     def internal_topics(self) -> list[str]:
         return [self.pending_topic, self.control_topic]
-
-
-def _credentials(config: StreamsConfig) -> Any:
-    if config.security_protocol == "PLAINTEXT":
-        return None
-    context = None
-    if config.security_protocol.endswith("SSL"):
-        context = ssl.create_default_context(cafile=config.ssl_cafile or None)
-        if config.ssl_certfile:
-            context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile or None)
-    if config.security_protocol.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=config.sasl_username,
-            password=config.sasl_password,
-            mechanism=config.sasl_mechanism or "PLAIN",
-            ssl_context=context,
-        )
-    return faust.SSLCredentials(context)
 
 
 def _partition_of(stored: Any) -> int | None:
@@ -212,12 +189,12 @@ class StreamsApp:
         self._wake = asyncio.Event()
         self.shims = BrokerShims(config.broker_shims, config.fetch_max_wait_ms)
         self.shims.install()
-        brokers = ";".join(f"kafka://{b.strip()}" for b in config.bootstrap_servers.split(","))
         self.app = faust.App(
             config.app_id,
-            broker=brokers,
-            broker_credentials=_credentials(config),
+            broker=config.connection.faust_broker(),
+            broker_credentials=config.connection.faust_credentials(),
             store=config.store,
+            **({"datadir": self._faust_dir(config)} if config.data_dir else {}),
             topic_partitions=config.partitions,
             topic_replication_factor=config.replication,
             web_host=config.web_host,
@@ -304,8 +281,15 @@ class StreamsApp:
         except Exception as exc:  # noqa: BLE001 - only the first round pays for it
             log.warning("warm-up ranking failed (%s); the first round pays for it", exc)
 
+    @staticmethod
+    def _faust_dir(config: StreamsConfig) -> str:
+        """Faust makes only the last level of its folder; the levels above are ours."""
+        folder = Path(config.data_dir) / config.app_id
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
+
     def _kafka(self) -> dict[str, Any]:
-        return self.config.kafka or {"bootstrap.servers": self.config.bootstrap_servers}
+        return self.config.connection.librdkafka()
 
     def _recs_producer(self) -> EventProducer:
         if self._recs_out is None:

@@ -526,7 +526,7 @@ def test_a_vectorised_round_ranks_exactly_as_the_per_user_reference(config: Rank
     rankers take the same stream (training groups and model included) and must rank alike,
     before and after the first fit, for users without a profile, without candidates, with
     fresh items, exact score ties and tail slots, in rounds that mix moments and exclusions."""
-    from tests.rank_reference import ReferenceRanker
+    from rank_reference import ReferenceRanker
 
     content, ids, _ = tie_world()
     new, old = Replay(BlendRanker(config), content), Replay(ReferenceRanker(config), content)
@@ -572,7 +572,7 @@ def test_a_vectorised_round_ranks_exactly_as_the_per_user_reference(config: Rank
 def test_a_vectorised_round_ranks_hm_exactly_as_the_per_user_reference(shared_data: Path) -> None:
     """A slice of hm walked as `vlm4rec bench rank` walks it (random unit vectors), by two
     blends sharing the walk: the product's ranker and the per-user reference."""
-    from tests.rank_reference import ReferenceRanker
+    from rank_reference import ReferenceRanker
     from vlm4rec.evaluation.dataset import load_dataset
     from vlm4rec.evaluation.methods import BlendWalk
     from vlm4rec.evaluation.stream import ContentIndex, build_stream

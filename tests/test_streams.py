@@ -133,6 +133,8 @@ def click(user: str, item: str, ts: float = 1_700_000_000.0, event: str = "click
 
 def test_profiles_recs_seen_filtering_http_and_dead_letters(streams: Streams) -> None:
     s = streams.settings
+    assert (s.data_dir / "streams" / s.streams_app_id).is_dir(), "Faust's folder lives in the data dir"
+    assert not (REPO / f"{s.streams_app_id}-data").exists(), "nothing written where the command was started"
     t = s.topics.interactions
     send(s, [(t, click("alice", "red-1")), (t, click("alice", "red-2")), (t, click("bob", "blue-1")),
              (t, b"{broken json"), (t, b'{"user_id": "x", "item_id": "y", "event": "click", "ts": 1700000000000}')])

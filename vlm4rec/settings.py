@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from streams.rank import RankConfig
 from streams.variants import SERVING_FIELDS, VariantError, parse_variants
 from topics import TopicNames
+from topics.connection import KafkaConnection
 from topics.events import DEFAULT_EVENT_WEIGHTS
 
 _RANK = RankConfig()  # the ranker's defaults: `vlm4rec eval` scores exactly these as `default`
@@ -40,7 +41,7 @@ class Settings(BaseSettings):
         "PLAINTEXT", description="security.protocol for every Kafka client"
     )
     kafka_sasl_mechanism: str = Field(
-        "", description="sasl.mechanism: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (empty: none)"
+        "", description="sasl.mechanism: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (empty: PLAIN when the protocol is SASL_*)"
     )
     kafka_sasl_username: str = Field("", description="SASL username")
     kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password")
@@ -241,24 +242,23 @@ class Settings(BaseSettings):
             recs=self.topic_recs,
         )
 
+    @property
+    def kafka_connection(self) -> KafkaConnection:
+        """How every client reaches the brokers, rendered by each client library's side."""
+        return KafkaConnection(
+            bootstrap_servers=self.bootstrap_servers,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=self.kafka_sasl_password.get_secret_value(),
+            ssl_cafile=self.kafka_ssl_cafile,
+            ssl_certfile=self.kafka_ssl_certfile,
+            ssl_keyfile=self.kafka_ssl_keyfile,
+        )
+
     def kafka_config(self) -> dict[str, Any]:
         """librdkafka (confluent-kafka) settings shared by every client."""
-        config: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap_servers,
-            "security.protocol": self.kafka_security_protocol,
-        }
-        if self.kafka_sasl_mechanism:
-            config["sasl.mechanism"] = self.kafka_sasl_mechanism
-            config["sasl.username"] = self.kafka_sasl_username
-            config["sasl.password"] = self.kafka_sasl_password.get_secret_value()
-        for key, value in (
-            ("ssl.ca.location", self.kafka_ssl_cafile),
-            ("ssl.certificate.location", self.kafka_ssl_certfile),
-            ("ssl.key.location", self.kafka_ssl_keyfile),
-        ):
-            if value:
-                config[key] = value
-        return config
+        return self.kafka_connection.librdkafka()
 
     def consumer_config(self, group_id: str) -> dict[str, Any]:
         return {

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from vectorstore import MilvusVectorStore, VectorStore
+from pymilvus import MilvusClient
+
+from vectorstore import MilvusVectorStore
+from vectorstore.milvus import milvus_client
 from vlm4rec.settings import Settings
 from workers.backends.base import EmbeddingBackend
 from workers.embedder import Embedder
@@ -48,12 +51,21 @@ def build_embedder(settings: Settings) -> Embedder:
     return Embedder(build_backend(settings), settings.embed_strategy)
 
 
-def build_store(settings: Settings) -> VectorStore:
+def build_store(settings: Settings, collection: str | None = None, timeout_s: float = 30.0) -> MilvusVectorStore:
+    """The vector store of the product's Milvus: the items collection unless another is named
+    (the benchmarks write their own, so that a measurement never touches the product's items)."""
     return MilvusVectorStore(
         settings.milvus_uri,
-        collection=settings.milvus_collection,
+        collection=collection or settings.milvus_collection,
         token=settings.milvus_token.get_secret_value(),
+        timeout_s=timeout_s,
     )
+
+
+def build_milvus_client(settings: Settings, timeout_s: float = 30.0) -> MilvusClient:
+    """A bare client of the product's Milvus, for checks that read collections as they are
+    (statistics, raw rows) rather than through the vector-store interface."""
+    return milvus_client(settings.milvus_uri, settings.milvus_token.get_secret_value(), timeout_s)
 
 
 def build_loader(settings: Settings) -> ImageLoader:
@@ -69,27 +81,19 @@ def build_loader(settings: Settings) -> ImageLoader:
     )
 
 
-def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp, imported lazily (faust is heavy)
-    from streams.app import StreamsApp, StreamsConfig
+def build_streams_config(settings: Settings):  # noqa: ANN201 - streams.app.StreamsConfig, imported lazily (faust is heavy)
+    from streams.app import StreamsConfig
     from streams.profile import ProfileRule
     from streams.rank import RankConfig
     from streams.variants import parse_variants
-    from streams.web import register_ui
 
-    config = StreamsConfig(
+    return StreamsConfig(
         topics=settings.topics,
-        bootstrap_servers=settings.bootstrap_servers,
-        kafka=settings.kafka_config(),
+        connection=settings.kafka_connection,
         item_replica=settings.streams_item_replica,
-        security_protocol=settings.kafka_security_protocol,
-        sasl_mechanism=settings.kafka_sasl_mechanism,
-        sasl_username=settings.kafka_sasl_username,
-        sasl_password=settings.kafka_sasl_password.get_secret_value(),
-        ssl_cafile=settings.kafka_ssl_cafile,
-        ssl_certfile=settings.kafka_ssl_certfile,
-        ssl_keyfile=settings.kafka_ssl_keyfile,
         app_id=settings.streams_app_id,
         store=settings.streams_store,
+        data_dir=str(settings.data_dir / "streams"),
         session_timeout_s=settings.kafka_session_timeout_ms / 1000,
         partitions=settings.topic_partitions,
         replication=settings.topic_replication,
@@ -125,7 +129,13 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
         ),
         variants=parse_variants(settings.rank_variants),
     )
-    service = StreamsApp(config, build_store(settings))
+
+
+def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp, imported lazily (faust is heavy)
+    from streams.app import StreamsApp
+    from streams.web import register_ui
+
+    service = StreamsApp(build_streams_config(settings), build_store(settings))
     register_ui(service, build_loader(settings))
     return service
 

@@ -9,9 +9,19 @@ import logging
 
 import click
 
+from vlm4rec.extras import MissingExtra, require
 from vlm4rec.settings import Settings
 
 log = logging.getLogger("vlm4rec")
+
+
+def needs(module: str, extra: str, purpose: str) -> None:
+    """Stop a command at its start, with the install line, when an optional dependency it
+    needs is missing (not after minutes of work)."""
+    try:
+        require(module, extra, purpose)
+    except MissingExtra as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _setup_logging(level: str) -> None:

@@ -155,4 +155,5 @@ def eval_command(
     path = Path(out or f"eval-{dataset.name}.json")
     table, chart = write_outputs(report, path)
     click.echo(markdown_table(report))
-    click.echo(f"wrote {path}, {table}, {chart} in {time.perf_counter() - started:.1f} s")
+    written = ", ".join(str(p) for p in (path, table, chart) if p is not None)
+    click.echo(f"wrote {written} in {time.perf_counter() - started:.1f} s")

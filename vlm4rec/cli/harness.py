@@ -11,7 +11,7 @@ import click
 
 from vlm4rec.settings import Settings
 
-from vlm4rec.cli import main
+from vlm4rec.cli import main, needs
 from vlm4rec.cli.stack import stack_services
 
 
@@ -37,7 +37,8 @@ def bench_embed_cmd(settings: Settings, dataset_dir: str, limit: int, batch: int
     """
     from pathlib import Path
 
-    from vectorstore import MemoryVectorStore, MilvusVectorStore
+    from vectorstore import MemoryVectorStore
+    from vlm4rec.wiring import build_store
     from vlm4rec.harness.bench import bench_embed
     from vlm4rec.evaluation.dataset import read_items
     from vlm4rec.localstack import parse_host_port, port_answers
@@ -55,7 +56,7 @@ def bench_embed_cmd(settings: Settings, dataset_dir: str, limit: int, batch: int
         embedder = Embedder(backend, strategy)  # type: ignore[arg-type]
         embedder.embed([_content(items[0], loader)])  # warm-up: load the models outside the timing
         if milvus_up:
-            store = MilvusVectorStore(settings.milvus_uri, f"bench_{strategy}_{int(time.time())}", settings.milvus_token.get_secret_value())
+            store = build_store(settings, f"bench_{strategy}_{int(time.time())}")
         else:
             store = MemoryVectorStore()
         run = bench_embed(items, embedder, loader, store, batch, settings.worker_fetch_threads)
@@ -88,10 +89,10 @@ def bench_search_cmd(settings: Settings, items: int, dim: int, batch: int, out: 
     import uuid
     from pathlib import Path
 
-    from vectorstore import MilvusVectorStore
     from vlm4rec.harness.bench import bench_search
+    from vlm4rec.wiring import build_store
 
-    store = MilvusVectorStore(settings.milvus_uri, f"bench_{uuid.uuid4().hex[:8]}", settings.milvus_token.get_secret_value())
+    store = build_store(settings, f"bench_{uuid.uuid4().hex[:8]}")
     try:
         result = bench_search(store, items, dim, batch)
     finally:
@@ -151,8 +152,9 @@ def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: f
     import base64
     from pathlib import Path
 
-    from vectorstore import MilvusVectorStore
+    needs("psutil", "measure", "`vlm4rec bench stream` (per-process CPU)")
     from vlm4rec.harness.bench_stream import bench_stream
+    from vlm4rec.wiring import build_store
     from vlm4rec.evaluation.dataset import read_items
 
     root = Path(dataset_dir).resolve()
@@ -166,7 +168,7 @@ def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: f
 
     items = [inline(i) for i in items]
     seed, fresh = items[:seed_items], items[seed_items:]
-    store = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection, settings.milvus_token.get_secret_value())
+    store = build_store(settings)
     from topics.producer import EventProducer
 
     with EventProducer(settings.kafka_config()) as producer:
@@ -211,11 +213,10 @@ def _scrape_stream_processors(settings: Settings) -> list[Any]:
 
 def _milvus_kind(settings: Settings) -> str:
     """Which Milvus a figure was measured against, with the version it reports."""
-    from vectorstore.milvus import milvus_client
-
     from vlm4rec.localstack import LOCAL_HOSTS, parse_host_port
+    from vlm4rec.wiring import build_milvus_client
 
-    client = milvus_client(settings.milvus_uri, settings.milvus_token.get_secret_value(), 10)
+    client = build_milvus_client(settings, 10)
     try:
         version = client.get_server_version()
     except Exception:  # noqa: BLE001 - only a label
@@ -333,6 +334,8 @@ def soak_command(
     """
     from pathlib import Path
 
+    needs("psutil", "measure", "`vlm4rec soak` (memory and CPU of every process)")
+    needs("matplotlib", "measure", "`vlm4rec soak` (its plot)")
     from vlm4rec.localstack import StackError
     from vlm4rec.harness.soak import run_soak
     from vlm4rec.harness.soak_report import write

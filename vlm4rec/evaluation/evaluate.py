@@ -16,6 +16,7 @@ better) and one entry in `METHODS`. A method that defines a fallback returns
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,11 @@ from tqdm import tqdm
 from streams.profile import Ranker
 from streams.variants import Variant
 from vlm4rec.evaluation.blas import single_threaded_blas
+from vlm4rec.extras import MissingExtra, require
 from vlm4rec.evaluation.methods import BLEND_STRATEGIES, METHODS, Scorer, method_of
 from vlm4rec.evaluation.stream import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, ContentIndex, DEFAULT_IS, DEFAULT_STRATEGY, KS, LATER_VISIT_S, Stream, StreamState, Target, WINDOW_DAYS, previous_ts, select_targets
+
+log = logging.getLogger(__name__)
 
 # --- the walk ----------------------------------------------------------------------------
 
@@ -223,9 +227,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 def plot(report: Mapping[str, Any], path: Path) -> None:
     """HR@10 of every method with its 95% bootstrap interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "measure", "the chart of `vlm4rec eval`").use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["methods"])
@@ -242,11 +244,16 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
-    """`out` (JSON), and beside it the Markdown table (.md) and the chart (.png)."""
+def write_outputs(report: Mapping[str, Any], out: Path) -> tuple[Path, Path | None]:
+    """`out` (JSON), and beside it the Markdown table (.md) and the chart (.png; None, with a
+    warning that says how to install it, without matplotlib: the figures are in the other two)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     table, chart = out.with_suffix(".md"), out.with_suffix(".png")
     table.write_text(markdown_table(report))
-    plot(report, chart)
+    try:
+        plot(report, chart)
+    except MissingExtra as exc:
+        log.warning("no chart: %s", exc)
+        return table, None
     return table, chart

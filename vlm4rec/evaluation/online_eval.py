@@ -103,9 +103,9 @@ def check_stack(settings: Settings, wait_s: float = 60.0) -> None:
 def items_in_store(settings: Settings) -> int | None:
     """Vectors in the items collection now (None: no collection yet / unreachable)."""
     try:
-        from vectorstore.milvus import MilvusVectorStore
+        from vlm4rec.wiring import build_store
 
-        store = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection, settings.milvus_token.get_secret_value(), 10.0)
+        store = build_store(settings, timeout_s=10.0)
         try:
             return store.count() if store.space() is not None else None
         finally:

@@ -19,6 +19,7 @@ from vlm4rec.localstack import StackError
 from vlm4rec.harness.probes import user_interactions
 from vlm4rec.evaluation.replay import Scheduled
 from vlm4rec.settings import Settings
+from vlm4rec.wiring import build_milvus_client, build_store
 from vlm4rec.harness.ownstack import OwnStack
 
 
@@ -102,17 +103,11 @@ def dump_topics(settings: Settings, folder: Path) -> Path:
     return folder
 
 
-def _milvus_client(settings: Settings) -> Any:
-    from vectorstore.milvus import milvus_client
-
-    return milvus_client(settings.milvus_uri, settings.milvus_token.get_secret_value(), 30)
-
-
 def milvus_rows(settings: Settings) -> int | None:
     """Rows in the items collection (None before the worker created it). Read from the
     collection's statistics, which need no loaded collection: the harness must not load it
     itself, or it would hide whether the product reloads a restarted Milvus on its own."""
-    client = _milvus_client(settings)
+    client = build_milvus_client(settings)
     try:
         if not client.has_collection(settings.milvus_collection):
             return None
@@ -126,7 +121,7 @@ def _milvus_items(settings: Settings, ids: Sequence[str]) -> tuple[dict[str, lis
     the collection's total row count."""
     from vectorstore.milvus import id_list_expr
 
-    client = _milvus_client(settings)
+    client = build_milvus_client(settings)
     rows: dict[str, list[str]] = defaultdict(list)
     try:
         for start in range(0, len(ids), 500):
@@ -289,9 +284,7 @@ def verify(
 
 def _model(settings: Settings) -> str:
     """The embedding model the worker wrote the collection with (part of each content hash)."""
-    from vectorstore import MilvusVectorStore
-
-    store = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection, settings.milvus_token.get_secret_value())
+    store = build_store(settings)
     try:
         space = store.space()
     finally:

@@ -237,8 +237,8 @@ def run_soak(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Seed, measure capacity (unless `rate`), soak for `minutes`, and return the figures."""
-    from vectorstore import MilvusVectorStore
     from topics.producer import EventProducer
+    from vlm4rec.wiring import build_store
 
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = run_dir or settings.data_dir / "soak" / f"{stamp}-{os.getpid()}"
@@ -252,7 +252,7 @@ def run_soak(
         with EventProducer(s.kafka_config()) as producer:
             for item in seeded:
                 producer.send(s.topics.items_new, item)
-        store = MilvusVectorStore(s.milvus_uri, s.milvus_collection, s.milvus_token.get_secret_value())
+        store = build_store(s)
         deadline = time.monotonic() + 600
         while len(store.get_vectors([i.item_id for i in seeded]) if store.space() else {}) < items:
             if time.monotonic() > deadline:

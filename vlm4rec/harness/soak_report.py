@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlm4rec.extras import require
+
 
 
 # --- judging -------------------------------------------------------------------------------
@@ -94,9 +96,7 @@ def summarise(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def plot(figures: dict[str, Any], path: Path) -> None:
     """Rate, lag, memory and p99 over time, one panel each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "measure", "the plot of `vlm4rec soak`").use("Agg")
     import matplotlib.pyplot as plt
 
     samples = figures["samples"]
