@@ -321,8 +321,12 @@ class Recommender:
                 group = [requests[n] for n in members]
                 try:
                     source = Prefetched(self.content, group, serving)
-                    with self.lock:
+                    with metrics.STAGE_SECONDS.labels("rank_wait").time():
+                        self.lock.acquire()
+                    try:
                         ranked: list[Hits | None] = list(self.ranker.rank(group, source, k, serving))
+                    finally:
+                        self.lock.release()
                 except Exception:
                     if not self._store_answers():
                         raise

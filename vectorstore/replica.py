@@ -163,20 +163,28 @@ def _unit_rows(rows: np.ndarray) -> np.ndarray:
 
 def _top_many(scores: np.ndarray, ids: list[str], k: int) -> list[Hits]:
     """`_top` of every row with nothing to skip, in a few array operations (the stream
-    processor's searches: one per round for all its users). A row with a tie that reaches its
-    top k is done by `_top`, which orders ties by id."""
-    take = min(scores.shape[1], k)
+    processor's searches: one per round for all its users). A row with a tie in its top k, or
+    at its cut-off, is ordered by `_in_order` over the columns at or above its k-th score: one
+    pass over that row (duplicate items make ties common: most of hm's rows had one, and a
+    second partition of each took a twentieth of a loaded stream processor's samples)."""
+    width = scores.shape[1]
+    take = min(width, k)
     if take <= 0:
         return [[] for _ in range(len(scores))]
-    cols = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+    cols = np.argpartition(scores, width - take, axis=1)[:, width - take :]  # the best `take`, unordered
     values = np.take_along_axis(scores, cols, 1)
     order = np.argsort(-values, axis=1, kind="stable")
     cols, values = np.take_along_axis(cols, order, 1), np.take_along_axis(values, order, 1)
-    tied = ((scores >= values[:, -1:]).sum(axis=1) > take) | (values[:, 1:] == values[:, :-1]).any(axis=1)
-    return [
-        _top(scores[row], ids, k, ()) if tied[row] else [(ids[j], v) for j, v in zip(cols[row].tolist(), values[row].tolist())]
-        for row in range(len(scores))
-    ]
+    cut = values[:, -1:]
+    tied = ((scores >= cut).sum(axis=1) > take) | (values[:, 1:] == values[:, :-1]).any(axis=1)
+    out: list[Hits] = []
+    for row in range(len(scores)):
+        if tied[row]:
+            at_least = np.flatnonzero(scores[row] >= cut[row, 0])
+            out.append(_in_order(at_least, scores[row, at_least], ids)[:k])
+        else:
+            out.append([(ids[j], v) for j, v in zip(cols[row].tolist(), values[row].tolist())])
+    return out
 
 
 def _top(scores: np.ndarray, ids: list[str], k: int, skip: Collection[str]) -> Hits:
