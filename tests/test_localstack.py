@@ -118,3 +118,23 @@ def test_up_refuses_remote_addresses(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "vlm4rec", "up"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "points at kafka.example.com" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("poisoned", ["vlm4rec", "streams", "workers", "topics"])
+def test_stack_processes_import_the_installed_code_whatever_the_working_directory(tmp_path: Path, poisoned: str) -> None:
+    """`vlm4rec up` started next to a folder named like one of the product's packages (another
+    checkout, a user's own `topics/`) must not run that folder: `python -m` would put the
+    working directory first on the children's import path."""
+    import subprocess
+
+    from vlm4rec.cli.stack import stack_services
+    from vlm4rec.settings import Settings
+
+    (tmp_path / poisoned).mkdir()
+    (tmp_path / poisoned / "__init__.py").write_text("raise SystemExit('the working directory was imported')\n")
+    services, infra = stack_services(Settings(_env_file=None), infra_only=False)
+    assert len(services) > infra
+    for service in services[infra:]:
+        done = subprocess.run([*service.argv, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "working directory was imported" not in done.stderr

@@ -100,7 +100,10 @@ def _product_services(settings: Settings) -> list[Any]:
             f"VLM4REC_LOCAL_STREAMS={settings.local_streams} stream processors would share "
             f"{settings.topic_partitions} partitions (VLM4REC_TOPIC_PARTITIONS): the extra ones would sit idle"
         )
-    exe = [sys.executable, "-m", "vlm4rec"]
+    # -P: the working directory is not put first on the children's import path, so a folder
+    # named like one of the product's packages where `vlm4rec up` was started (a checkout of
+    # another version, a user's own `topics/`) cannot shadow the installed code
+    exe = [sys.executable, "-P", "-m", "vlm4rec"]
     host = settings.web_host
     metrics_ports = [(host, settings.worker_metrics_port)] if settings.worker_metrics_port else []
     services = [Service(name="worker", argv=[*exe, "worker"], ready=lambda: True, restart=True, ports=metrics_ports)]

@@ -136,7 +136,7 @@ def milvus_server_service(host: str, port: int, data_dir: Path) -> Service:
         raise StackError(f"VLM4REC_LOCAL_MILVUS=server: {milvusserver.INSTALL_HINT}")
     return Service(
         name="milvus",
-        argv=[sys.executable, "-m", "vlm4rec.localstack.milvusserver", "--data-dir", str(data_dir), "--port", str(port)],
+        argv=[sys.executable, "-P", "-m", "vlm4rec.localstack.milvusserver", "--data-dir", str(data_dir), "--port", str(port)],
         ready=lambda: milvus_answers(host, port),
         ports=[(host, port)],
         # up to `milvusserver.START_ATTEMPTS` starts of about 8 s plus `READY_S` each
