@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams.rank import RankConfig
+from streams.rank import TAIL_RULES, RankConfig
 
 #: what a variant may override: the settings that shape a list, not what the model learns
-SERVING_FIELDS = ("content_k", "neighbour_depth", "interests", "cooc_k", "popular_k", "fresh_k", "fresh_window_s", "tail_slots", "tail_within")
+SERVING_FIELDS = ("content_k", "neighbour_depth", "interests", "cooc_k", "popular_k", "fresh_k", "fresh_window_s", "tail_slots", "tail_within", "tail_rule")
 DEFAULT_VARIANT = "default"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: the list positions whose hits are counted (online HR@k)
@@ -73,6 +73,11 @@ def parse_variants(spec: Sequence[Mapping[str, Any]]) -> tuple[Variant, ...]:
             if key not in SERVING_FIELDS:
                 raise VariantError(f"variant {name}: {key!r} cannot be overridden; a variant may set {', '.join(SERVING_FIELDS)}")
             kind = type(getattr(defaults, key))
+            if key == "tail_rule":
+                if value not in TAIL_RULES:
+                    raise VariantError(f"variant {name}: tail_rule must be one of {', '.join(TAIL_RULES)}, not {value!r}")
+                overrides[key] = value
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
                     or (kind is int and value != int(value)):
                 raise VariantError(f"variant {name}: {key} must be a {'whole ' if kind is int else ''}number of at least 0, not {value!r}")

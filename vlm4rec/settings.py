@@ -199,6 +199,12 @@ class Settings(BaseSettings):
         description="of the first 10 recs, places kept for items with at most one interaction, in the order of "
         "their cosine to the profile (0: none; docs/quality.md)",
     )
+    rank_tail_rule: Literal["fixed", "earned"] = Field(
+        _RANK.tail_rule,
+        description="how recs make room for items with at most one interaction: fixed (VLM4REC_RANK_TAIL_SLOTS "
+        "places) or earned (each place to the blend or to the content ranking of those items, by the odds learnt "
+        "from the stream; the tail slots then a floor; streams/fresh_slots.py)",
+    )
     rank_variants: list[dict[str, Any]] = Field(
         default_factory=list,
         description="ranking variants served side by side, JSON: [{\"name\": \"a\", \"share\": 0.5}, {\"name\": "

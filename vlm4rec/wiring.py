@@ -126,6 +126,7 @@ def build_streams_config(settings: Settings):  # noqa: ANN201 - streams.app.Stre
             refit_every=settings.rank_refit_every,
             min_groups=settings.rank_min_groups,
             tail_slots=settings.rank_tail_slots,
+            tail_rule=settings.rank_tail_rule,
         ),
         variants=parse_variants(settings.rank_variants),
     )
