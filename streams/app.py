@@ -111,6 +111,11 @@ class StreamsConfig:
     item_replica: bool = True
     #: the embedded broker's work-arounds (`streams.delivery.BrokerShims`); off against Kafka
     broker_shims: bool = True
+    #: the largest record batch of Faust's producer (table changelogs, deferrals). aiokafka
+    #: sends at most one batch per partition in a request and one request at a time per
+    #: broker, so a burst of profile writes moves one batch per partition per round trip:
+    #: Faust's 16 KB default let a 1,000/s stream's changelog fall behind (tests/test_changelog_batching.py)
+    producer_batch_bytes: int = 512 * 1024
 
     @property
     def pending_topic(self) -> str:
@@ -203,6 +208,7 @@ class StreamsApp:
             broker_session_timeout=config.session_timeout_s,
             broker_heartbeat_interval=max(0.5, config.session_timeout_s / 3),
             producer_linger_ms=2,
+            producer_max_batch_size=config.producer_batch_bytes,
             stream_wait_empty=False,
             table_cleanup_interval=60.0,
             # Faust's own views would list table contents (users' histories): off
@@ -375,7 +381,8 @@ class StreamsApp:
                 )
             )
         item_ids = self.updater.items_needed(batch)
-        vectors = await self._lookup(self.recommender.vectors.get, item_ids) if item_ids else {}
+        with metrics.STAGE_SECONDS.labels("apply_lookup").time():
+            vectors = await self._lookup(self.recommender.vectors.get, item_ids) if item_ids else {}
         update = self.updater.update(batch, vectors)
         metrics.INTERACTIONS.labels("duplicate").inc(update.duplicates)
         metrics.INTERACTIONS.labels("deferred").inc(len(update.deferred))
@@ -400,7 +407,8 @@ class StreamsApp:
         for user_id, (partition, published_at) in update.refreshed.items():
             self._mark_due(user_id, Due(partition, published_at=published_at))
         self._wake.set()  # recs need the profiles in memory, not yet their changelog: rank while it is flushed
-        await self.shims.fence(self.app.producer, self.profiles, [event for _, event in update.profiles.values()])
+        with metrics.STAGE_SECONDS.labels("apply_fence").time():
+            await self.shims.fence(self.app.producer, self.profiles, [event for _, event in update.profiles.values()])
 
     def _judge(self, interaction: Interaction) -> None:
         """Online HR@k per ranking variant: was a positive interaction's item in the list last

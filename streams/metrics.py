@@ -47,7 +47,9 @@ STAGE_SECONDS = Histogram(
     "vlm4rec_streams_stage_seconds",
     "Time per batch or round in each stage. The hot path: apply (profile agent: parse, "
     "vectors, profiles, table), rank (candidates incl. searches, features, scores), push. "
-    "rank_wait is the part of rank spent waiting for the ranker's lock, held by the learner. "
+    "rank_wait is the part of rank spent waiting for the ranker's lock, held by the learner; "
+    "apply_lookup and apply_fence the parts of apply spent on the item vectors it needs and on "
+    "the changelog flush and fence (embedded broker only). "
     "Beside it: learn (training groups and counts), refit (fitting a candidate model)",
     ["stage"],
     buckets=LATENCY_BUCKETS,

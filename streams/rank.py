@@ -622,6 +622,10 @@ class BlendRanker:
         self._cooc_generation = -1
         self._names = NameOrder(self.stats.ids)  # a round's ties by item id
         self.slots = SlotOdds(config.buffer)  # what fresh items earn (`tail_rule` "earned")
+        #: whether learning scores each training round to see where its targets sat: only the
+        #: "earned" tail rule reads it, and it costs the round's features a second time (a
+        #: caller that serves an "earned" variant with other settings sets it)
+        self.learns_places = config.tail_rule == "earned"
 
     # --- the stream flows in --------------------------------------------------------------
     def sample_rate(self) -> float:
@@ -647,7 +651,7 @@ class BlendRanker:
         caller refits itself (`refit_due`, `train`, `install`), off the ranking thread."""
         drawn = self._round(requests, content)
         pools = [drawn[n] for n in range(len(drawn))]
-        if requests:
+        if requests and self.learns_places:
             self._observe_places(requests, items, drawn, content)
         names = self.stats.ids
         chosen: list[tuple[Request, np.ndarray, Candidates]] = []

@@ -217,6 +217,7 @@ class Recommender:
         self.ranker = BlendRanker(rank)
         self.assignment = Assignment(variants or parse_variants([]))
         self._serving = {v.name: v.config(self.ranker.config) for v in self.assignment.variants}
+        self.ranker.learns_places = any(c.tail_rule == "earned" for c in self._serving.values())
         self.lock = threading.Lock()
         # the training-example draw happens on the caller's thread (see `observation`)
         self._draw = random.Random(self.ranker.config.seed)

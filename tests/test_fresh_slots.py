@@ -74,7 +74,7 @@ def test_on_a_stream_the_blend_predicts_well_the_earned_rule_costs_next_to_nothi
         replay = Replay(BlendRanker(config), content)
         rows = chain_stream(ids, users=30, steps=40, seed=seed)
         replay.feed(rows[:-200])
-        assert replay.ranker.slots.ready
+        assert replay.ranker.slots.ready == (config.tail_rule == "earned")
         rates.append(replay.hit_rate(rows[-200:], k=10))
     assert rates[0] > 0.8 and rates[1] >= rates[0] - 0.03
 
@@ -108,3 +108,26 @@ def test_variants_may_choose_the_rule_and_nothing_else_is_accepted() -> None:
         parse_variants([{"name": "e", "share": 1.0, "tail_rule": "lucky"}])
     with pytest.raises(ValueError, match="tail_rule"):
         RankConfig(tail_rule="lucky")
+
+
+def test_places_are_learnt_only_where_a_served_rule_reads_them() -> None:
+    """Scoring a training round to see where its targets sat costs the round's features again:
+    a ranker serving only the fixed rule skips it; one serving an "earned" variant learns them."""
+    from streams.popularity import RecentPopularity
+    from streams.recommend import Recommender
+    from vectorstore.memory import MemoryVectorStore
+
+    def observed(ranker: BlendRanker) -> float:
+        content, ids, _ = world()
+        Replay(ranker, content).feed(chain_stream(ids, users=10, steps=10, seed=2))
+        return float(ranker.slots.observed.sum())
+
+    assert not BlendRanker(RankConfig(**FAST.__dict__)).learns_places
+    assert observed(BlendRanker(RankConfig(**FAST.__dict__))) == 0.0
+    assert observed(BlendRanker(earned())) > 0.0
+    store = MemoryVectorStore()
+    plain = Recommender(store, RecentPopularity(3600.0), rank=RankConfig(**FAST.__dict__))
+    assert not plain.ranker.learns_places
+    served = Recommender(store, RecentPopularity(3600.0), rank=RankConfig(**FAST.__dict__),
+                         variants=parse_variants([{"name": "a", "share": 0.5}, {"name": "e", "share": 0.5, "tail_rule": "earned"}]))
+    assert served.ranker.learns_places

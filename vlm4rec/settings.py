@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     streams_fanout_users: int = Field(50, ge=0, description="users a fresh item is pushed to")
     streams_batch_max: int = Field(1000, ge=1, description="interactions coalesced per batch at most")
     streams_batch_ms: int = Field(50, ge=1, description="coalescing window for a user's interactions")
+    streams_producer_batch_bytes: int = Field(
+        512 * 1024, ge=1024, description="largest record batch of the stream processor's Kafka producer (profile "
+        "changelog writes): one batch per partition goes in each produce request, so small batches make a busy "
+        "changelog fall behind; keep it below the topics' max.message.bytes (Kafka's default 1 MB)"
+    )
     streams_refresh_max: int = Field(
         256, ge=1, description="users whose recs one refresh round ranks at most (one batched search)"
     )

@@ -106,6 +106,7 @@ def build_streams_config(settings: Settings):  # noqa: ANN201 - streams.app.Stre
         refresh_max=settings.streams_refresh_max,
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         broker_shims=settings.streams_broker_shims,
+        producer_batch_bytes=settings.streams_producer_batch_bytes,
         learn_max=settings.streams_learn_max,
         learn_every_s=settings.streams_learn_every_s,
         neighbour_ttl_s=settings.streams_neighbour_ttl_s,

@@ -247,6 +247,7 @@ def variant(serving: RankConfig) -> Method:
 
     def make(stream: Stream, indexes: Mapping[str, ContentIndex], shared: dict[str, Any]) -> Scorer:
         shared_blend = _blend_of(stream, indexes, shared, DEFAULT_STRATEGY)
+        shared_blend.ranker.learns_places |= serving.tail_rule == "earned"
         return lambda state, target: shared_blend.scores(state, target, serving)
 
     return Method(strategy=DEFAULT_STRATEGY, make=make)
