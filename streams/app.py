@@ -53,6 +53,7 @@ from streams import metrics
 from streams.background import Backlog
 from streams.delivery import FENCE_PREFIX, BrokerShims, Delivery, in_context_of
 from streams.item_feed import ItemFeed
+from streams.live_profiles import LiveProfiles
 from streams.popularity import RecentPopularity
 from streams.profile import Profile, ProfileRule
 from streams.profile_updates import Deferral, ProfileUpdater, Received
@@ -190,6 +191,7 @@ class StreamsApp:
         # embedded items (item_id, created_at) not yet told to the ranker, whose state only the
         # vector-store thread touches; queued so that the item feed never waits behind a round
         self._embedded: list[tuple[str, float | None]] = []
+        self.live = LiveProfiles()  # the table's profiles as objects, not parsed again per read
         self.updater = ProfileUpdater(config.rule, self._stored, self.recommender.observation)
         self._wake = asyncio.Event()
         self.shims = BrokerShims(config.broker_shims, config.fetch_max_wait_ms)
@@ -395,7 +397,9 @@ class StreamsApp:
         await asyncio.gather(*[await self._defer(deferral) for deferral in update.deferred])
         for user_id, (profile, event) in update.profiles.items():
             in_context_of(event)
-            self.profiles[user_id] = profile.to_dict()
+            stored = profile.to_dict()
+            self.profiles[user_id] = stored
+            self.live.written(user_id, stored, profile)
             metrics.PROFILE_UPDATES.inc()
             self.user_index.put(user_id, profile.as_array(), event.message.partition)
         if update.observed:
@@ -449,7 +453,7 @@ class StreamsApp:
         try:
             if embedded:
                 await self._store(self.recommender.embedded, embedded)
-            ready = [(u, d, Profile.from_dict(stored)) for u, d in taken if (stored := self.stored_profile(u)) is not None]
+            ready = [(u, d, profile) for u, d in taken if (profile := self.live.read(u, self.stored_profile(u))) is not None]
             with metrics.STAGE_SECONDS.labels("rank").time():
                 lists = await self._store(self.recommender.recommend, [p for _, _, p in ready])
         except BaseException:
@@ -513,8 +517,10 @@ class StreamsApp:
         return self.profiles.get(user_id)
 
     def _stored(self, user_id: str) -> Profile | None:
-        stored = self.stored_profile(user_id)
-        return Profile.from_dict(stored) if stored is not None else None
+        """The user's profile for the updater to change: a copy, so that a batch that fails
+        half-way leaves what the table and `live` hold as they were."""
+        profile = self.live.read(user_id, self.stored_profile(user_id))
+        return None if profile is None else profile.copy()
 
     async def _defer(self, deferral: Deferral) -> Awaitable[Any]:
         """Send to `pending`; returns the delivery, to await before the profile that awaits
@@ -644,7 +650,8 @@ class StreamsApp:
         for user_id, stored in list(self.profiles.items()):
             partition = _partition_of(stored)
             if partition in owned and not str(user_id).startswith(FENCE_PREFIX):
-                entries.append((str(user_id), Profile.from_dict(stored).as_array(), partition))
+                profile = self.live.read(str(user_id), stored)
+                entries.append((str(user_id), profile.as_array() if profile is not None else None, partition))
         self.user_index.replace(entries)
         log.info("fan-out: %d users on partitions %s, %d per fresh item", len(self.user_index), sorted(owned), self._fanout_share)
 

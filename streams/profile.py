@@ -59,16 +59,35 @@ class Profile:
     history: list[tuple[str, str, float]] = field(default_factory=list)  # (item, event, ts)
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> last offset seen
     awaiting: list[str] = field(default_factory=list)  # origins of deferred interactions not yet applied
+    #: `as_array`'s answer until the vector moves: a profile is read for its direction by the
+    #: updater's observation, the fan-out index and every recs round
+    _unit: tuple[np.ndarray | None] | None = field(default=None, init=False, repr=False, compare=False)
 
     def as_array(self) -> np.ndarray | None:
-        """The profile's unit direction, or None for a user with no signal yet."""
+        """The profile's unit direction (read-only), or None for a user with no signal yet."""
+        if self._unit is None:
+            self._unit = (self._direction(),)
+        return self._unit[0]
+
+    def _direction(self) -> np.ndarray | None:
         if self.vector is None:
             return None
         array = np.asarray(self.vector, dtype=np.float32)
         norm = float(np.linalg.norm(array))
         if not (1e-9 < norm < math.inf):  # no direction, or not finite (never searched with)
             return None
-        return array / norm
+        unit = array / norm
+        unit.flags.writeable = False
+        return unit
+
+    def copy(self) -> Profile:
+        """A profile to change without touching this one (its lists and marks are copied)."""
+        twin = Profile(
+            self.user_id, self.vector, self.count, self.updated_at, list(self.seen), list(self.pulls),
+            list(self.history), dict(self.offsets), list(self.awaiting),
+        )
+        twin._unit = self._unit
+        return twin
 
     def to_dict(self) -> dict[str, Any]:
         """The table value. The vector goes as the base64 of its little-endian float64 bytes:
@@ -125,6 +144,7 @@ class Profile:
         if not np.isfinite(updated).all():
             return False
         self.vector = updated.tolist()
+        self._unit = None
         return True
 
     def already_seen(self, source: str, offset: int) -> bool:

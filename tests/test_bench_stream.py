@@ -48,6 +48,9 @@ def test_a_fresh_item_is_timed_at_its_first_push_only() -> None:
     tracker.on_recs(recs("u", {}, "fresh_item", ("old", "new")), 5.4)
     tracker.on_recs(recs("v", {}, "fresh_item", ("new",)), 9.0)
     assert [round(ms) for ms in tracker.fresh_ms] == [400]
+    tracker.fresh_sent["newer"] = 10.0
+    tracker.on_recs(recs("w", {}, "interaction", ("newer",)), 10.3)
+    assert [round(ms) for ms in tracker.fresh_ms] == [400, 300], "a list pushed for an interaction carries it as well"
 
 
 def test_the_stack_processes_are_told_apart_by_their_arguments() -> None:

@@ -131,7 +131,7 @@ def bench_rank_cmd(dataset_dir: str, users: int, rounds: int, out: str) -> None:
 @click.option("--step-s", default=10.0, show_default=True, help="Seconds per rate step.")
 @click.option("--users", default=5000, show_default=True, help="Distinct users drawn from.")
 @click.option("--seed-items", default=500, show_default=True, help="Items embedded before the run.")
-@click.option("--fresh-items", default=120, show_default=True, help="New items published during the run, evenly spread.")
+@click.option("--fresh-items", default=200, show_default=True, help="New items published during the run, evenly spread (each timed to the first pushed list that holds it; an item no list takes is not timed).")
 @click.option("--out", type=click.Path(dir_okay=False), default="bench-stream.json", show_default=True)
 @click.pass_obj
 def bench_stream_cmd(settings: Settings, dataset_dir: str, rates: str, step_s: float, users: int, seed_items: int, fresh_items: int, out: str) -> None:

@@ -42,6 +42,11 @@ class _Sent:
 class _Tracker:
     """Matches pushed recs to the interactions and fresh items they answer.
 
+    A fresh item is timed from its publication to the first pushed list that holds it. (Until
+    2026-12-04 only lists pushed for a fresh item counted: under load most of the users it is
+    fanned out to are due for an interaction as well, their list is pushed for that, and 30-60 %
+    of the fresh items went untimed.)
+
     A `recs` event says, per input partition, the offset of the user's last event its profile
     had applied when the list was ranked (`Recs.answers`); an interaction counts as answered by
     the first push of its user whose offset there is at least its own. Pushes may come before
@@ -93,11 +98,12 @@ class _Tracker:
                 for record in [r for r in waiting if r.offset is not None and r.offset <= offset]:
                     record.answered_ms = (pushed_at - record.scheduled) * 1000
                 self.waiting[key] = [r for r in waiting if r.answered_ms is None]
-            if recs.trigger == "fresh_item":
-                for rec in recs.items:
-                    sent = self.fresh_sent.pop(rec.item_id, None)
-                    if sent is not None:
-                        self.fresh_ms.append((pushed_at - sent) * 1000)
+            # a fresh item reaches a feed with the first list that holds it, whatever made the
+            # list due: its fan-out, or an interaction of a user it was fanned out to as well
+            for rec in recs.items:
+                sent = self.fresh_sent.pop(rec.item_id, None)
+                if sent is not None:
+                    self.fresh_ms.append((pushed_at - sent) * 1000)
 
     def step_latencies(self) -> tuple[list[float], int]:
         """Every interaction of the step, the unanswered at `UNANSWERED_MS`, and how many
