@@ -669,7 +669,7 @@ class BlendRanker:
             wanted = [rows for _, rows, _ in chosen] + [self._recent_rows(r) for r, _, _ in chosen]
             vectors = VectorRows.fetch(self.stats, np.unique(np.concatenate(wanted)), content)
             for request, rows, pool in chosen:
-                x = self._features(request, rows, vectors, pool).astype(np.float32)
+                x = self._group_features(request, rows, vectors, pool).astype(np.float32)
                 if not np.isfinite(x).all():  # never let one odd moment into the model
                     self.refused_groups += 1
                     continue
@@ -901,6 +901,18 @@ class BlendRanker:
         cooc = (np.array([0, len(found)]), found, scores)
         return self._round_features([request], np.array([0, len(rows)]), rows, vectors, rr, cooc)
 
+    def _group_features(self, request: Request, rows: np.ndarray, vectors: VectorRows, pool: Candidates) -> np.ndarray:
+        """A training group's features: `rows` (its positive and negatives) are some of the
+        request's candidates `pool`, and every feature is what that row would have when the
+        request is ranked. `cooc_rel` is relative to the best of all the candidates, not of the
+        group's few rows: measured on the group, a positive with any co-occurrence was most
+        often its group's best (1.0 in training, less when ranked)."""
+        found, scores = pool.cooc
+        rr = {s: pool.rr_of(s, rows) for s in ("profile", "interests", "cooc", "popular")}
+        top = np.array([scores[np.isin(found, pool.rows)].max(initial=0.0)])
+        cooc = (np.array([0, len(found)]), found, scores)
+        return self._round_features([request], np.array([0, len(rows)]), rows, vectors, rr, cooc, top)
+
     def _round_features(
         self,
         requests: Sequence[Request],
@@ -909,10 +921,13 @@ class BlendRanker:
         vectors: VectorRows,
         rr: Mapping[str, np.ndarray] | None,
         cooc: tuple[np.ndarray, np.ndarray, np.ndarray],
+        cooc_top: np.ndarray | None = None,
     ) -> np.ndarray:
         """(len(rows), len(FEATURES)): request n's candidates are `rows[starts[n]:starts[n + 1]]`;
         `rr`: their sources' reciprocal ranks, aligned with `rows` (None: not candidates of a
-        round); `cooc`: the requests' co-occurrence scores, flat as in `Round`. Everything is one
+        round); `cooc`: the requests' co-occurrence scores, flat as in `Round`; `cooc_top`: per
+        request, the best `cooc_recent` among all its candidates when `rows` are only some of them
+        (a training group), else the best among `rows`. Everything is one
         numpy pass over the round but the cosines: those are one matrix product per request, the
         very products of the per-user code, since a BLAS product's last bit depends on the
         matrix's shape and a different bit may reorder ties (tests/rank_reference.py)."""
@@ -953,7 +968,9 @@ class BlendRanker:
         cooc_recent = x[:, col["cooc_recent"]]
         top = np.zeros(count)
         filled = lengths > 0
-        if filled.any():
+        if cooc_top is not None:
+            top = np.asarray(cooc_top, dtype=np.float64)
+        elif filled.any():
             top[filled] = np.maximum.reduceat(cooc_recent, starts[:-1][filled])
         top = np.repeat(np.maximum(top, 0.0), lengths)
         np.divide(cooc_recent, top, out=x[:, col["cooc_rel"]], where=top > 0)

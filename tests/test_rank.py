@@ -16,7 +16,7 @@ import pytest
 
 from streams.cooccur import CoOccurrence
 from streams.profile import mean_profile
-from streams.rank import FEATURES, BlendRanker, Group, ItemStats, PairwiseLogistic, RankConfig, Request
+from streams.rank import COLUMN, FEATURES, BlendRanker, Group, ItemStats, PairwiseLogistic, RankConfig, Request, VectorRows
 from streams.recommend import Recommender, StoreContent, VectorCache
 from vectorstore import MemoryVectorStore, VectorRecord
 
@@ -597,3 +597,28 @@ def test_a_vectorised_round_ranks_hm_exactly_as_the_per_user_reference(shared_da
         mine, theirs = new.ranker.rank(requests, new.content, 20), old.ranker.rank(requests, old.content, 20)
         assert mine == theirs
         assert sum(map(len, mine)) > 20 * len(requests) // 2
+
+
+def test_a_training_group_has_the_features_its_rows_have_when_the_request_is_ranked() -> None:
+    """Training and serving must see one feature the same way: a group is a few of the
+    request's candidates, and `cooc_rel` was measured relative to the group's best instead of
+    the best of all candidates (the positive then read 1.0 in training where ranking gave less)."""
+    content, ids, _ = world()
+    ranker = BlendRanker(RankConfig(**{**FAST.__dict__, "min_groups": 10**6}))
+    replay = Replay(ranker, content)
+    replay.feed(chain_stream(ids, users=30, steps=12, seed=4))
+    checked = 0
+    for user in [f"u{n}" for n in range(30)]:
+        request = replay.request(user, 1_800_000_000.0)
+        pool = ranker.candidates([request], content)[0]
+        x = ranker._scored([request], ranker._round([request], content), content)  # noqa: SLF001 - the ranking's own features
+        cooc = x[:, COLUMN["cooc_recent"]]
+        if not (cooc > 0).any():
+            continue
+        weakest = np.flatnonzero(cooc > 0)[np.argmin(cooc[cooc > 0])]
+        sample = np.array(sorted({int(weakest), 0, len(pool.rows) - 1}))  # not the best co-occurring row
+        vectors = VectorRows.fetch(ranker.stats, np.concatenate([pool.rows, ranker._recent_rows(request)]), content)  # noqa: SLF001
+        group = ranker._group_features(request, pool.rows[sample], vectors, pool)  # noqa: SLF001
+        assert np.allclose(group, x[sample], atol=1e-6), user
+        checked += cooc[sample].max() < cooc.max()
+    assert checked >= 5, "groups whose best co-occurrence is not the request's best"
