@@ -56,6 +56,7 @@ import numpy as np
 
 from streams.cooccur import CoOccurrence
 from streams.fresh_slots import SlotOdds
+from streams.sequence import Transitions
 
 Hits = list[tuple[str, float]]
 T = TypeVar("T")
@@ -78,8 +79,12 @@ FEATURES = (
     "rr_interests",  # the same, best over the last items' ANN hits
     "rr_cooc",  # the same in the co-occurrence source
     "rr_popular",  # the same in the recent-popularity source
+    "seq_recent",  # share of the last items' transitions that went to it (`streams.sequence`)
+    "rr_sequence",  # 1 / log2(1 + rank) in the sequence source
 )
-SOURCES = ("profile", "interests", "cooc", "popular", "fresh")
+SOURCES = ("profile", "interests", "cooc", "popular", "fresh", "sequence")
+#: the sources whose ranks are features (`rr_*`); fresh items are ranked by closeness alone
+RANKED_SOURCES = ("profile", "interests", "cooc", "popular", "sequence")
 COLUMN = {f: j for j, f in enumerate(FEATURES)}
 #: what ranks before the model has seen enough of the stream: the paper's cosine to the mean
 PRIOR = {"cos_mean": 1.0, "pop_long": 1e-6}  # (popularity only breaks ties)
@@ -136,6 +141,12 @@ class RankConfig:
     #: or the content ranking of tail items by the odds learnt from the stream
     #: (`streams.fresh_slots`), `tail_slots` then a floor
     tail_rule: str = "fixed"
+    sequence_k: int = 50  # candidates from what users took right after the user's last items
+    #: earlier items a new interaction is a transition from (`streams.sequence`); 0: no sequence
+    #: signal, the default: with 3 it measured within the intervals of the blend without it on
+    #: ml100k and hm (docs/quality.md)
+    sequence_steps: int = 0
+    sequence_half_life_s: float = 7 * 86400.0  # how fast transitions fade
 
     def __post_init__(self) -> None:
         if self.tail_rule not in TAIL_RULES:
@@ -427,6 +438,8 @@ class Candidates:
     names: list[str]  # the catalogue's item ids by row (shared, read-only)
     #: catalogue rows and co-occurrence scores of the request's recent items (sparse)
     cooc: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros(0, np.int64), np.zeros(0)))
+    #: catalogue rows and transition scores from the request's last items (sparse)
+    seq: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros(0, np.int64), np.zeros(0)))
 
     def __contains__(self, row: object) -> bool:
         at = int(np.searchsorted(self.rows, row))
@@ -454,6 +467,14 @@ class Candidates:
         return np.where(self.rows[at] == rows, self.rr[source][at], 0.0)
 
 
+#: per request n, catalogue rows and scores at [starts[n], starts[n + 1]): (starts, rows, scores)
+Sparse = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _no_sparse(requests: int) -> Sparse:
+    return np.zeros(requests + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
+
+
 @dataclass
 class Round:
     """A round's candidates, flat: request n's are `rows[starts[n]:starts[n + 1]]` (ascending,
@@ -469,6 +490,8 @@ class Round:
     cooc_rows: np.ndarray
     cooc_scores: np.ndarray
     names: list[str]
+    #: the requests' transition scores (`streams.sequence`), flat as the co-occurrence ones
+    seq: Sparse = field(default_factory=lambda: _no_sparse(0))
 
     @classmethod
     def of(
@@ -476,8 +499,9 @@ class Round:
         requests: int,
         size: int,
         offers: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]],
-        cooc: tuple[np.ndarray, np.ndarray, np.ndarray],
+        cooc: Sparse,
         names: list[str],
+        seq: Sparse | None = None,
     ) -> Round:
         """`offers`: per source, (request, row, 1-based rank in its list) triples of ranked
         lists; a request's candidate keeps its best rank per source. `size`: rows are below it."""
@@ -494,7 +518,7 @@ class Round:
             np.maximum.at(column, inverse[offered], reciprocal[ranks[offered] - 1])
             rr[source] = column
         starts = np.searchsorted(keys // size, np.arange(requests + 1)) if size else np.zeros(requests + 1, np.int64)
-        return cls(starts, keys % max(size, 1), rr, *cooc, names)
+        return cls(starts, keys % max(size, 1), rr, *cooc, names, _no_sparse(requests) if seq is None else seq)
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -502,8 +526,11 @@ class Round:
     def __getitem__(self, n: int) -> Candidates:
         at, to = self.starts[n], self.starts[n + 1]
         cooc = slice(self.cooc_starts[n], self.cooc_starts[n + 1])
+        seq_starts, seq_rows, seq_scores = self.seq
+        seq = slice(seq_starts[n], seq_starts[n + 1])
         return Candidates(
-            self.rows[at:to], {s: v[at:to] for s, v in self.rr.items()}, self.names, (self.cooc_rows[cooc], self.cooc_scores[cooc])
+            self.rows[at:to], {s: v[at:to] for s, v in self.rr.items()}, self.names, (self.cooc_rows[cooc], self.cooc_scores[cooc]),
+            (seq_rows[seq], seq_scores[seq]),
         )
 
 
@@ -555,6 +582,20 @@ def best_by(scores: np.ndarray, ties: np.ndarray, n: int) -> np.ndarray:
     return keep[np.lexsort((ties[keep], -scores[keep]))][:n]
 
 
+def _looked_up(sparse: Sparse, owner: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
+    """The score `sparse` gives each (request `owner[i]`, row `rows[i]`) pair, 0 where none;
+    looked up by `request * size + row` key. `size`: rows are below it."""
+    starts, found, scores = sparse
+    if not len(found):
+        return np.zeros(len(rows))
+    keys = np.repeat(np.arange(len(starts) - 1), np.diff(starts)) * size + found
+    order = np.argsort(keys)
+    keys, values = keys[order], scores[order]
+    wanted = owner * size + rows
+    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    return np.where(keys[at] == wanted, values[at], 0.0)
+
+
 def _segment_ranks(owner: np.ndarray, requests: int) -> np.ndarray:
     """1-based place of each element within its request's run (`owner` ascending)."""
     starts = np.searchsorted(owner, np.arange(requests))
@@ -601,13 +642,18 @@ class BlendRanker:
     processor calls it from its single vector-store thread."""
 
     def __init__(
-        self, config: RankConfig | None = None, stats: ItemStats | None = None, cooc: CoOccurrence | None = None
+        self,
+        config: RankConfig | None = None,
+        stats: ItemStats | None = None,
+        cooc: CoOccurrence | None = None,
+        seq: Transitions | None = None,
     ) -> None:
-        """`stats` and `cooc`: counts shared with other rankers over the same stream (each
-        interaction then `record`-ed by one of them only)."""
+        """`stats`, `cooc` and `seq`: counts shared with other rankers over the same stream
+        (each interaction then `record`-ed by one of them only)."""
         self.config = config = config or RankConfig()
         self.stats = ItemStats(config.short_half_life_s, config.long_half_life_s) if stats is None else stats
         self.cooc = CoOccurrence(config.cooc_window, config.cooc_neighbours) if cooc is None else cooc
+        self.seq = Transitions(config.sequence_steps, config.sequence_half_life_s) if seq is None else seq
         self.model = PairwiseLogistic(len(FEATURES), config.l2)
         self.prior = np.array([PRIOR.get(f, 0.0) for f in FEATURES])
         self.groups: deque[Group] = deque(maxlen=config.buffer)
@@ -618,8 +664,8 @@ class BlendRanker:
         self.refused_groups = 0  # training groups dropped for non-finite features
         self._rng = np.random.default_rng(config.seed)  # negatives
         self._draw = np.random.default_rng([config.seed, 1])  # which interactions train
-        self._cooc_map = np.zeros(0, np.int64)  # co-occurrence index -> catalogue row
-        self._cooc_generation = -1
+        # co-occurrence and transition indices -> catalogue rows: (map, generation) per counter
+        self._row_maps: dict[str, tuple[np.ndarray, int]] = {}
         self._names = NameOrder(self.stats.ids)  # a round's ties by item id
         self.slots = SlotOdds(config.buffer)  # what fresh items earn (`tail_rule` "earned")
         #: whether learning scores each training round to see where its targets sat: only the
@@ -644,6 +690,7 @@ class BlendRanker:
         self.stats.add(item, ts)
         if item not in history:
             self.cooc.add(item, history)
+            self.seq.add(item, history, ts)
 
     def learn(self, requests: Sequence[Request], items: Sequence[str], content: ContentSource, refit: bool = True) -> None:
         """Training groups for interactions about to be recorded: `requests[n]` is the user's
@@ -777,7 +824,8 @@ class BlendRanker:
         near_rows = stats.intern([i for _, hits in listed for i, _ in hits])
         ends = np.cumsum([len(hits) for _, hits in listed]).tolist()
         near = {item: near_rows[end - len(hits) : end] for (item, hits), end in zip(listed, ends, strict=True)}
-        cooc_map = self._cooc_rows()  # interns what co-occurs: the catalogue is complete from here
+        cooc_map = self._cooc_rows()  # interns what co-occurs or follows: the catalogue is complete from here
+        seq_map = self._seq_rows()
         size = len(stats.ids)
         excluded_keys = Excluded(excluded, excluded_of, size)
 
@@ -804,6 +852,12 @@ class BlendRanker:
         cooc_of = np.repeat(np.arange(count), np.diff(cooc_starts))
         keep = (scores > 0) & ~excluded_keys.of(cooc_of, found)
         offers["cooc"] = [self._top(cooc_of[keep], found[keep], scores[keep], c.cooc_k, count)]
+        seq_starts, seq_found, seq_scores = self.seq.sparse_many([r.history for r in requests])
+        seq_found = seq_map[seq_found]
+        if c.sequence_k > 0 and len(seq_found):
+            seq_of = np.repeat(np.arange(count), np.diff(seq_starts))
+            keep = (seq_scores > 0) & ~excluded_keys.of(seq_of, seq_found)
+            offers["sequence"] = [self._top(seq_of[keep], seq_found[keep], seq_scores[keep], c.sequence_k, count)]
         moments: dict[float, list[int]] = {}
         for n, r in enumerate(requests):
             moments.setdefault(r.ts, []).append(n)
@@ -821,7 +875,7 @@ class BlendRanker:
             closeness = np.einsum("ij,ij->i", vectors.take(rows), profiles[owner]).astype(np.float64)
             order = np.argsort(owner, kind="stable")
             offers["fresh"].append(self._top(owner[order], rows[order], closeness[order], c.fresh_k, count))
-        return Round.of(count, size, offers, (cooc_starts, found, scores), stats.ids)
+        return Round.of(count, size, offers, (cooc_starts, found, scores), stats.ids, (seq_starts, seq_found, seq_scores))
 
     def _of_moment(
         self, requests: Sequence[Request], members: np.ndarray, excluded: Excluded, offers: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
@@ -862,20 +916,32 @@ class BlendRanker:
     def _recent_rows(self, request: Request) -> np.ndarray:
         return self.stats.intern(list(request.history[-self.config.interests :]))
 
+    def _seq(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
+        """Catalogue rows and transition scores from the request's last items."""
+        _, found, scores = self.seq.sparse_many([request.history])
+        return self._seq_rows()[found], scores
+
     def _cooc(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
         """Catalogue rows and co-occurrence scores of the request's recent items."""
         found, scores = self.cooc.sparse(request.history[-self.config.interests :])
         return self._cooc_rows()[found], scores
 
     def _cooc_rows(self) -> np.ndarray:
-        """Catalogue row of each co-occurrence index (extended as it grows, rebuilt when it
-        forgets items)."""
-        cooc = self.cooc
-        if self._cooc_generation != cooc.generation:
-            self._cooc_map, self._cooc_generation = np.zeros(0, np.int64), cooc.generation
-        if len(self._cooc_map) < len(cooc.ids):
-            self._cooc_map = np.concatenate([self._cooc_map, self.stats.intern(cooc.ids[len(self._cooc_map) :])])
-        return self._cooc_map
+        return self._rows_of("cooc", self.cooc)
+
+    def _seq_rows(self) -> np.ndarray:
+        return self._rows_of("seq", self.seq)
+
+    def _rows_of(self, name: str, counter: CoOccurrence | Transitions) -> np.ndarray:
+        """Catalogue row of each index of a co-occurrence or transition counter (extended as
+        it grows, rebuilt when it forgets items)."""
+        rows, generation = self._row_maps.get(name, (np.zeros(0, np.int64), -1))
+        if generation != counter.generation:
+            rows = np.zeros(0, np.int64)
+        if len(rows) < len(counter.ids):
+            rows = np.concatenate([rows, self.stats.intern(counter.ids[len(rows) :])])
+        self._row_maps[name] = (rows, counter.generation)
+        return rows
 
     def features(
         self,
@@ -895,11 +961,14 @@ class BlendRanker:
         if pool is None:
             rr = None
             found, scores = self._cooc(request)
+            seq_rows, seq_scores = self._seq(request)
         else:
-            rr = {s: pool.rr[s] if rows is pool.rows else pool.rr_of(s, rows) for s in ("profile", "interests", "cooc", "popular")}
+            rr = {s: pool.rr[s] if rows is pool.rows else pool.rr_of(s, rows) for s in RANKED_SOURCES}
             found, scores = pool.cooc
+            seq_rows, seq_scores = pool.seq
         cooc = (np.array([0, len(found)]), found, scores)
-        return self._round_features([request], np.array([0, len(rows)]), rows, vectors, rr, cooc)
+        seq = (np.array([0, len(seq_rows)]), seq_rows, seq_scores)
+        return self._round_features([request], np.array([0, len(rows)]), rows, vectors, rr, cooc, seq)
 
     def _group_features(self, request: Request, rows: np.ndarray, vectors: VectorRows, pool: Candidates) -> np.ndarray:
         """A training group's features: `rows` (its positive and negatives) are some of the
@@ -908,10 +977,11 @@ class BlendRanker:
         group's few rows: measured on the group, a positive with any co-occurrence was most
         often its group's best (1.0 in training, less when ranked)."""
         found, scores = pool.cooc
-        rr = {s: pool.rr_of(s, rows) for s in ("profile", "interests", "cooc", "popular")}
+        rr = {s: pool.rr_of(s, rows) for s in RANKED_SOURCES}
         top = np.array([scores[np.isin(found, pool.rows)].max(initial=0.0)])
         cooc = (np.array([0, len(found)]), found, scores)
-        return self._round_features([request], np.array([0, len(rows)]), rows, vectors, rr, cooc, top)
+        seq = (np.array([0, len(pool.seq[0])]), *pool.seq)
+        return self._round_features([request], np.array([0, len(rows)]), rows, vectors, rr, cooc, seq, top)
 
     def _round_features(
         self,
@@ -920,12 +990,14 @@ class BlendRanker:
         rows: np.ndarray,
         vectors: VectorRows,
         rr: Mapping[str, np.ndarray] | None,
-        cooc: tuple[np.ndarray, np.ndarray, np.ndarray],
+        cooc: Sparse,
+        seq: Sparse,
         cooc_top: np.ndarray | None = None,
     ) -> np.ndarray:
         """(len(rows), len(FEATURES)): request n's candidates are `rows[starts[n]:starts[n + 1]]`;
         `rr`: their sources' reciprocal ranks, aligned with `rows` (None: not candidates of a
-        round); `cooc`: the requests' co-occurrence scores, flat as in `Round`; `cooc_top`: per
+        round); `cooc` and `seq`: the requests' co-occurrence and transition scores, flat as in
+        `Round`; `cooc_top`: per
         request, the best `cooc_recent` among all its candidates when `rows` are only some of them
         (a training group), else the best among `rows`. Everything is one
         numpy pass over the round but the cosines: those are one matrix product per request, the
@@ -956,15 +1028,8 @@ class BlendRanker:
             if len(sims_of):
                 with_recent = np.repeat([len(recent) > 0 for recent in recents], lengths)
                 x[:, col["cos_max"]] = np.where(with_recent, sims_of.max(axis=0), 0.0)
-        cooc_starts, cooc_rows, cooc_scores = cooc
-        if len(cooc_rows):  # looked up by (request, row) key
-            size = len(stats.ids)
-            keys = np.repeat(np.arange(count), np.diff(cooc_starts)) * size + cooc_rows
-            order = np.argsort(keys)
-            keys, values = keys[order], cooc_scores[order]
-            wanted = owner * size + rows
-            at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-            x[:, col["cooc_recent"]] = np.where(keys[at] == wanted, values[at], 0.0)
+        x[:, col["cooc_recent"]] = _looked_up(cooc, owner, rows, len(stats.ids))
+        x[:, col["seq_recent"]] = _looked_up(seq, owner, rows, len(stats.ids))
         cooc_recent = x[:, col["cooc_recent"]]
         top = np.zeros(count)
         filled = lengths > 0
@@ -995,7 +1060,7 @@ class BlendRanker:
         x[:, col["hist_pop"]] = h * x[:, col["pop_long"]]
         x[:, col["tail_cos_max"]] = np.where(counts <= 1, x[:, col["cos_max"]], 0.0)
         if rr is not None:
-            for source in ("profile", "interests", "cooc", "popular"):
+            for source in RANKED_SOURCES:
                 x[:, col[f"rr_{source}"]] = rr[source]
         return x
 
@@ -1052,7 +1117,7 @@ class BlendRanker:
         wanted = np.unique(np.concatenate([pools.rows] + [self._recent_rows(r) for r in requests]))
         vectors = VectorRows.fetch(self.stats, wanted, content)
         cooc = (pools.cooc_starts, pools.cooc_rows, pools.cooc_scores)
-        return self._round_features(requests, pools.starts, pools.rows, vectors, pools.rr, cooc)
+        return self._round_features(requests, pools.starts, pools.rows, vectors, pools.rr, cooc, pools.seq)
 
     def _earned(self, scores: np.ndarray, tail: np.ndarray, ties: np.ndarray, k: int) -> list[int]:
         """One request's order under `tail_rule` "earned": the known and the tail candidates,

@@ -153,6 +153,9 @@ class ReferenceRanker(BlendRanker):
     #: `_features`' scatter array (set in `BlendRanker.__init__` then; a class default here, so
     #: that a ranker can be turned into a reference by setting its `__class__`)
     _scratch = np.zeros(0)
+    #: `_cooc_rows`' state, likewise (`BlendRanker` keeps it elsewhere since 2026-12-04)
+    _cooc_map = np.zeros(0, np.int64)
+    _cooc_generation = -1
 
     def candidates(self, requests: Sequence[Request], content: ContentSource) -> list[Candidates]:
         """Union of the sources per request, de-duplicated, seen items dropped. One content

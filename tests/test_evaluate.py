@@ -251,13 +251,18 @@ def test_eval_command_writes_json_table_and_chart(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["eval", str(folder), "--out", str(out), "--methods", "popularity,item_knn"], env=env)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert set(report) == {"dataset", "targets", "cold_targets", "later_targets", "default", "methods"}
+    assert set(report) == {"dataset", "targets", "cold_targets", "later_targets", "default", "rank_settings", "methods"}
+    assert report["rank_settings"] == {}, "the ranker as it ships"
     assert list(report["methods"]) == ["popularity", "item_knn"]
     assert set(report["methods"]["popularity"]) == {
         "HR@10", "NDCG@10", "HR@20", "NDCG@20", "coverage@10", "HR@10_ci", "HR@10_cold", "HR@10_later", "NDCG@10_later"
     }
     assert "| popularity |" in out.with_suffix(".md").read_text() and "| item_knn |" in result.output
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    tuned = CliRunner().invoke(main, ["eval", str(folder), "--out", str(out), "--methods", "default"],
+                               env={**env, "VLM4REC_RANK_SEQUENCE_STEPS": "3", "VLM4REC_RANK_TAIL_SLOTS": "0"})
+    assert tuned.exit_code == 0, tuned.output
+    assert json.loads(out.read_text())["rank_settings"] == {"sequence_steps": 3, "tail_slots": 0}, "the stream processor's settings"
     bad = CliRunner().invoke(main, ["eval", str(folder), "--methods", "popularity,magic"], env=env)
     assert bad.exit_code != 0 and "magic" in bad.output
     online = CliRunner().invoke(main, ["eval", str(folder), "--online"], env=env)

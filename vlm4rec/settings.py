@@ -210,6 +210,15 @@ class Settings(BaseSettings):
         "places) or earned (each place to the blend or to the content ranking of those items, by the odds learnt "
         "from the stream; the tail slots then a floor; streams/fresh_slots.py)",
     )
+    rank_sequence_steps: int = Field(
+        _RANK.sequence_steps, ge=0, le=20, description="the sequence signal (streams/sequence.py): a new "
+        "interaction counts as a transition from the user's last N distinct items, weighing 1, 1/2, ...; 0: off "
+        "(the default: on ml100k and hm it measured within the intervals of the blend without it, docs/quality.md)"
+    )
+    rank_sequence_k: int = Field(
+        _RANK.sequence_k, ge=0, le=1000, description="candidates from what users took right after the user's "
+        "last items (with VLM4REC_RANK_SEQUENCE_STEPS above 0; 0: the transitions are features only)"
+    )
     rank_variants: list[dict[str, Any]] = Field(
         default_factory=list,
         description="ranking variants served side by side, JSON: [{\"name\": \"a\", \"share\": 0.5}, {\"name\": "

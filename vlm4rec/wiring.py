@@ -84,7 +84,6 @@ def build_loader(settings: Settings) -> ImageLoader:
 def build_streams_config(settings: Settings):  # noqa: ANN201 - streams.app.StreamsConfig, imported lazily (faust is heavy)
     from streams.app import StreamsConfig
     from streams.profile import ProfileRule
-    from streams.rank import RankConfig
     from streams.variants import parse_variants
 
     return StreamsConfig(
@@ -116,20 +115,31 @@ def build_streams_config(settings: Settings):  # noqa: ANN201 - streams.app.Stre
             half_life_s=settings.profile_half_life_s,
         ),
         popularity_half_life_s=settings.popularity_half_life_s,
-        rank=RankConfig(
-            content_k=settings.rank_content_k,
-            interests=settings.rank_interests,
-            cooc_window=settings.rank_cooc_window,
-            cooc_neighbours=settings.rank_cooc_neighbours,
-            train_rate=settings.rank_train_rate,
-            negatives=settings.rank_negatives,
-            buffer=settings.rank_buffer,
-            refit_every=settings.rank_refit_every,
-            min_groups=settings.rank_min_groups,
-            tail_slots=settings.rank_tail_slots,
-            tail_rule=settings.rank_tail_rule,
-        ),
+        rank=build_rank_config(settings),
         variants=parse_variants(settings.rank_variants),
+    )
+
+
+
+def build_rank_config(settings: Settings):  # noqa: ANN201 - streams.rank.RankConfig, imported lazily
+    """The ranker's settings (`VLM4REC_RANK_*`): the stream processor's, and the offline
+    evaluation's, so that `vlm4rec eval` measures the ranker as it is configured to run."""
+    from streams.rank import RankConfig
+
+    return RankConfig(
+        content_k=settings.rank_content_k,
+        interests=settings.rank_interests,
+        cooc_window=settings.rank_cooc_window,
+        cooc_neighbours=settings.rank_cooc_neighbours,
+        train_rate=settings.rank_train_rate,
+        negatives=settings.rank_negatives,
+        buffer=settings.rank_buffer,
+        refit_every=settings.rank_refit_every,
+        min_groups=settings.rank_min_groups,
+        tail_slots=settings.rank_tail_slots,
+        tail_rule=settings.rank_tail_rule,
+        sequence_steps=settings.rank_sequence_steps,
+        sequence_k=settings.rank_sequence_k,
     )
 
 

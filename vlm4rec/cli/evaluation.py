@@ -116,6 +116,7 @@ def eval_command(
     from vlm4rec.evaluation.evaluate import evaluate, markdown_table, write_outputs
     from vlm4rec.evaluation.methods import METHODS, strategies_of
     from vlm4rec.evaluation.stream import ContentIndex, build_stream, embed_content
+    from vlm4rec.wiring import build_rank_config
 
     if online:  # replay through the running stack and score its pushes (vlm4rec/evaluation/online_eval.py)
         from vlm4rec.evaluation.online_eval import run_cli
@@ -149,7 +150,7 @@ def eval_command(
             for item_id, reason in list(failed.items())[:5]:
                 click.echo(f"  {item_id}: {reason}", err=True)
     try:
-        report = evaluate(stream, names, indexes, progress=True, variants=variants)
+        report = evaluate(stream, names, indexes, progress=True, variants=variants, rank=build_rank_config(settings))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     path = Path(out or f"eval-{dataset.name}.json")

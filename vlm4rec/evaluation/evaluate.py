@@ -15,6 +15,7 @@ better) and one entry in `METHODS`. A method that defines a fallback returns
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from streams.profile import Ranker
+from streams.rank import RankConfig
 from streams.variants import Variant
 from vlm4rec.evaluation.blas import single_threaded_blas
 from vlm4rec.extras import MissingExtra, require
@@ -81,11 +83,13 @@ def walk(
     window_days: float = WINDOW_DAYS,
     progress: bool = False,
     variants: Sequence[Variant] = (),
+    rank: RankConfig | None = None,
 ) -> tuple[list[Target], dict[str, MethodResult]]:
-    """Every target scored by every method (`variant:NAME` methods from `variants`)."""
+    """Every target scored by every method (`variant:NAME` methods from `variants`); the
+    product's blend ranks with `rank` (default: `RankConfig()`)."""
     ranker = Ranker(stream.item_ids)
-    shared: dict[str, Any] = {}
-    scorers = {m: method_of(m, variants).scorer(stream, content_indexes, shared) for m in methods}
+    shared: dict[str, Any] = {"rank": rank or RankConfig()}
+    scorers = {m: method_of(m, variants, shared["rank"]).scorer(stream, content_indexes, shared) for m in methods}
     results = {m: MethodResult([], set()) for m in methods}
     targets: list[Target] = []
     n_targets = len(select_targets(stream)) if progress else None
@@ -132,6 +136,12 @@ def summarise(
     return {key: out[key] for key in ordered}
 
 
+def _changed(rank: RankConfig) -> dict[str, Any]:
+    """The ranker's settings that differ from the defaults, so that a report says what ran."""
+    defaults = dataclasses.asdict(RankConfig())
+    return {key: value for key, value in dataclasses.asdict(rank).items() if value != defaults[key]}
+
+
 def evaluate(
     stream: Stream,
     methods: Sequence[str],
@@ -139,17 +149,20 @@ def evaluate(
     window_days: float = WINDOW_DAYS,
     progress: bool = False,
     variants: Sequence[Variant] = (),
+    rank: RankConfig | None = None,
 ) -> dict[str, Any]:
     """The report of issue 5: {"dataset", "targets", "cold_targets", "later_targets", "default",
     "methods"};
     when `default` runs, also "blend_by_strategy": the same blend with each other embedding
     strategy at hand as its semantic source (issue 6), on the same targets; with `variants`,
     "variants": `default` ranked with each ranking variant's serving settings, on the same
-    targets (the offline side of the online per-variant hit rates)."""
+    targets (the offline side of the online per-variant hit rates); "rank_settings": the
+    ranker's settings that differ from `RankConfig()`'s (`rank`: the stream processor's, from
+    the environment)."""
     compared = [s for s in BLEND_STRATEGIES if s in content_indexes] if "default" in methods else []
     extra = [f"blend:{s}" for s in compared if s != DEFAULT_STRATEGY] + [f"variant:{v.name}" for v in variants]
     with single_threaded_blas():
-        targets, results = walk(stream, list(methods) + extra, content_indexes, window_days, progress, variants)
+        targets, results = walk(stream, list(methods) + extra, content_indexes, window_days, progress, variants, rank)
     if not targets:
         raise ValueError(f"{stream.name}: no user has a target (a last interaction after 2 others, not a repeat)")
     published = int((stream.published_at <= targets[-1].ts).sum())
@@ -164,6 +177,7 @@ def evaluate(
         "cold_targets": sum(t.cold for t in targets),
         "later_targets": sum(t.later for t in targets),
         "default": DEFAULT_IS,
+        "rank_settings": _changed(rank or RankConfig()),
         "methods": {m: summary(m) for m in methods},
     }
     if compared:
@@ -206,6 +220,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         "",
         *_metric_rows("method", report["methods"]),
     ]
+    if report.get("rank_settings"):
+        lines[1:1] = ["", f"The ranker's settings that differ from its defaults (VLM4REC_RANK_*): {json.dumps(report['rank_settings'])}"]
     if report.get("blend_by_strategy"):
         lines += [
             "",

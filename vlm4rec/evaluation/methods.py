@@ -13,6 +13,7 @@ import numpy as np
 
 from streams.profile import Ranker
 from streams.cooccur import CoOccurrence
+from streams.sequence import Transitions
 from streams.rank import BlendRanker, Hits, ItemStats, RankConfig, Request
 from streams.variants import Variant
 from workers.embedder import Strategy
@@ -130,6 +131,7 @@ class BlendWalk:
         self.blends: list[Blend] = []
         self.stats = ItemStats(self.config.short_half_life_s, self.config.long_half_life_s)
         self.cooc = CoOccurrence(self.config.cooc_window, self.config.cooc_neighbours)
+        self.seq = Transitions(self.config.sequence_steps, self.config.sequence_half_life_s)
         for item, created in sorted(stream.created_at.items(), key=lambda kv: (kv[1], kv[0])):
             self.stats.declare(stream.item_ids[item], created)
         # per user: distinct items by latest interaction, oldest first (the profile's `seen`)
@@ -137,7 +139,7 @@ class BlendWalk:
         self.position = 0
 
     def add(self, index: ContentIndex) -> Blend:
-        blend = Blend(self, OfflineContent(self.stream, index), BlendRanker(self.config, self.stats, self.cooc))
+        blend = Blend(self, OfflineContent(self.stream, index), BlendRanker(self.config, self.stats, self.cooc, self.seq))
         self.blends.append(blend)
         return blend
 
@@ -225,7 +227,7 @@ class Method:
 def _blend_of(stream: Stream, indexes: Mapping[str, ContentIndex], shared: dict[str, Any], strategy: Strategy) -> Blend:
     """The walk's blend over `strategy` (made once: `default` and the ranking variants share
     it, and with it the model it learns)."""
-    walk = shared.setdefault("blend", BlendWalk(stream))
+    walk = shared.setdefault("blend", BlendWalk(stream, shared.get("rank")))
     if f"blend:{strategy}" not in shared:
         shared[f"blend:{strategy}"] = walk.add(indexes[strategy])
     return shared[f"blend:{strategy}"]
@@ -272,12 +274,12 @@ def strategies_of(methods: Sequence[str]) -> list[Strategy]:
     return list(dict.fromkeys(s for m in methods if (s := METHODS[m].strategy) is not None))
 
 
-def method_of(name: str, variants: Sequence[Variant] = ()) -> Method:
+def method_of(name: str, variants: Sequence[Variant] = (), rank: RankConfig | None = None) -> Method:
     """A method of `METHODS`, `blend:STRATEGY` (the blend over another semantic source) or
-    `variant:NAME` (`default` with one of `variants`' serving settings)."""
+    `variant:NAME` (`default` with one of `variants`' serving settings over `rank`'s)."""
     if name.startswith("blend:"):
         return blend(name.split(":", 1)[1])  # type: ignore[arg-type]
     if name.startswith("variant:"):
         wanted = name.split(":", 1)[1]
-        return variant(next(v for v in variants if v.name == wanted).config(RankConfig()))
+        return variant(next(v for v in variants if v.name == wanted).config(rank or RankConfig()))
     return METHODS[name]
