@@ -325,35 +325,8 @@ class StreamsApp:
 
     # --- profiles ----------------------------------------------------------------------
     async def _profiles_agent(self, stream: faust.StreamT) -> None:
-        """Batches of interactions, as `_handled` runs a handler, except that a batch's
-        changelog flush and fence (`_seal`) run while the next batch is applied: they waited for
-        the producer 94-134 ms a batch at 1,000/s, and every event behind them waited too. A
-        batch's offsets are still committed only once its fence is written, and at most one
-        batch waits for its fence."""
-        sealing: asyncio.Future[None] | None = None
-        try:
-            async for events in stream.take_events(self.config.batch_max, within=self.config.batch_within_s):
-                events = await self.delivery.arrived(events)
-                if not events:
-                    continue
-                for event in events:
-                    event.message.incref()
-                written = await self._until_done("interaction batch", self._process_interactions, events)
-                if sealing is not None:
-                    await sealing  # in offset order: the previous batch is committable first
-                sealing = asyncio.ensure_future(self._seal(stream, events, written))
-        finally:
-            if sealing is not None and not sealing.done():
-                sealing.cancel()  # its events stay uncommitted: read again by the next owner
-
-    async def _seal(self, stream: faust.StreamT, events: list[faust.EventT], written: list[faust.EventT]) -> None:
-        """A batch's profile writes flushed and fenced (`BrokerShims.fence`; `written`: the
-        events whose writes they were), then its offsets may be committed."""
-        with metrics.STAGE_SECONDS.labels("apply_fence").time():
-            await self._until_done("changelog fence", self.shims.fence, self.app.producer, self.profiles, written)
-        for event in events:
-            self.delivery.handled(event.message)
-            await stream.ack(event)
+        async for events in stream.take_events(self.config.batch_max, within=self.config.batch_within_s):
+            await self._handled(stream, events, "interaction batch", self._process_interactions)
 
     async def _handled(self, stream: faust.StreamT, events: list[faust.EventT], what: str, handler: Any) -> None:
         """Run `handler` on the events (those in offset order, `Delivery.arrived`) and only
@@ -372,32 +345,30 @@ class StreamsApp:
             self.delivery.handled(event.message)
             await stream.ack(event)
 
-    async def _until_done(self, what: str, handler: Any, *args: Any) -> Any:
+    async def _until_done(self, what: str, handler: Any, *args: Any) -> None:
         """Faust acknowledges a batch even when its handler raises, so a failure here would
         drop events: retry instead (a vector store that is down is waited for). Re-running is
-        safe because profiles remember which offsets they applied. Returns what the handler
-        returned."""
+        safe because profiles remember which offsets they applied."""
         delay = 0.5
         while True:
             try:
-                return await handler(*args)
+                await handler(*args)
+                return
             except Exception:  # noqa: BLE001 - anything; the retry is the handling
                 log.exception("%s failed; retrying in %.1fs", what, delay)
                 await asyncio.sleep(delay)
                 delay = min(30.0, delay * 2)
 
-    async def _process_interactions(self, events: list[faust.EventT]) -> list[faust.EventT]:
+    async def _process_interactions(self, events: list[faust.EventT]) -> None:
         while not self.model:
             await asyncio.sleep(0.2)
         with metrics.STAGE_SECONDS.labels("apply").time():
-            written = await self._apply(events)
+            await self._apply(events)
         metrics.RECS_DUE.set(len(self.due))
         self._wake.set()
-        return written
 
-    async def _apply(self, events: list[faust.EventT]) -> list[faust.EventT]:
-        """Apply a batch to the profiles (`ProfileUpdater`) and mark the users whose recs are
-        due; returns the events whose profile writes the batch's fence guards (`_seal`)."""
+    async def _apply(self, events: list[faust.EventT]) -> None:
+        """Apply a batch to the profiles (`ProfileUpdater`) and mark the users whose recs are due."""
         batch: list[Received[faust.EventT]] = []
         for event in events:
             parsed = await self._parse(event)
@@ -440,7 +411,8 @@ class StreamsApp:
         for user_id, (partition, published_at) in update.refreshed.items():
             self._mark_due(user_id, Due(partition, published_at=published_at))
         self._wake.set()  # recs need the profiles in memory, not yet their changelog: rank while it is flushed
-        return [event for _, event in update.profiles.values()]
+        with metrics.STAGE_SECONDS.labels("apply_fence").time():
+            await self.shims.fence(self.app.producer, self.profiles, [event for _, event in update.profiles.values()])
 
     def _judge(self, interaction: Interaction) -> None:
         """Online HR@k per ranking variant: was a positive interaction's item in the list last

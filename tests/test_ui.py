@@ -271,8 +271,7 @@ CHROMIUM = "/usr/bin/chromium"
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    from selenium import webdriver  # a dev dependency: no guard
-
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     driver_path = shutil.which("chromedriver")
     if not os.path.exists(CHROMIUM) or driver_path is None:
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
