@@ -259,10 +259,13 @@ def test_eval_command_writes_json_table_and_chart(tmp_path: Path) -> None:
     }
     assert "| popularity |" in out.with_suffix(".md").read_text() and "| item_knn |" in result.output
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
-    tuned = CliRunner().invoke(main, ["eval", str(folder), "--out", str(out), "--methods", "default"],
+    tuned = CliRunner().invoke(main, ["eval", str(folder), "--out", str(out), "--methods", "default", "--partitions", "2"],
                                env={**env, "VLM4REC_RANK_SEQUENCE_STEPS": "3", "VLM4REC_RANK_TAIL_SLOTS": "0"})
     assert tuned.exit_code == 0, tuned.output
-    assert json.loads(out.read_text())["rank_settings"] == {"sequence_steps": 3, "tail_slots": 0}, "the stream processor's settings"
+    tuned_report = json.loads(out.read_text())
+    assert tuned_report["rank_settings"] == {"sequence_steps": 3, "tail_slots": 0}, "the stream processor's settings"
+    assert tuned_report["partitioned"]["partitions"] == 2 and "HR@10" in tuned_report["partitioned"]
+    assert "learns from its own partitions" in out.with_suffix(".md").read_text()
     bad = CliRunner().invoke(main, ["eval", str(folder), "--methods", "popularity,magic"], env=env)
     assert bad.exit_code != 0 and "magic" in bad.output
     online = CliRunner().invoke(main, ["eval", str(folder), "--online"], env=env)
@@ -353,3 +356,21 @@ def test_no_method_beats_chance_on_a_stream_without_signal(tmp_path: Path, seed:
     bound = chance + 1.96 * math.sqrt(chance * (1 - chance) / targets) + 1.0 / targets
     for name, metrics in report["methods"].items():
         assert metrics["HR@10"] <= bound, f"{name}: HR@10 {metrics['HR@10']:.3f} above chance {chance:.3f} (bound {bound:.3f})"
+
+
+def test_partitioned_learning_ranks_every_target_by_its_users_partition_alone(tmp_path: Path) -> None:
+    """`vlm4rec eval --partitions N`: the same targets, each ranked by a blend that learnt only
+    from its user's partition. A partition that holds every user ranks as the whole."""
+    from vlm4rec.evaluation.evaluate import walk
+    from vlm4rec.evaluation.partitioned import partition_of, partitioned_ranks
+
+    rng = np.random.default_rng(5)
+    rows = [(f"u{u}", f"i{int(rng.integers(30))}", 1000 * u + 10 * s) for u in range(40) for s in range(5)]
+    stream = build_stream(load_dataset(make_dataset(tmp_path / "data", rows)))
+    indexes = {"text": ContentIndex(rng.normal(size=(len(stream.item_ids), 8)).astype(np.float32))}
+    targets, whole = walk(stream, ["default"], indexes)
+    one, _ = partitioned_ranks(stream, 1, indexes, walk, 30.0, None)
+    assert [one[t.row] for t in targets] == whole["default"].ranks
+    four, _ = partitioned_ranks(stream, 4, indexes, walk, 30.0, None)
+    assert sorted(four) == sorted(t.row for t in targets), "every target, once"
+    assert {partition_of(u, 4) for u in stream.user_ids} == {0, 1, 2, 3}

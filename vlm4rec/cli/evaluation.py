@@ -96,12 +96,14 @@ def replay_command(
 @click.option("--methods", default=None, help="Comma-separated subset of the methods (default: all).")
 @click.option("--limit-users", type=click.IntRange(min=1), default=None, help="Only the first N users (by first interaction): a quick run.")
 @click.option("--online", is_flag=True, help="Replay through the running local stack and score the pushed recs (per ranking variant too, when several are set).")
+@click.option("--partitions", type=click.IntRange(min=2), default=None,
+              help="Also score `default` as N stream processors learn it: each from its own partitions' users only.")
 @click.option("--variants", "with_variants", is_flag=True,
               help="Also score `default` with each ranking variant of VLM4REC_RANK_VARIANTS (its serving settings), on the same targets.")
 @click.pass_obj
 def eval_command(
     settings: Settings, dataset_dir: str, out: str | None, methods: str | None, limit_users: int | None, online: bool,
-    with_variants: bool,
+    with_variants: bool, partitions: int | None,
 ) -> None:
     """Measure recommendation quality offline, exactly as EVAL.md says.
 
@@ -130,8 +132,8 @@ def eval_command(
     variants = parse_variants(settings.rank_variants) if with_variants else ()
     if with_variants and not settings.rank_variants:
         raise click.UsageError("--variants scores the ranking variants of VLM4REC_RANK_VARIANTS, and none is set")
-    if variants and "default" not in names:
-        names.append("default")  # the variants rank with its model and vectors
+    if (variants or partitions) and "default" not in names:
+        names.append("default")  # the variants rank with its model and vectors; partitions compare with it
     started = time.perf_counter()
     dataset = load_dataset_dir(dataset_dir, limit_users)
     stream = build_stream(dataset)
@@ -150,7 +152,9 @@ def eval_command(
             for item_id, reason in list(failed.items())[:5]:
                 click.echo(f"  {item_id}: {reason}", err=True)
     try:
-        report = evaluate(stream, names, indexes, progress=True, variants=variants, rank=build_rank_config(settings))
+        report = evaluate(
+            stream, names, indexes, progress=True, variants=variants, rank=build_rank_config(settings), partitions=partitions or 1
+        )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     path = Path(out or f"eval-{dataset.name}.json")

@@ -150,6 +150,7 @@ def evaluate(
     progress: bool = False,
     variants: Sequence[Variant] = (),
     rank: RankConfig | None = None,
+    partitions: int = 1,
 ) -> dict[str, Any]:
     """The report of issue 5: {"dataset", "targets", "cold_targets", "later_targets", "default",
     "methods"};
@@ -158,7 +159,9 @@ def evaluate(
     "variants": `default` ranked with each ranking variant's serving settings, on the same
     targets (the offline side of the online per-variant hit rates); "rank_settings": the
     ranker's settings that differ from `RankConfig()`'s (`rank`: the stream processor's, from
-    the environment)."""
+    the environment); with `partitions` above 1, "partitioned": `default` when each of that
+    many stream processors learns from its own partitions' users only
+    (`vlm4rec.evaluation.partitioned`)."""
     compared = [s for s in BLEND_STRATEGIES if s in content_indexes] if "default" in methods else []
     extra = [f"blend:{s}" for s in compared if s != DEFAULT_STRATEGY] + [f"variant:{v.name}" for v in variants]
     with single_threaded_blas():
@@ -186,6 +189,15 @@ def evaluate(
         }
     if variants:
         report["variants"] = {v.name: {"share": v.share, "overrides": dict(v.overrides), **summary(f"variant:{v.name}")} for v in variants}
+    if partitions > 1 and "default" in methods:
+        from vlm4rec.evaluation.partitioned import partitioned_ranks
+
+        with single_threaded_blas():
+            ranks, recommended = partitioned_ranks(stream, partitions, content_indexes, walk, window_days, rank)
+        report["partitioned"] = {
+            "partitions": partitions,
+            **summarise([ranks[t.row] for t in targets], targets, recommended, published, resamples),
+        }
     return report
 
 
@@ -229,6 +241,14 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             f"`{DEFAULT_STRATEGY}`):",
             "",
             *_metric_rows("semantic source", report["blend_by_strategy"]),
+        ]
+    if report.get("partitioned"):
+        part = report["partitioned"]
+        lines += [
+            "",
+            f"`default` when each of {part['partitions']} stream processors learns from its own partitions' users only, on the same targets:",
+            "",
+            *_metric_rows("learnt from", {"the whole stream": report["methods"]["default"], f"1/{part['partitions']} of the users each": part}),
         ]
     if report.get("variants"):
         lines += [
