@@ -12,15 +12,18 @@ Sources (union, de-duplicated, the user's own items dropped):
 - co-occurrence with the user's recent items (`streams.cooccur.CoOccurrence`, incremental);
 - recent popularity (exponentially decayed interaction counts);
 - fresh items: items with a declared creation time (`created_at`) in the last
-  `fresh_window_s`, nearest to the profile first.
+  `fresh_window_s`, nearest to the profile first;
+- what users took right after the user's last items (`streams.sequence.Transitions`), when
+  `sequence_steps` is above 0 (off by default: docs/quality.md).
 
 Features of a (user, candidate) pair (`FEATURES`): the content cosines (to the mean profile,
 the best of the last items, the last item), co-occurrence with the last items (raw and relative
 to the best candidate), popularity (all-time count, decayed counts at two half-lives), the
 item's age since its declared creation, the user's history length crossed with the main
 signals (how much to trust content vs. collaborative evidence depends on it), the content
-cosine of items seen at most once (content is all the evidence they have), and each source's
-normalised score: 1 / log2(1 + the candidate's rank there).
+cosine of items seen at most once (content is all the evidence they have), the share of the
+last items' transitions that went to the candidate, and each source's normalised score:
+1 / log2(1 + the candidate's rank there).
 
 The model is a pairwise logistic regression (RankNet with a linear scorer): a sampled
 interaction whose item is among the candidates the sources offered for that user at that moment
