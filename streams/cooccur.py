@@ -29,6 +29,23 @@ import numpy as np
 ARRAYS_KEPT = 8192
 
 
+def summed_per_query(
+    owners: Sequence[int], columns: Sequence[np.ndarray], values: np.ndarray, queries: int, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Contributions summed per (query, index): `columns[i]` (indices below `size`) belong to
+    query `owners[i]`, `values` are their contributions, flat in that order. Returns (starts,
+    indices, sums), query n's at [starts[n], starts[n + 1]), indices ascending. A stable sort
+    keeps each key's terms in the order given, so a sum is the same float as the query alone
+    would get."""
+    keys = np.repeat(np.array(owners, dtype=np.int64), [len(c) for c in columns]) * size + np.concatenate(columns)
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    total = np.bincount(np.cumsum(first) - 1, weights=values[order])
+    return np.searchsorted(keys[first] // size, np.arange(queries + 1)), keys[first] % size, total
+
+
 class CoOccurrence:
     def __init__(self, window: int = 50, max_neighbours: int = 500, max_items: int = 500_000) -> None:
         self.window = window
@@ -147,16 +164,10 @@ class CoOccurrence:
         if not columns:
             return np.zeros(len(queries) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
         lengths = [len(c) for c in columns]
-        keys = np.repeat(np.array(owners, dtype=np.int64), lengths) * size + np.concatenate(columns)
         weights = np.concatenate(counts) / np.repeat(np.sqrt(np.array(norms)), lengths)
-        order = np.argsort(keys, kind="stable")
-        keys = keys[order]
-        first = np.ones(len(keys), dtype=bool)
-        first[1:] = keys[1:] != keys[:-1]
-        total = np.bincount(np.cumsum(first) - 1, weights=weights[order])
-        found = keys[first] % size
+        starts, found, total = summed_per_query(owners, columns, weights, len(queries), size)
         np.divide(total, np.sqrt(users[found]), out=total, where=users[found] > 0)
-        return np.searchsorted(keys[first] // size, np.arange(len(queries) + 1)), found, total
+        return starts, found, total
 
     def _array(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Item n's neighbour list as (indices ascending, counts), kept until the list changes

@@ -957,21 +957,18 @@ class BlendRanker:
         sources offered for this request (their ranks there are features)."""
         rows = self.stats.intern(list(ids))
         self._recent_rows(request)  # interned before the vectors' index is sized
-        return self._features(request, rows, VectorRows(self.stats, vectors), pool)
+        vector_rows = VectorRows(self.stats, vectors)
+        if pool is not None:
+            return self._group_features(request, rows, vector_rows, pool)
+        return self._features(request, rows, vector_rows)
 
-    def _features(self, request: Request, rows: np.ndarray, vectors: VectorRows, pool: Candidates | None) -> np.ndarray:
-        """`_round_features` of one request (training groups: a positive and its negatives)."""
-        if pool is None:
-            rr = None
-            found, scores = self._cooc(request)
-            seq_rows, seq_scores = self._seq(request)
-        else:
-            rr = {s: pool.rr[s] if rows is pool.rows else pool.rr_of(s, rows) for s in RANKED_SOURCES}
-            found, scores = pool.cooc
-            seq_rows, seq_scores = pool.seq
+    def _features(self, request: Request, rows: np.ndarray, vectors: VectorRows) -> np.ndarray:
+        """`_round_features` of one request outside any round: no source ranks."""
+        found, scores = self._cooc(request)
+        seq_rows, seq_scores = self._seq(request)
         cooc = (np.array([0, len(found)]), found, scores)
         seq = (np.array([0, len(seq_rows)]), seq_rows, seq_scores)
-        return self._round_features([request], np.array([0, len(rows)]), rows, vectors, rr, cooc, seq)
+        return self._round_features([request], np.array([0, len(rows)]), rows, vectors, None, cooc, seq)
 
     def _group_features(self, request: Request, rows: np.ndarray, vectors: VectorRows, pool: Candidates) -> np.ndarray:
         """A training group's features: `rows` (its positive and negatives) are some of the

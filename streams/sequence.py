@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from streams.cooccur import summed_per_query
+
 #: stored weights are rescaled when the newest is this many half-lives past the origin
 REBASE_HALF_LIVES = 50
 
@@ -145,13 +147,4 @@ class Transitions:
                     owners.append(q)
         if not columns:
             return np.zeros(len(queries) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
-        size = len(self.ids)
-        keys = np.repeat(np.array(owners, dtype=np.int64), [len(c) for c in columns]) * size + np.concatenate(columns)
-        values = np.concatenate(weights)
-        order = np.argsort(keys, kind="stable")
-        keys, values = keys[order], values[order]
-        first = np.ones(len(keys), dtype=bool)
-        first[1:] = keys[1:] != keys[:-1]
-        total = np.bincount(np.cumsum(first) - 1, weights=values)
-        found = keys[first]
-        return np.searchsorted(found // size, np.arange(len(queries) + 1)), found % size, total
+        return summed_per_query(owners, columns, np.concatenate(weights), len(queries), len(self.ids))
