@@ -60,6 +60,7 @@ import numpy as np
 from streams.cooccur import CoOccurrence
 from streams.fresh_slots import SlotOdds
 from streams.sequence import Transitions
+from vectorstore.order import IdOrder
 
 Hits = list[tuple[str, float]]
 T = TypeVar("T")
@@ -537,30 +538,6 @@ class Round:
         )
 
 
-class NameOrder:
-    """The rank of each catalogue row's item id in string order, kept as the catalogue grows
-    (it only appends): a round breaks score ties by item id, as `best` does, with one integer
-    sort key instead of string comparisons per user. A new item costs a binary search and a
-    numpy pass, not a re-sort of the catalogue."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names  # the catalogue's item ids by row (shared, append-only)
-        self._sorted = np.zeros(0, dtype=object)  # the ids ranked so far, in string order
-        self._rank = np.zeros(0, dtype=np.int64)  # by row
-
-    def of(self, rows: np.ndarray) -> np.ndarray:
-        if len(self.names) > len(self._rank):
-            new = self.names[len(self._rank) :]
-            order = sorted(range(len(new)), key=new.__getitem__)
-            added = np.array([new[j] for j in order], dtype=object)
-            at = np.searchsorted(self._sorted, added)  # how many known ids sort before each
-            ranks = np.empty(len(new), dtype=np.int64)
-            ranks[order] = at + np.arange(len(new))
-            self._rank = np.concatenate([self._rank + np.searchsorted(at, self._rank, side="right"), ranks])
-            self._sorted = np.insert(self._sorted, at, added)
-        return self._rank[rows]
-
-
 def best(scores: np.ndarray, rows: np.ndarray, names: Sequence[str], n: int) -> list[int]:
     """Positions of the n highest `scores`, best first, ties by item id (`names[rows[j]]`):
     only the scores at or above the n-th are sorted in Python (a ranker calls it per user)."""
@@ -574,7 +551,7 @@ def best(scores: np.ndarray, rows: np.ndarray, names: Sequence[str], n: int) -> 
 
 
 def best_by(scores: np.ndarray, ties: np.ndarray, n: int) -> np.ndarray:
-    """`best` with the item ids' order given as integers (`NameOrder`): positions of the n
+    """`best` with the item ids' order given as integers (`IdOrder`): positions of the n
     highest `scores`, best first, ties by `ties` ascending. Called per request of a round: a
     partition per request costs less than one sort of the round's (request, candidate) pairs
     (2 ms against 17 ms for 256 requests of 350 candidates)."""
@@ -669,7 +646,7 @@ class BlendRanker:
         self._draw = np.random.default_rng([config.seed, 1])  # which interactions train
         # co-occurrence and transition indices -> catalogue rows: (map, generation) per counter
         self._row_maps: dict[str, tuple[np.ndarray, int]] = {}
-        self._names = NameOrder(self.stats.ids)  # a round's ties by item id
+        self._names = IdOrder(self.stats.ids)  # a round's ties by item id
         self.slots = SlotOdds(config.buffer)  # what fresh items earn (`tail_rule` "earned")
         #: whether learning scores each training round to see where its targets sat: only the
         #: "earned" tail rule reads it, and it costs the round's features a second time (a

@@ -180,3 +180,24 @@ def test_search_agrees_with_the_in_memory_store_on_duplicates_and_exclusions() -
     for skips in (None, exclude):
         got, want = replica.search(queries, 25, skips), reference.search(queries, 25, skips)
         assert [[i for i, _ in row] for row in got] == [[i for i, _ in row] for row in want]
+
+
+@pytest.mark.parametrize("width", [1, 5, 63, 64, 65, 257, 1000, 4099])
+def test_batched_top_k_is_the_exact_order_on_any_width_with_ties_and_nans(width: int) -> None:
+    """The batched top k against a plain sort by (-score, id): few distinct scores make ties
+    everywhere, a NaN is never returned, and widths around the block sizes and below k."""
+    from vectorstore.order import IdOrder
+    from vectorstore.replica import _top_many
+
+    rng = np.random.default_rng(width)
+    ids = [f"item-{rng.integers(0, 10**6):06d}-{n}" for n in range(width)]
+    scores = rng.integers(0, 12, size=(40, width)).astype(np.float32) / 11
+    scores[3] = 0.0  # one row all ties
+    scores[5, rng.integers(0, width, size=max(1, width // 3))] = np.nan
+    scores[7] = np.nan  # nothing to return
+    ranks = IdOrder(ids).ranks()
+    for k in (1, 10, 64):
+        got = _top_many(scores, ids, ranks, k)
+        for row, hits in zip(scores, got, strict=True):
+            want = sorted((-float(v), ids[j]) for j, v in enumerate(row.tolist()) if not np.isnan(v))[:k]
+            assert [(i, s) for i, s in hits] == [(i, -v) for v, i in want]

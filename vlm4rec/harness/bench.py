@@ -167,7 +167,9 @@ class _TimedContent:
 def bench_rank(dataset: Any, users: int = 256, rounds: int = 8, dim: int = 384, seed: int = 0) -> dict[str, Any]:
     """The product's ranker (`streams.rank.BlendRanker`, as `vlm4rec eval` and the stream
     processor run it) after the whole dataset has streamed through it: `rounds` refresh rounds
-    of `users` random users with history, timed after one warm-up round. The item vectors are
+    of `users` random users with history, timed after one warm-up round, and learning from
+    the same users as one batch (the stream processor's learner takes batches of sampled
+    interactions; in the bench each user takes one of its ranked items). The item vectors are
     random unit vectors of `dim` (the cost of ranking does not depend on what they say) and the
     content search is exact and in-process and its time is left out, since the stream asks
     Milvus instead (vector lookups count: the stream serves them from its cache). One BLAS
@@ -192,8 +194,8 @@ def bench_rank(dataset: Any, users: int = 256, rounds: int = 8, dim: int = 384, 
     now = float(stream.ts[-1])
     picks = [rng.choice(active, size=min(users, len(active)), replace=False) for _ in range(rounds + 1)]
     candidates = []
-    ranked = 0
-    total = 0.0
+    ranked = learnt = 0
+    total = learn_total = 0.0
     with single_threaded_blas():  # as the stream processor runs it
         for n, pick in enumerate(tqdm(picks, desc="ranking rounds", unit="round")):
             requests = [blend.request(int(u), now) for u in pick]
@@ -202,10 +204,18 @@ def bench_rank(dataset: Any, users: int = 256, rounds: int = 8, dim: int = 384, 
                 continue
             content.seconds = 0.0
             t = time.perf_counter()
-            blend.ranker.rank(requests, content, 20)
+            lists = blend.ranker.rank(requests, content, 20)
             total += time.perf_counter() - t - content.seconds
             ranked += len(requests)
             candidates.extend(len(p.rows) for p in blend.ranker.candidates(requests[:16], content))
+            # learning the same users, each taking one of its candidates (so that each makes a
+            # training group, as a sampled interaction the sources offered does)
+            taking = [(r, hits[int(rng.integers(len(hits)))][0]) for r, hits in zip(requests, lists, strict=True) if hits]
+            content.seconds = 0.0
+            t = time.perf_counter()
+            blend.ranker.learn([r for r, _ in taking], [item for _, item in taking], content, refit=False)
+            learn_total += time.perf_counter() - t - content.seconds
+            learnt += len(taking)
     return {
         "dataset": stream.name,
         "interactions": len(stream.ts),
@@ -216,6 +226,7 @@ def bench_rank(dataset: Any, users: int = 256, rounds: int = 8, dim: int = 384, 
         "candidates_per_user": round(float(np.mean(candidates)), 1) if candidates else 0.0,
         "rank_ms_per_user": round(1000 * total / max(ranked, 1), 3),
         "users_per_s_one_core": round(ranked / total, 1) if total else None,
+        "learn_ms_per_group": round(1000 * learn_total / max(learnt, 1), 3),
         "stream_walk_s": round(walk_s, 1),
         "cpu_cores": os.cpu_count(),
     }
