@@ -81,9 +81,9 @@ def test_the_vector_round_trips_exactly_packed_and_from_an_older_changelog_as_a_
     packed = Profile("u", vector=vector).to_dict()
     assert isinstance(packed["vector"], str)
     back = Profile.from_dict(json.loads(json.dumps(packed))).vector
-    assert back is not None and back[:4] == vector[:4] and back[4] != back[4]
+    assert back is not None and back.tolist()[:4] == vector[:4] and back[4] != back[4]
     legacy = {**packed, "vector": [0.25, 0.5]}
-    assert Profile.from_dict(legacy).vector == [0.25, 0.5]
+    assert Profile.from_dict(legacy).vector.tolist() == [0.25, 0.5]
     assert Profile.from_dict({**packed, "vector": None}).vector is None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -69,13 +70,18 @@ def _clean_text(value: str) -> str:
     return value.replace("\x00", "")
 
 
+#: C0 controls and DEL: one regex search, not a Python test per character (every pushed list
+#: validates 20 ids, and a per-character test took 7 % of a loaded stream processor's loop)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _clean_id(value: str) -> str:
     if "\x00" in value:  # checked before `_clean_text` drops it: "a\x00b" must not become "ab"
         raise ValueError("must not contain control characters")
     value = _clean_text(value).strip()
     if not value:
         raise ValueError("must not be empty")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    if _CONTROL.search(value):
         raise ValueError("must not contain control characters")
     return value
 
