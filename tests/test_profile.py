@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -76,15 +77,29 @@ def test_profile_round_trips_as_json_dict() -> None:
     assert again == p
 
 
-def test_the_vector_round_trips_exactly_packed_and_from_an_older_changelog_as_a_list() -> None:
-    vector = [0.1, -1e-300, 1e300, 1 / 3, float("nan")]
-    packed = Profile("u", vector=vector).to_dict()
-    assert isinstance(packed["vector"], str)
+def test_the_vector_round_trips_exactly_packed_and_from_older_changelogs() -> None:
+    """The profile read back is the one in memory, to the bit (the vector is float32 in both);
+    the two older formats (float64 packed, a JSON list) are still read."""
+    vector = [0.1, -1e-30, 1e30, 1 / 3, float("nan")]
+    profile = Profile("u", vector=vector)
+    packed = profile.to_dict()
+    assert isinstance(packed["vector32"], str) and "vector" not in packed
     back = Profile.from_dict(json.loads(json.dumps(packed))).vector
-    assert back is not None and back.tolist()[:4] == vector[:4] and back[4] != back[4]
-    legacy = {**packed, "vector": [0.25, 0.5]}
-    assert Profile.from_dict(legacy).vector.tolist() == [0.25, 0.5]
-    assert Profile.from_dict({**packed, "vector": None}).vector is None
+    assert back is not None and back.tobytes() == profile.vector.tobytes()
+    assert back.tolist()[:4] == np.asarray(vector[:4], dtype=np.float32).tolist()
+    older = {k: v for k, v in packed.items() if k != "vector32"}
+    as_f8 = base64.b64encode(np.asarray(vector, dtype="<f8").tobytes()).decode()
+    assert Profile.from_dict({**older, "vector": as_f8}).vector.tolist()[:4] == back.tolist()[:4]
+    assert Profile.from_dict({**older, "vector": [0.25, 0.5]}).vector.tolist() == [0.25, 0.5]
+    assert Profile.from_dict({**older, "vector": None}).vector is None
+    assert Profile.from_dict({**packed, "vector32": None}).vector is None
+
+
+def test_a_move_past_float32_range_is_refused_and_the_profile_keeps_its_vector() -> None:
+    p = Profile("u", vector=[3e38, 0.0])
+    before = p.vector.copy()
+    assert not p._pulled(np.array([1.0, 0.0]), 1e38, 1.0, ProfileRule())
+    assert p.vector.tobytes() == before.tobytes()
 
 
 def test_bounded_seen_and_history() -> None:
