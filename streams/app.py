@@ -53,6 +53,8 @@ from streams import metrics
 from streams.background import Backlog
 from streams.delivery import FENCE_PREFIX, BrokerShims, Delivery, in_context_of
 from streams.item_feed import ItemFeed
+from streams.observations import ObservationFeed
+from streams.observations import encode as encode_observations
 from streams.live_profiles import LiveProfiles
 from streams.popularity import RecentPopularity
 from streams.profile import Profile, ProfileRule
@@ -71,6 +73,9 @@ from vectorstore import ReplicaVectorStore, VectorStore
 log = logging.getLogger("vlm4rec.streams")
 
 LAST_RECS_KEPT = 10_000
+#: observations per message of the observations topic (a sampled one carries the user's whole
+#: seen list: kept well under the broker's 1 MB message limit)
+OBSERVATIONS_PER_MESSAGE = 100
 #: how far ahead of this worker's clock an interaction may be dated; later ones are read at this
 #: limit, so that one event dated in the year 5000 (valid by the contract) cannot move the
 #: stream clock past every other event and silence popularity and freshness for everyone
@@ -107,6 +112,9 @@ class StreamsConfig:
     popularity_half_life_s: float = 6 * 3600
     rank: RankConfig = field(default_factory=RankConfig)
     variants: tuple[Variant, ...] = ()  # ranking variants served side by side (`streams.variants`)
+    #: learn from every stream processor's observations, not only this one's users'
+    #: (`streams.observations`)
+    learn_from_all: bool = False
     #: search an in-process replica of the items collection (vectorstore/replica.py) instead
     #: of the vector store; off for catalogues beyond this worker's memory
     item_replica: bool = True
@@ -125,6 +133,10 @@ class StreamsConfig:
     @property
     def control_topic(self) -> str:
         return f"{self.app_id}-control"
+
+    @property
+    def observations_topic(self) -> str:
+        return f"{self.app_id}-observations"
 
     def internal_topics(self) -> list[str]:
         return [self.pending_topic, self.control_topic]
@@ -188,6 +200,13 @@ class StreamsApp:
         # interactions (batches in order)
         self.learner: Backlog[int, list[Observation]] = Backlog("learn", self._learn, retry=False, every_s=config.learn_every_s)
         self._batches = 0
+        # with shared learning the learner is fed by the observations topic, this worker's own included
+        self.observation_feed = (
+            ObservationFeed(config.observations_topic, self._kafka(), f"{config.app_id}-observation-feed", self._on_observed)
+            if config.learn_from_all
+            else None
+        )
+        self._observations_out: EventProducer | None = None
         # embedded items (item_id, created_at) not yet told to the ranker, whose state only the
         # vector-store thread touches; queued so that the item feed never waits behind a round
         self._embedded: list[tuple[str, float | None]] = []
@@ -257,9 +276,18 @@ class StreamsApp:
     async def _start_item_feed(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.item_feed.start()
+        if self.observation_feed is not None:
+            self.observation_feed.start()
 
     async def _stop_item_feed(self, sender: Any, **_: Any) -> None:
         await asyncio.to_thread(self.item_feed.stop)
+        if self.observation_feed is not None:
+            await asyncio.to_thread(self.observation_feed.stop)
+        if self._observations_out is not None:
+            try:
+                await asyncio.to_thread(self._observations_out.flush, 5.0)
+            except Exception as exc:  # noqa: BLE001 - learning is best effort; stopping goes on
+                log.warning("observations not all published at shutdown: %s", exc)
 
     async def _discover_space(self) -> None:
         """The embedding workers choose the item space; the stream processor reads it."""
@@ -403,8 +431,7 @@ class StreamsApp:
             metrics.PROFILE_UPDATES.inc()
             self.user_index.put(user_id, profile.as_array(), event.message.partition)
         if update.observed:
-            self._batches += 1
-            self.learner.put(self._batches, update.observed)
+            self._observed(update.observed)
         for user_id, (_, event) in update.profiles.items():
             if user_id in update.arrived:
                 self._mark_due(user_id, Due(event.message.partition, arrived=update.arrived[user_id]))
@@ -476,6 +503,33 @@ class StreamsApp:
                     metrics.FRESH_ITEM_SECONDS.observe(max(0.0, now - due.published_at))
             self._report_refused()
         metrics.RECS_DUE.set(len(self.due))
+
+    def _observed(self, observations: list[Observation]) -> None:
+        """A batch's observations: to this worker's learner, or with shared learning to the
+        observations topic, which every worker's learner follows (`_on_observed`)."""
+        if self.observation_feed is None:
+            self._batches += 1
+            self.learner.put(self._batches, observations)
+            return
+        if self._observations_out is None:
+            self._observations_out = EventProducer(self._kafka())
+        for at in range(0, len(observations), OBSERVATIONS_PER_MESSAGE):
+            self._observations_out.send_raw(
+                self.config.observations_topic, encode_observations(observations[at : at + OBSERVATIONS_PER_MESSAGE])
+            )
+        for error in self._observations_out.refused():
+            metrics.LEARN_FAILURES.inc()
+            log.warning("observations not published (learning is best effort): %s", error)
+
+    def _on_observed(self, observations: list[Observation]) -> None:
+        """The observation feed's batch (on its thread), for the learner on the event loop."""
+        assert self._loop is not None
+
+        def put() -> None:
+            self._batches += 1
+            self.learner.put(self._batches, observations)
+
+        self._loop.call_soon_threadsafe(put)
 
     def _learn(self, batches: Sequence[list[Observation]]) -> None:
         """The learner's batch (on its thread): the applied interactions, in order."""

@@ -68,6 +68,13 @@ REFITS = Counter(
 TRAINING_GROUPS_REFUSED = Counter(
     "vlm4rec_streams_training_groups_refused_total", "Training groups dropped for non-finite features"
 )
+RANKER_INTERACTIONS = Counter(
+    "vlm4rec_streams_ranker_interactions_total",
+    "Interactions folded into this processor's ranker (with shared learning: every processor's)",
+)
+OBSERVATIONS_REFUSED = Counter(
+    "vlm4rec_streams_observations_refused_total", "Observation batches from the observations topic that could not be read"
+)
 LEARN_FAILURES = Counter(
     "vlm4rec_streams_learn_failures_total",
     "Learner batches whose training groups could not be built (their interactions are still counted)",

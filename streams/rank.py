@@ -663,14 +663,19 @@ class BlendRanker:
         """Draw whether the next interaction becomes a training group (seeded)."""
         return bool(self._draw.random() < self.sample_rate())
 
-    def record(self, history: Sequence[str], item: str, ts: float) -> None:
+    def record(self, history: Sequence[str], item: str, ts: float, new: bool | None = None) -> None:
         """Fold one applied interaction in; `history` is the user's distinct items before it
-        (oldest first by latest interaction)."""
+        (oldest first by latest interaction), or only the last `lookback()` of them when `new`
+        says whether the item is among all of them (the stream processor's observations)."""
         self.slots.interaction(self.stats.count(item) <= 1)
         self.stats.add(item, ts)
-        if item not in history:
+        if item not in history if new is None else new:
             self.cooc.add(item, history)
             self.seq.add(item, history, ts)
+
+    def lookback(self) -> int:
+        """How many of a user's last items `record` reads (co-occurrence and transitions)."""
+        return max(self.config.cooc_window, self.config.sequence_steps, 1)
 
     def learn(self, requests: Sequence[Request], items: Sequence[str], content: ContentSource, refit: bool = True) -> None:
         """Training groups for interactions about to be recorded: `requests[n]` is the user's

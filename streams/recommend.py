@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -186,9 +187,17 @@ class Prefetched:
         return self.content.neighbours(items, depth)
 
 
-#: (the user's state just before the interaction, or None when it is not a training example;
-#: the user's distinct items before it; the item; the interaction's ts)
-Observation = tuple[Request | None, list[str], str, float]
+@dataclass(frozen=True)
+class Observation:
+    """One applied interaction as the ranker learns from it (`Recommender.observe`): small,
+    since with `--streams N` every stream processor learns every processor's observations
+    (`streams.observations`)."""
+
+    request: Request | None  # the user's state just before it; None: not a training example
+    recent: list[str]  # the user's last distinct items before it (`BlendRanker.lookback`)
+    new: bool  # the user had not taken the item before
+    item: str
+    ts: float
 
 
 class Recommender:
@@ -234,7 +243,8 @@ class Recommender:
         profile vector, only for the sampled share)."""
         sampled = self._draw.random() < self.ranker.sample_rate()
         request = Request(list(profile.seen), profile.as_array(), ts) if sampled else None
-        return request, list(profile.seen), item_id, ts
+        seen = profile.seen
+        return Observation(request, seen[-self.ranker.lookback() :], item_id not in seen, item_id, ts)
 
     def observe(self, observations: Sequence[Observation], learn_max: int | None = None) -> None:
         """Fold applied interactions into the ranker, in order: the sampled ones first become
@@ -245,7 +255,7 @@ class Recommender:
         Learning is best effort: a batch whose groups cannot be built (the vector store
         failed, an odd request) is logged and counted and its interactions are still
         recorded; retrying it could only stall the counts behind it."""
-        learning = [(r, item) for r, _, item, _ in observations if r is not None]
+        learning = [(o.request, o.item) for o in observations if o.request is not None]
         if learn_max is not None:
             learning = learning[max(0, len(learning) - learn_max) :]
         if learning:
@@ -258,11 +268,12 @@ class Recommender:
                 metrics.LEARN_FAILURES.inc()
                 log.warning("%d training groups not built: %s: %s", len(learning), type(exc).__name__, exc)
         with self.lock:
-            for _, history, item, ts in observations:
-                self.ranker.record(history, item, ts)
+            for o in observations:
+                self.ranker.record(o.recent, o.item, o.ts, o.new)
             refused, self.ranker.refused_groups = self.ranker.refused_groups, 0
             due = self.ranker.refit_due()
         metrics.TRAINING_GROUPS_REFUSED.inc(refused)
+        metrics.RANKER_INTERACTIONS.inc(len(observations))
         if due is not None:
             self.refit(due)
 

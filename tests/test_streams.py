@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from conftest import REPO, RunningStack, read_topic
+from conftest import REPO, RunningStack, free_port, read_topic
 from streams.profile import mean_profile
 from topics import DeadLetter, Interaction, ItemEmbedded, Recs, decode
 from topics.producer import EventProducer
@@ -218,3 +218,35 @@ def test_worker_stopped_mid_burst_loses_nothing(streams: Streams, sig: int) -> N
     streams.start()
     for u in range(40):
         assert streams.wait_user(f"burst-{u}", len(ITEMS), timeout_s=30)["interactions"] == len(ITEMS)
+
+
+def ranker_interactions(running: Streams) -> float:
+    with urllib.request.urlopen(running.url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = [line.split()[-1] for line in text.splitlines() if line.startswith("vlm4rec_streams_ranker_interactions_total ")]
+    return float(found[0]) if found else 0.0
+
+
+def test_two_processors_each_learn_from_every_interaction(isolated: RunningStack) -> None:
+    """Shared learning (on by default; `streams.observations`): each of two stream processors
+    owns some users, and each one's ranker folds in every interaction, not only its own
+    users' (without it, the two counts add up to the total instead)."""
+    settings = isolated.settings()
+    items = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection)
+    items.open(DIM, MODEL, STRATEGY)
+    items.upsert([VectorRecord(i, v) for i, v in ITEMS.items()])
+    other = RunningStack({**isolated.env, "VLM4REC_WEB_PORT": str(free_port())}, isolated.process, isolated.log_path)
+    processors = [Streams(isolated), Streams(other)]
+    try:
+        for running in processors:
+            running.start()
+        users = [f"shared-{n}" for n in range(16)]
+        send(settings, [(settings.topics.interactions, click(u, item)) for u in users for item in ("red-1", "blue-2")])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and min(map(ranker_interactions, processors)) < 2 * len(users):
+            time.sleep(0.5)
+        assert [ranker_interactions(p) for p in processors] == [2 * len(users)] * 2
+    finally:
+        for running in processors:
+            running.stop()
+        items.close()

@@ -159,6 +159,13 @@ class Settings(BaseSettings):
         1.0, ge=0, description="the ranker's learner starts a batch at most this often (beside the recs rounds: "
         "on a small machine it competes with them for CPU and Milvus)"
     )
+    streams_learn_from_all: bool = Field(
+        True,
+        description="each stream processor's ranker learns from every processor's interactions (they publish "
+        "what they apply to the internal <app id>-observations topic and each follows all of it), not only from "
+        "the users it owns; the only way N processors rank as well as one (docs/streaming.md). `vlm4rec up` "
+        "turns it off when it runs one stream processor, unless set",
+    )
     streams_item_replica: bool = Field(
         True,
         description="each stream processor searches its own in-process copy of the items collection, kept "
@@ -294,7 +301,7 @@ class Settings(BaseSettings):
     def topic_partitions_map(self) -> dict[str, int]:
         """Every topic to create up front: the contract's and the stream processor's internal
         ones (Faust creates its changelogs itself)."""
-        internal = [f"{self.streams_app_id}-pending", f"{self.streams_app_id}-control"]
+        internal = [f"{self.streams_app_id}-{name}" for name in ("pending", "control", "observations")]
         return {name: self.topic_partitions for name in [*self.topics.all(), *internal]}
 
     @property

@@ -90,6 +90,7 @@ def build_streams_config(settings: Settings):  # noqa: ANN201 - streams.app.Stre
         topics=settings.topics,
         connection=settings.kafka_connection,
         item_replica=settings.streams_item_replica,
+        learn_from_all=settings.streams_learn_from_all,
         app_id=settings.streams_app_id,
         store=settings.streams_store,
         data_dir=str(settings.data_dir / "streams"),

@@ -107,6 +107,8 @@ def _product_services(settings: Settings) -> list[Any]:
     host = settings.web_host
     metrics_ports = [(host, settings.worker_metrics_port)] if settings.worker_metrics_port else []
     services = [Service(name="worker", argv=[*exe, "worker"], ready=lambda: True, restart=True, ports=metrics_ports)]
+    # one stream processor owns every user: nothing to learn from the others (a user's own setting stands)
+    shared = settings.streams_learn_from_all if "streams_learn_from_all" in settings.model_fields_set else settings.local_streams > 1
     for n in range(settings.local_streams):
         port = settings.web_port + n
         services.append(
@@ -118,7 +120,7 @@ def _product_services(settings: Settings) -> list[Any]:
                 ports=[(host, port)],
                 # the embedded broker's work-arounds, changelog fences among them, are the
                 # stream processor's own (VLM4REC_STREAMS_BROKER_SHIMS, on by default)
-                env={"VLM4REC_WEB_PORT": str(port)},
+                env={"VLM4REC_WEB_PORT": str(port), "VLM4REC_STREAMS_LEARN_FROM_ALL": str(shared).lower()},
             )
         )
     return services
