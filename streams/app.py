@@ -52,6 +52,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from streams import metrics
 from streams.background import Backlog
 from streams.delivery import FENCE_PREFIX, BrokerShims, Delivery, in_context_of
+from streams.faust_fixes import SourceKeyRouter
 from streams.item_feed import ItemFeed
 from streams.observations import ObservationFeed
 from streams.observations import encode as encode_observations
@@ -232,6 +233,7 @@ class StreamsApp:
             producer_max_batch_size=config.producer_batch_bytes,
             stream_wait_empty=False,
             table_cleanup_interval=60.0,
+            Router=SourceKeyRouter,  # user requests reach the worker that holds the user (see there)
             # Faust's own views would list table contents (users' histories): off
             web_tables_enabled=False,
             web_router_enabled=False,

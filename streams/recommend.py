@@ -194,7 +194,7 @@ class Observation:
     (`streams.observations`)."""
 
     request: Request | None  # the user's state just before it; None: not a training example
-    recent: list[str]  # the user's last distinct items before it (`BlendRanker.lookback`)
+    recent: list[str]  # the user's last distinct items before a new one (`BlendRanker.lookback`)
     new: bool  # the user had not taken the item before
     item: str
     ts: float
@@ -243,8 +243,9 @@ class Recommender:
         profile vector, only for the sampled share)."""
         sampled = self._draw.random() < self.ranker.sample_rate()
         request = Request(list(profile.seen), profile.as_array(), ts) if sampled else None
-        seen = profile.seen
-        return Observation(request, seen[-self.ranker.lookback() :], item_id not in seen, item_id, ts)
+        new = item_id not in profile.seen
+        recent = profile.seen[-self.ranker.lookback() :] if new else []  # a repeat is only counted
+        return Observation(request, recent, new, item_id, ts)
 
     def observe(self, observations: Sequence[Observation], learn_max: int | None = None) -> None:
         """Fold applied interactions into the ranker, in order: the sampled ones first become

@@ -120,3 +120,23 @@ def test_the_fixes_refuse_a_faust_release_or_internals_they_were_not_measured_on
 
     with pytest.raises(ImportError, match="Moved._new_offset"):
         faust_fixes.check_faust(faust_fixes.FAUST_VERSION, ((Moved, "_new_offset"),))
+
+
+def test_table_requests_are_routed_by_the_raw_key_as_producers_place_users() -> None:
+    """Faust's router hashed a table key as its changelog serialises it (JSON, in quotes),
+    while the user's entry lives in the partition of the user's events, placed by the hash of
+    the raw key: most users' requests went to another worker. The router we give Faust
+    hashes the raw key."""
+    from aiokafka.partitioner import DefaultPartitioner
+    from faust.app.router import Router
+
+    app = faust.App("fixes-router", Router=faust_fixes.SourceKeyRouter)
+    table = app.Table("profiles", default=None, partitions=4)
+    assert Router._get_serialized_key(table, "u1") == b'"u1"'
+    assert app.router._get_serialized_key(table, "u1") == b"u1"
+    hashed = DefaultPartitioner()  # murmur2, as the product's producers (topics/producer.py)
+    everyone = [0, 1, 2, 3]
+    users = [f"user-{n}" for n in range(200)]
+    elsewhere = [u for u in users if hashed(Router._get_serialized_key(table, u), everyone, everyone) != hashed(u.encode(), everyone, everyone)]
+    assert len(elsewhere) > 100, "Faust's own placement differs for most users"
+    assert all(hashed(app.router._get_serialized_key(table, u), everyone, everyone) == hashed(u.encode(), everyone, everyone) for u in users)

@@ -230,7 +230,8 @@ def ranker_interactions(running: Streams) -> float:
 def test_two_processors_each_learn_from_every_interaction(isolated: RunningStack) -> None:
     """Shared learning (on by default; `streams.observations`): each of two stream processors
     owns some users, and each one's ranker folds in every interaction, not only its own
-    users' (without it, the two counts add up to the total instead)."""
+    users' (without it, the two counts add up to the total instead). And the HTTP API answers
+    for every user on either processor (`faust_fixes.SourceKeyRouter`)."""
     settings = isolated.settings()
     items = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection)
     items.open(DIM, MODEL, STRATEGY)
@@ -246,6 +247,8 @@ def test_two_processors_each_learn_from_every_interaction(isolated: RunningStack
         while time.monotonic() < deadline and min(map(ranker_interactions, processors)) < 2 * len(users):
             time.sleep(0.5)
         assert [ranker_interactions(p) for p in processors] == [2 * len(users)] * 2
+        # and either processor answers for any user (a request reaches the one that holds it)
+        assert {p.get(f"/users/{u}")["interactions"] for p in processors for u in users} == {2}
     finally:
         for running in processors:
             running.stop()

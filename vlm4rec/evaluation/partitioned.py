@@ -1,8 +1,13 @@
 """`default` as N stream processors run it (`vlm4rec up --streams N`, compose replicas): each
 learns its ranker (item counts, co-occurrence, the blend's model) from the interactions of the
 users on its own partitions of `interactions`, and ranks those users alone. The same targets,
-each ranked by its user's partition. Users are placed as the product's producers place them:
-librdkafka's default partitioner, CRC32 of the key modulo the partition count."""
+each ranked by its user's partition. Users are spread by CRC32 of their id modulo the partition
+count: a fixed hash, as a producer's partitioner is (the product's producers use murmur2; any
+such hash spreads users alike).
+
+Since shared learning (`streams.observations`, `VLM4REC_STREAMS_LEARN_FROM_ALL`, on by
+default) every processor learns from every partition, so this is what a deployment gets with
+it turned off."""
 
 from __future__ import annotations
 
