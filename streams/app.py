@@ -74,9 +74,8 @@ from vectorstore import ReplicaVectorStore, VectorStore
 log = logging.getLogger("vlm4rec.streams")
 
 LAST_RECS_KEPT = 10_000
-#: observations per message of the observations topic (a sampled one carries the user's whole
-#: seen list: kept well under the broker's 1 MB message limit)
-OBSERVATIONS_PER_MESSAGE = 100
+#: the largest message of the observations topic: half of Kafka's default 1 MB limit
+OBSERVATIONS_MESSAGE_BYTES = 512 * 1024
 #: how far ahead of this worker's clock an interaction may be dated; later ones are read at this
 #: limit, so that one event dated in the year 5000 (valid by the contract) cannot move the
 #: stream clock past every other event and silence popularity and freshness for everyone
@@ -515,13 +514,28 @@ class StreamsApp:
             return
         if self._observations_out is None:
             self._observations_out = EventProducer(self._kafka())
-        for at in range(0, len(observations), OBSERVATIONS_PER_MESSAGE):
-            self._observations_out.send_raw(
-                self.config.observations_topic, encode_observations(observations[at : at + OBSERVATIONS_PER_MESSAGE])
-            )
+        self._publish_observations(observations)
         for error in self._observations_out.refused():
             metrics.LEARN_FAILURES.inc()
             log.warning("observations not published (learning is best effort): %s", error)
+
+    def _publish_observations(self, observations: list[Observation]) -> None:
+        """In messages of at most `OBSERVATIONS_MESSAGE_BYTES` (halved until they fit; a sampled
+        observation carries the user's whole seen list, and until the first fit every one is
+        sampled). Whatever cannot be sent is counted and logged, never raised: the batch's
+        profiles are written, and learning is best effort."""
+        assert self._observations_out is not None
+        value = encode_observations(observations)
+        if len(value) > OBSERVATIONS_MESSAGE_BYTES and len(observations) > 1:
+            half = len(observations) // 2
+            self._publish_observations(observations[:half])
+            self._publish_observations(observations[half:])
+            return
+        try:
+            self._observations_out.send_raw(self.config.observations_topic, value)
+        except Exception as exc:  # noqa: BLE001 - e.g. one observation beyond the broker's message size
+            metrics.LEARN_FAILURES.inc()
+            log.warning("%d observations not published (learning is best effort): %s", len(observations), exc)
 
     def _on_observed(self, observations: list[Observation]) -> None:
         """The observation feed's batch (on its thread), for the learner on the event loop."""

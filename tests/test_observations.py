@@ -119,3 +119,41 @@ def test_the_feed_skips_and_counts_what_it_cannot_read_and_hands_on_the_rest() -
     feed.follow([FakeMessage(encode(observations()[:1])), FakeMessage(b"garbage"), FakeMessage(encode(observations()[1:]))])
     assert [o.item for o in handed] == ["c", "a", "x"]
     assert metrics.OBSERVATIONS_REFUSED._value.get() == before + 1
+
+
+class RefusingProducer:
+    """Takes messages up to a size, raises beyond it (as librdkafka does past message.max.bytes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sent: list[bytes] = []
+
+    def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        if len(value) > self.limit:
+            raise RuntimeError(f"message of {len(value)} bytes is too large")
+        self.sent.append(value)
+
+    def refused(self) -> list[str]:
+        return []
+
+
+def test_publishing_splits_big_batches_and_never_raises() -> None:
+    """A batch whose sampled observations carry long seen lists goes out in messages that fit;
+    one observation too big for any message is counted and dropped, and the batch's handling
+    goes on (learning is best effort: a raise here would retry the whole batch for ever)."""
+    from streams.app import OBSERVATIONS_MESSAGE_BYTES, StreamsApp, StreamsConfig
+    from topics import TopicNames
+    from vectorstore import MemoryVectorStore
+
+    app = StreamsApp(StreamsConfig(topics=TopicNames(), app_id="observations-test", learn_from_all=True), MemoryVectorStore())
+    producer = RefusingProducer(OBSERVATIONS_MESSAGE_BYTES)
+    app._observations_out = producer  # type: ignore[assignment]
+    long_seen = [f"item-{n:08d}" for n in range(1000)]
+    batch = [Observation(Request(long_seen, None, 1.0), [], True, f"x{n}", 1.0) for n in range(120)]
+    app._observed(batch)
+    assert len(producer.sent) > 1 and all(len(v) <= OBSERVATIONS_MESSAGE_BYTES for v in producer.sent)
+    assert [o.item for v in producer.sent for o in decode(v)] == [o.item for o in batch]
+    huge = Observation(Request([f"i{n}" for n in range(60_000)], None, 1.0), [], True, "huge", 1.0)
+    before = metrics.LEARN_FAILURES._value.get()
+    app._observed([huge])
+    assert metrics.LEARN_FAILURES._value.get() == before + 1
