@@ -7,8 +7,9 @@ Ranking is `streams.rank.BlendRanker` (the code `vlm4rec eval` scores as `defaul
 candidates for the user's profile and last items, co-occurrence, recent popularity and fresh
 items, blended by a model the worker trains on the interactions it applies (`observe`). Its
 state (counts, co-occurrence, the model) lives in the worker's memory, like recent popularity:
-each worker learns from the users it owns, and a restarted worker starts learning again (it
-ranks by the profile cosine until its first fit)."""
+each worker learns from every worker's interactions (`streams.observations`; or, with shared
+learning off, from the users it owns), and a restarted worker starts learning again (it ranks
+by the profile cosine until its first fit)."""
 
 from __future__ import annotations
 

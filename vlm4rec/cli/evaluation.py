@@ -97,7 +97,8 @@ def replay_command(
 @click.option("--limit-users", type=click.IntRange(min=1), default=None, help="Only the first N users (by first interaction): a quick run.")
 @click.option("--online", is_flag=True, help="Replay through the running local stack and score the pushed recs (per ranking variant too, when several are set).")
 @click.option("--partitions", type=click.IntRange(min=2), default=None,
-              help="Also score `default` as N stream processors learn it: each from its own partitions' users only.")
+              help="Also score `default` as N stream processors learn it with shared learning off "
+              "(VLM4REC_STREAMS_LEARN_FROM_ALL=false): each from its own partitions' users only.")
 @click.option("--variants", "with_variants", is_flag=True,
               help="Also score `default` with each ranking variant of VLM4REC_RANK_VARIANTS (its serving settings), on the same targets.")
 @click.pass_obj
