@@ -96,3 +96,22 @@ def test_the_documented_event_weights_are_the_default_so_a_hide_pulls_the_profil
     assert float(np.dot(profile.as_array(), hidden)) < float(np.dot(liked, hidden)), "further from the hidden item than before"
     monkeypatch.setenv("VLM4REC_PROFILE_WEIGHTS", "{}")
     assert Settings(_env_file=None).profile_weights == {}, "the paper's plain mean is one setting away"
+
+
+@pytest.mark.parametrize(
+    ("streams", "env", "shared"),
+    [(1, {}, "false"), (3, {}, "true"), (1, {"VLM4REC_STREAMS_LEARN_FROM_ALL": "true"}, "true"), (3, {"VLM4REC_STREAMS_LEARN_FROM_ALL": "false"}, "false")],
+)
+def test_up_shares_learning_between_several_stream_processors_unless_told(
+    monkeypatch: pytest.MonkeyPatch, streams: int, env: dict[str, str], shared: str
+) -> None:
+    """One stream processor has no one to learn from; several share (streams.observations);
+    an explicit VLM4REC_STREAMS_LEARN_FROM_ALL wins either way."""
+    from vlm4rec.cli.stack import _product_services
+    from vlm4rec.settings import Settings
+
+    for key, value in {"VLM4REC_LOCAL_STREAMS": str(streams), **env}.items():
+        monkeypatch.setenv(key, value)
+    services = [s for s in _product_services(Settings()) if s.name.startswith("streams")]
+    assert len(services) == streams
+    assert {s.env["VLM4REC_STREAMS_LEARN_FROM_ALL"] for s in services} == {shared}
