@@ -107,4 +107,8 @@ class ObservationFeed(EveryPartition):
                 metrics.OBSERVATIONS_REFUSED.inc()
                 log.warning("observation batch at %s[%d]@%d skipped: %s", message.topic(), message.partition(), message.offset(), exc)
         if observed:
-            self.on_observed(observed)
+            try:
+                self.on_observed(observed)
+            except Exception:  # noqa: BLE001 - the feed (all learning) must outlive one batch
+                metrics.LEARN_FAILURES.inc()
+                log.exception("%d observations not handed to the learner", len(observed))

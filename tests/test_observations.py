@@ -157,3 +157,13 @@ def test_publishing_splits_big_batches_and_never_raises() -> None:
     before = metrics.LEARN_FAILURES._value.get()
     app._observed([huge])
     assert metrics.LEARN_FAILURES._value.get() == before + 1
+
+
+def test_the_feed_outlives_a_learner_that_raises() -> None:
+    def broken(_: list[Observation]) -> None:
+        raise RuntimeError("the event loop is gone")
+
+    feed = ObservationFeed("obs", {}, "g", broken)
+    before = metrics.LEARN_FAILURES._value.get()
+    feed.follow([FakeMessage(encode(observations()))])
+    assert metrics.LEARN_FAILURES._value.get() == before + 1
