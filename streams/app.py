@@ -251,7 +251,7 @@ class StreamsApp:
         self.app.agent(self.interactions, name="profiles-agent")(self._profiles_agent)
         self.app.agent(self.items_topic, name="items-agent")(self._items_agent)
         self.app.task(self._discover_space)
-        self.app.task(self._start_item_feed)
+        self.app.task(self._start_feeds)
         self.app.task(self._refresher)
         self.app.task(self.learner.run)
         self.app.timer(5.0)(self._report_lag)
@@ -261,7 +261,7 @@ class StreamsApp:
         self.delivery = Delivery(self.app, self.inputs)
         self.delivery.install()
         self.app.on_before_shutdown.connect(self._flush_recs)
-        self.app.on_before_shutdown.connect(self._stop_item_feed)
+        self.app.on_before_shutdown.connect(self._stop_feeds)
         self.app.on_partitions_revoked.connect(self._users_revoked)
         self.app.on_rebalance_complete.connect(self._users_assigned)
         self._recs_out: EventProducer | None = None  # made at warm-up or the first push (it starts threads)
@@ -274,13 +274,13 @@ class StreamsApp:
         """A vector-store lookup of the agents, on its own thread: never behind a recs round."""
         return await asyncio.get_running_loop().run_in_executor(self._fetch_pool, fn, *args)
 
-    async def _start_item_feed(self) -> None:
+    async def _start_feeds(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.item_feed.start()
         if self.observation_feed is not None:
             self.observation_feed.start()
 
-    async def _stop_item_feed(self, sender: Any, **_: Any) -> None:
+    async def _stop_feeds(self, sender: Any, **_: Any) -> None:
         await asyncio.to_thread(self.item_feed.stop)
         if self.observation_feed is not None:
             await asyncio.to_thread(self.observation_feed.stop)

@@ -669,7 +669,9 @@ class BlendRanker:
         says whether the item is among all of them (the stream processor's observations)."""
         self.slots.interaction(self.stats.count(item) <= 1)
         self.stats.add(item, ts)
-        if item not in history if new is None else new:
+        if new is None:
+            new = item not in history
+        if new:
             self.cooc.add(item, history)
             self.seq.add(item, history, ts)
 

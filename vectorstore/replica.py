@@ -137,7 +137,7 @@ class ReplicaVectorStore(VectorStore):
             ranks = self._order.ranks()[:n]
         plain = [row for row, skip in enumerate(skips) if not skip]
         out = dict(zip(plain, _top_many(scores[plain], ids, ranks, k), strict=True)) if plain else {}
-        return [out[row] if row in out else _top(scores[row], ids, k, skips[row]) for row in range(len(scores))]
+        return [out[row] if row in out else _top(scores[row], ids, ranks, k, skips[row]) for row in range(len(scores))]
 
     def scan(self, batch: int = 1000) -> Iterator[dict[str, np.ndarray]]:
         return self.source.scan(batch)
@@ -211,29 +211,15 @@ def _contenders(scores: np.ndarray, take: int) -> tuple[np.ndarray, np.ndarray, 
     return row[at], block[at] * size + offset, inside[at, offset]
 
 
-def _top(scores: np.ndarray, ids: list[str], k: int, skip: Collection[str]) -> Hits:
-    """The best `k` not in `skip`, ties by id: every score equal to the cut-off is kept
-    before ordering, so that a tie never depends on the partition's order."""
+def _top(scores: np.ndarray, ids: list[str], ranks: np.ndarray, k: int, skip: Collection[str]) -> Hits:
+    """The best `k` not in `skip`, ties by id (`ranks`, as in `_top_many`): every score equal
+    to the cut-off is kept before ordering, so that a tie never depends on the partition's
+    order."""
     take = min(len(ids), k + len(skip))
     if take <= 0:
         return []
     top = np.argpartition(-scores, take - 1)[:take]
     cols = np.flatnonzero(scores >= scores[top].min())
-    hits = _in_order(cols, scores[cols], ids)
+    cols = cols[np.lexsort((ranks[cols], -scores[cols]))]
+    hits = list(zip([ids[j] for j in cols.tolist()], scores[cols].tolist(), strict=True))
     return [hit for hit in hits if hit[0] not in skip][:k] if skip else hits[:k]
-
-
-def _in_order(cols: np.ndarray, values: np.ndarray, ids: list[str]) -> Hits:
-    """(id, score) best first, equal scores by id. Sorted by score in numpy; only runs of
-    equal scores are sorted again by id (duplicate items make them common: hm has many)."""
-    order = np.argsort(-values, kind="stable")
-    values = values[order]
-    hits = list(zip([ids[j] for j in cols[order].tolist()], values.tolist()))
-    starts = np.flatnonzero(np.diff(values) == 0)
-    for start in starts.tolist():
-        if start == 0 or values[start - 1] != values[start]:  # the first pair of a run of equals
-            end = start + 1
-            while end + 1 < len(values) and values[end + 1] == values[start]:
-                end += 1
-            hits[start : end + 1] = sorted(hits[start : end + 1])
-    return hits
