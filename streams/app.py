@@ -391,6 +391,9 @@ class StreamsApp:
     async def _process_interactions(self, events: list[faust.EventT]) -> None:
         while not self.model:
             await asyncio.sleep(0.2)
+        taken = time.time()
+        for event in events:
+            metrics.INTERACTION_PATH.labels("taken").observe(max(0.0, taken - event.message.timestamp))
         with metrics.STAGE_SECONDS.labels("apply").time():
             await self._apply(events)
         metrics.RECS_DUE.set(len(self.due))
@@ -433,8 +436,10 @@ class StreamsApp:
             self.user_index.put(user_id, profile.as_array(), event.message.partition)
         if update.observed:
             self._observed(update.observed)
+        now = time.time()
         for user_id, (_, event) in update.profiles.items():
             if user_id in update.arrived:
+                metrics.INTERACTION_PATH.labels("applied").observe(max(0.0, now - update.arrived[user_id]))
                 self._mark_due(user_id, Due(event.message.partition, arrived=update.arrived[user_id]))
         for user_id, (partition, published_at) in update.refreshed.items():
             self._mark_due(user_id, Due(partition, published_at=published_at))
@@ -482,8 +487,10 @@ class StreamsApp:
             if embedded:
                 await self._store(self.recommender.embedded, embedded)
             ready = [(u, d, profile) for u, d in taken if (profile := self.live.read(u, self.stored_profile(u))) is not None]
+            self._path("ranking", [d for _, d, _ in ready])
             with metrics.STAGE_SECONDS.labels("rank").time():
                 lists = await self._store(self.recommender.recommend, [p for _, _, p in ready])
+            self._path("ranked", [d for _, d, _ in ready])
         except BaseException:
             self._embedded[:0] = embedded
             for user_id, due in reversed(taken):
@@ -504,6 +511,14 @@ class StreamsApp:
                     metrics.FRESH_ITEM_SECONDS.observe(max(0.0, now - due.published_at))
             self._report_refused()
         metrics.RECS_DUE.set(len(self.due))
+
+    @staticmethod
+    def _path(point: str, dues: Sequence[Due]) -> None:
+        """How long after their interactions reached the broker the due users got to `point`."""
+        now, hop = time.time(), metrics.INTERACTION_PATH.labels(point)
+        for due in dues:
+            if due.arrived is not None:
+                hop.observe(max(0.0, now - due.arrived))
 
     def _observed(self, observations: list[Observation]) -> None:
         """A batch's observations: to this worker's learner, or with shared learning to the

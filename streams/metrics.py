@@ -32,6 +32,15 @@ INTERACTION_TO_RECS = Histogram(
     "From an interaction's arrival on the topic (Kafka timestamp) to its user's recs published",
     buckets=LATENCY_BUCKETS,
 )
+INTERACTION_PATH = Histogram(
+    "vlm4rec_streams_interaction_path_seconds",
+    "From an interaction's arrival on the topic (Kafka timestamp) to each point of the hot "
+    "path, so that the slowest hop is named: taken (its batch reached the profile agent), "
+    "applied (its profile written in memory, recs due), ranking (the round that serves it "
+    "began), ranked (its list is ready); interaction_to_recs is the last hop, the push",
+    ["point"],
+    buckets=LATENCY_BUCKETS,
+)
 FRESH_ITEM_SECONDS = Histogram(
     "vlm4rec_streams_fresh_item_seconds",
     "From an item's publish on items.new to its first push to users (embedding included)",

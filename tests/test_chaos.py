@@ -248,6 +248,25 @@ def test_stage_means_are_per_batch_over_the_interval() -> None:
     assert means["apply"] is None, "a stage that did not run in the interval"
 
 
+def test_path_means_are_per_interaction_and_summed_over_processors() -> None:
+    from vlm4rec.harness.soak import Scrape, path_means_ms
+
+    def page(taken: tuple[float, float], pushed: tuple[float, float]) -> Scrape:
+        point = {"point": "taken"}
+        return Scrape([
+            ("vlm4rec_streams_interaction_path_seconds_count", point, taken[0]),
+            ("vlm4rec_streams_interaction_path_seconds_sum", point, taken[1]),
+            ("vlm4rec_streams_interaction_to_recs_seconds_count", {}, pushed[0]),
+            ("vlm4rec_streams_interaction_to_recs_seconds_sum", {}, pushed[1]),
+        ])
+
+    before = [page((10, 1.0), (5, 1.0)), page((0, 0.0), (0, 0.0))]
+    after = [page((20, 2.0), (15, 3.0)), page((10, 3.0), (5, 3.0))]
+    means = path_means_ms(before, after)
+    assert means == {"taken": pytest.approx(200.0), "pushed": pytest.approx(333.3, abs=0.1)}, "4 s over 20, 5 s over 15"
+    assert "ranking" not in means, "a point no interaction reached"
+
+
 def test_scrape_sums_samples_whose_labels_match() -> None:
     from vlm4rec.harness.soak import Scrape, lag
 

@@ -6,6 +6,7 @@ recommendation can be worked out by hand."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -160,6 +161,9 @@ def test_profiles_recs_seen_filtering_http_and_dead_letters(streams: Streams) ->
     metrics = urllib.request.urlopen(streams.url + "/metrics", timeout=10).read().decode()
     assert 'vlm4rec_streams_recs_pushed_total{trigger="interaction"}' in metrics
     assert "vlm4rec_streams_interaction_to_recs_seconds_count" in metrics
+    for point in ("taken", "applied", "ranking", "ranked"):  # each hop of the path is timed
+        count = re.search(rf'vlm4rec_streams_interaction_path_seconds_count{{point="{point}"}} (\S+)', metrics)
+        assert count and float(count.group(1)) > 0, point
 
 
 def test_interaction_before_its_item_is_held_then_applied(streams: Streams) -> None:

@@ -332,19 +332,30 @@ def bench_stream(
 
 def _stream_figures(before: Sequence[Any], after: Sequence[Any], sent: int) -> dict[str, Any]:
     """From the stream processors' metrics at a step's start and end: the share of the
-    step's interactions their profiles applied, and their time per stage (summed over the
-    processes: ms per batch or round, and the seconds spent)."""
-    from vlm4rec.harness.soak import applied
+    step's interactions their profiles applied, their time per stage (summed over the
+    processes: ms per batch or round, and the seconds spent), and the mean time from an
+    interaction's arrival on the broker to each point of the hot path (`soak.PATH_POINTS`), which
+    names the hop where latency accrues, and the lists they pushed by what asked for them (an
+    interaction, or a fresh item's fan-out: both take places in the same rounds)."""
+    from vlm4rec.harness.soak import applied, path_means_ms
 
     applied_delta = sum(applied(b) for b in after) - sum(applied(b) for b in before)
     stages: dict[str, dict[str, float]] = {}
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    pushed: dict[str, float] = defaultdict(float)
     for scrapes, sign in ((after, 1.0), (before, -1.0)):
         for scraped in scrapes:
             for name, labels, value in scraped.samples:
                 if name in ("vlm4rec_streams_stage_seconds_sum", "vlm4rec_streams_stage_seconds_count"):
                     totals[labels["stage"]][name.endswith("_count")] += sign * value
+                elif name == "vlm4rec_streams_recs_pushed_total":
+                    pushed[labels["trigger"]] += sign * value
     for stage, (seconds, count) in sorted(totals.items()):
         if count > 0:
             stages[stage] = {"calls": int(count), "seconds": round(seconds, 2), "ms_per_call": round(1000 * seconds / count, 1)}
-    return {"applied_share": round(applied_delta / max(1, sent), 3), "stages": stages}
+    return {
+        "applied_share": round(applied_delta / max(1, sent), 3),
+        "stages": stages,
+        "path_mean_ms": path_means_ms(before, after),
+        "lists_pushed": {trigger: int(n) for trigger, n in sorted(pushed.items())},
+    }

@@ -119,6 +119,31 @@ def stage_means_ms(before: Scrape, after: Scrape) -> dict[str, float | None]:
     return out
 
 
+#: the hot path's points in order (`vlm4rec_streams_interaction_path_seconds`, then the push)
+PATH_POINTS = ("taken", "applied", "ranking", "ranked", "pushed")
+_PUSHED = "vlm4rec_streams_interaction_to_recs_seconds"
+_PATH = "vlm4rec_streams_interaction_path_seconds"
+
+
+def path_means_ms(before: Sequence[Scrape], after: Sequence[Scrape]) -> dict[str, float]:
+    """Mean time from an interaction's arrival on the broker to each point of the hot path
+    (`PATH_POINTS`) over the interval, summed over stream processors (one scrape each): where
+    the means jump is the hop where latency accrues. Points no interaction reached are left
+    out."""
+
+    def total(scrapes: Sequence[Scrape], point: str, part: str) -> float:
+        if point == "pushed":
+            return sum(s.total(f"{_PUSHED}_{part}") for s in scrapes)
+        return sum(s.total(f"{_PATH}_{part}", point=point) for s in scrapes)
+
+    out = {}
+    for point in PATH_POINTS:
+        count = total(after, point, "count") - total(before, point, "count")
+        if count > 0:
+            out[point] = round(1000 * (total(after, point, "sum") - total(before, point, "sum")) / count, 1)
+    return out
+
+
 def applied(scraped: Scrape) -> float:
     return scraped.total("vlm4rec_streams_interactions_total", outcome="applied")
 
@@ -352,6 +377,7 @@ def _soak(
                     "p99_ms": {name: _ms(q) for name, q in p99.items()},
                     "p99_beyond_buckets": sorted(name for name, q in p99.items() if q == math.inf),
                     "stage_mean_ms": stage_means_ms(previous, now),
+                    "path_mean_ms": path_means_ms([previous], [now]),
                     "recs_due": now.total("vlm4rec_streams_recs_due"),
                     "restarts": {s.name: s.restarts for s in own.stack.services if s.restart},
                 }
