@@ -112,6 +112,18 @@ class ContentSource(Protocol):
         caches them: one search per item now and then, not per user and interaction."""
 
 
+class NeighbourList(list):  # type: ignore[type-arg] - a Hits list with room for a memo
+    """A neighbour list a content source keeps and hands back as the same object while it is
+    current: the ranker remembers its catalogue rows on it (`rows`: (the ranker's `ItemStats`,
+    the rows)), so that they live and die with the list."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, hits: Hits) -> None:
+        super().__init__(hits)
+        self.rows: tuple[ItemStats, np.ndarray] | None = None
+
+
 #: how a list makes room for tail items (`RankConfig.tail_rule`)
 TAIL_RULES = ("fixed", "earned")
 
@@ -807,10 +819,7 @@ class BlendRanker:
         recent = [r.history[-c.interests :] for r in requests]
         wanted = {i for items in recent for i in items}
         neighbours = content.neighbours(wanted, c.neighbour_depth) if wanted and c.interests else {}
-        listed = [(item, hits) for item, hits in neighbours.items() if hits]
-        near_rows = stats.intern([i for _, hits in listed for i, _ in hits])
-        ends = np.cumsum([len(hits) for _, hits in listed]).tolist()
-        near = {item: near_rows[end - len(hits) : end] for (item, hits), end in zip(listed, ends, strict=True)}
+        near = self._near_rows(neighbours)
         cooc_map = self._cooc_rows()  # interns what co-occurs or follows: the catalogue is complete from here
         seq_map = self._seq_rows()
         size = len(stats.ids)
@@ -889,6 +898,26 @@ class BlendRanker:
         offers["fresh"].append((members[i], fresh[j], np.minimum(total[i], c.fresh_k) - after[i, j] + 1))
         i, j = np.nonzero(kept & ~plain[:, None])
         return members[i], fresh[j]
+
+    def _near_rows(self, neighbours: Mapping[str, Hits]) -> dict[str, np.ndarray]:
+        """The catalogue rows of each item's neighbour list, remembered on a `NeighbourList`
+        (the stream processor caches its lists for a minute and hands back the very objects
+        round after round), instead of interning some 100,000 ids a round again."""
+        near, missing = {}, []
+        for item, hits in neighbours.items():
+            kept = getattr(hits, "rows", None)
+            if kept is not None and kept[0] is self.stats:
+                near[item] = kept[1]
+            elif hits:
+                missing.append((item, hits))
+        if missing:
+            rows = self.stats.intern([i for _, hits in missing for i, _ in hits])
+            ends = np.cumsum([len(hits) for _, hits in missing]).tolist()
+            for (item, hits), end in zip(missing, ends, strict=True):
+                near[item] = rows[end - len(hits) : end]
+                if isinstance(hits, NeighbourList):
+                    hits.rows = (self.stats, near[item].copy())
+        return near
 
     def _top(self, owner: np.ndarray, rows: np.ndarray, scores: np.ndarray, n: int, requests: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each request's n best rows by score, ties by item id (`best` per request), as

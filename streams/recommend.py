@@ -27,7 +27,7 @@ import numpy as np
 from streams import metrics
 from streams.popularity import RecentPopularity
 from streams.profile import Profile
-from streams.rank import BlendRanker, Hits, RankConfig, Request
+from streams.rank import BlendRanker, Hits, NeighbourList, RankConfig, Request
 from streams.variants import Assignment, Variant, parse_variants
 from vectorstore import VectorStore
 
@@ -140,7 +140,7 @@ class StoreContent:
         vectors = self.cache.get(missing) if missing else {}
         if vectors:
             ids = list(vectors)
-            hits = self.store.search(np.stack([vectors[i] for i in ids]), depth)
+            hits = [NeighbourList(row) for row in self.store.search(np.stack([vectors[i] for i in ids]), depth)]
             with self._lock:
                 for item, row in zip(ids, hits, strict=True):
                     found[item] = row
@@ -186,6 +186,18 @@ class Prefetched:
 
     def neighbours(self, items: Collection[str], depth: int) -> dict[str, Hits]:
         return self.content.neighbours(items, depth)
+
+
+@dataclass
+class Prepared:
+    """A round whose vector-store work is done (`Recommender.prepare`), waiting to be ranked:
+    its users' profiles and requests (one moment), their indices per ranking variant, and
+    each variant's prefetched searches or the error they raised."""
+
+    profiles: list[Profile]
+    requests: list[Request]
+    groups: dict[str, list[int]]
+    sources: dict[str, Prefetched | Exception]
 
 
 @dataclass(frozen=True)
@@ -317,8 +329,17 @@ class Recommender:
         One user never fails the others: when the round's ranking raises while the vector
         store answers, each user is ranked alone, and a user whose ranking still fails, or
         whose scores are not finite, gets the fallback (`_fallback`). When the store does not
-        answer, the error is raised for the caller to retry the round later."""
-        k = k or self.k
+        answer, the error is raised for the caller to retry the round later.
+
+        The same as `rank(prepare(profiles), k)`: the stream processor runs the two on two
+        threads, so that the next round's searches overlap this round's ranking."""
+        return self.rank(self.prepare(profiles), k)
+
+    def prepare(self, profiles: Sequence[Profile]) -> Prepared:
+        """A round's vector-store work, before any ranking: each variant's profile search and
+        its users' recent items' neighbour lists (`Prefetched`). Takes no lock: it may run
+        while another round is ranked. A variant whose searches raise keeps the error, for
+        `rank` to tell an outage from one odd request."""
         metrics.SEARCH_BATCH.observe(len(profiles))
         # one moment for the round, as all its users are served now: the ranker's popularity
         # and freshness work is per moment, and a moment per user took a fifth of its samples
@@ -328,25 +349,39 @@ class Recommender:
         groups: dict[str, list[int]] = {}
         for n, profile in enumerate(profiles):
             groups.setdefault(self.assignment.of(profile.user_id).name, []).append(n)
-        results: list[Hits | None] = [None] * len(profiles)
+        sources: dict[str, Prefetched | Exception] = {}
         with metrics.SEARCH_SECONDS.labels("items").time():
             for name, members in groups.items():
-                serving = self._serving[name]
-                group = [requests[n] for n in members]
                 try:
-                    source = Prefetched(self.content, group, serving)
-                    with metrics.STAGE_SECONDS.labels("rank_wait").time():
-                        self.lock.acquire()
-                    try:
-                        ranked: list[Hits | None] = list(self.ranker.rank(group, source, k, serving))
-                    finally:
-                        self.lock.release()
-                except Exception:
-                    if not self._store_answers():
-                        raise
-                    ranked = [self._alone(requests[n], profiles[n], k, serving) for n in members]
-                for n, hits in zip(members, ranked, strict=True):
-                    results[n] = hits
+                    sources[name] = Prefetched(self.content, [requests[n] for n in members], self._serving[name])
+                except Exception as exc:  # noqa: BLE001 - judged by `rank`
+                    sources[name] = exc
+        return Prepared(list(profiles), requests, groups, sources)
+
+    def rank(self, prepared: Prepared, k: int | None = None) -> list[list[tuple[str, float]]]:
+        """`recommend`'s ranking of a `prepare`d round: each variant's users ranked together
+        under the ranker's lock (the learner's turn waits), then the checks and fallbacks."""
+        k = k or self.k
+        profiles, requests = prepared.profiles, prepared.requests
+        results: list[Hits | None] = [None] * len(profiles)
+        for name, members in prepared.groups.items():
+            serving, source = self._serving[name], prepared.sources[name]
+            group = [requests[n] for n in members]
+            try:
+                if isinstance(source, Exception):
+                    raise source
+                with metrics.STAGE_SECONDS.labels("rank_wait").time():
+                    self.lock.acquire()
+                try:
+                    ranked: list[Hits | None] = list(self.ranker.rank(group, source, k, serving))
+                finally:
+                    self.lock.release()
+            except Exception:
+                if not self._store_answers():
+                    raise
+                ranked = [self._alone(requests[n], profiles[n], k, serving) for n in members]
+            for n, hits in zip(members, ranked, strict=True):
+                results[n] = hits
         out = []
         for profile, hits in zip(profiles, results, strict=True):
             if hits is not None and not all(math.isfinite(score) for _, score in hits):

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streams import metrics
-from streams.app import MAX_FUTURE_S, StreamsApp, StreamsConfig
+from streams.app import MAX_FUTURE_S, Due, StreamsApp, StreamsConfig
 from streams.background import Backlog
 from streams.popularity import RecentPopularity
 from streams.profile import MAX_WEIGHT, Profile, ProfileRule
@@ -265,6 +265,48 @@ def test_a_list_that_fails_the_contract_is_counted_and_not_pushed() -> None:
     before = metrics.RECS_INVALID._value.get()
     assert not app._push("u", [("i", math.nan)], "interaction")
     assert metrics.RECS_INVALID._value.get() == before + 1 and "u" not in app.last_recs
+
+
+def round_app(monkeypatch: pytest.MonkeyPatch, users: str) -> StreamsApp:
+    """A stream processor (no broker) whose users are due in order, each with a profile."""
+    app = StreamsApp(StreamsConfig(topics=TopicNames(), app_id="isolation-test", refresh_max=2), MemoryVectorStore())
+    stored = {u: Profile(u, seen=[f"item-{u}"]).to_dict() for u in users}
+    monkeypatch.setattr(app, "stored_profile", stored.get)
+    app.model = "test"
+    for n, user in enumerate(users):
+        app._mark_due(user, Due(0, arrived=NOW + n))
+    return app
+
+
+def test_rounds_searched_ahead_push_every_due_user_once_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = round_app(monkeypatch, "abcde")
+    pushed: list[str] = []
+    monkeypatch.setattr(app, "_push", lambda user, items, trigger, answers=None: pushed.append(user) or True)
+
+    async def drain() -> None:
+        while app.due or app._ahead is not None:
+            await app._refresh_round()
+
+    asyncio.run(drain())
+    assert pushed == list("abcde"), "three rounds of at most two: the next one searched while one is ranked"
+
+
+def test_a_failed_round_puts_its_users_and_the_round_searched_ahead_back_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = round_app(monkeypatch, "abcde")
+
+    def down(prepared: object, k: int | None = None) -> list[list[tuple[str, float]]]:
+        raise ConnectionError("vector store down")
+
+    monkeypatch.setattr(app.recommender, "rank", down)
+
+    async def one_round() -> None:
+        with pytest.raises(ConnectionError):
+            await app._refresh_round()
+
+    asyncio.run(one_round())
+    assert app._ahead is None
+    assert list(app.due) == list("abcde"), "a, b ranked and c, d searched ahead: all back before e"
+    assert [due.arrived for due in app.due.values()] == [NOW + n for n in range(5)]
 
 
 # --- work beside the hot path ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 
 from streams.cooccur import CoOccurrence
 from streams.profile import mean_profile
-from streams.rank import COLUMN, FEATURES, BlendRanker, Group, ItemStats, PairwiseLogistic, RankConfig, Request, VectorRows
+from streams.rank import COLUMN, FEATURES, BlendRanker, Group, ItemStats, NeighbourList, PairwiseLogistic, RankConfig, Request, VectorRows
 from streams.recommend import Recommender, StoreContent, VectorCache
 from vectorstore import MemoryVectorStore, VectorRecord
 
@@ -323,6 +323,25 @@ def test_candidates_are_the_deduplicated_union_of_the_sources_without_seen_items
     assert sources["profile"][first] == 1.0
     ranked = ranker.rank([request], content, 1000)[0]
     assert sorted(i for i, _ in ranked) == pool.ids
+
+
+def test_a_cached_neighbour_lists_rows_are_remembered_with_the_list_and_used_again() -> None:
+    content, ids, vectors = world()
+    ranker = BlendRanker(RankConfig(content_k=5, interests=2))
+    request = Request([ids[0], ids[10]], mean_profile(vectors[[0, 10]]), 8.0)
+    first = ranker.rank([request], content, 10)
+    lists = content.neighbours({ids[0], ids[10]}, ranker.config.neighbour_depth)
+    assert all(isinstance(hits, NeighbourList) and hits.rows is not None and hits.rows[0] is ranker.stats for hits in lists.values())
+    for item, hits in lists.items():
+        assert hits.rows[1].tolist() == [ranker.stats.index[i] for i, _ in hits], item
+    kept = {item: hits.rows[1] for item, hits in lists.items()}
+    assert ranker.rank([request], content, 10) == first, "the remembered rows rank the same"
+    assert all(content.neighbours({item}, ranker.config.neighbour_depth)[item].rows[1] is rows for item, rows in kept.items())
+    other = BlendRanker(RankConfig(content_k=5, interests=2))  # another catalogue: its own rows
+    other.stats.intern([ids[50]])  # so that its rows differ from the first ranker's
+    assert [i for i, _ in other.rank([request], content, 10)[0]] == [i for i, _ in first[0]]
+    content.forget(ids[0])  # re-embedded: a new list, rows interned again
+    assert content.neighbours({ids[0]}, ranker.config.neighbour_depth)[ids[0]].rows is None
 
 
 def test_cooccurrence_counts_distinct_users_within_a_window_and_stays_bounded() -> None:
