@@ -62,7 +62,7 @@ from streams.profile import Profile, ProfileRule
 from streams.profile_updates import Deferral, ProfileUpdater, Received
 from streams.user_index import UserIndex, fanout_share
 from streams.rank import RankConfig
-from streams.recommend import Observation, Prepared, Recommender
+from streams.recommend import Observation, Recommender
 from streams.variants import DEFAULT_VARIANT, Variant, online_hit
 from pydantic import ValidationError
 
@@ -170,23 +170,6 @@ class Due:
             self.published_at = other.published_at if self.published_at is None else min(self.published_at, other.published_at)
 
 
-@dataclass
-class _Round:
-    """A recs round on its way: the due users taken, those with a profile, and their
-    searches (`Recommender.prepare`, running on the search thread)."""
-
-    taken: list[tuple[str, Due]]
-    ready: list[tuple[str, Due, Profile]]
-    prepared: asyncio.Future[Prepared]
-
-
-def _quiet(future: asyncio.Future[Any]) -> None:
-    """Retrieve the outcome of a search nobody awaits (its round was put back), so that
-    asyncio does not log it as never retrieved; the retried round searches again."""
-    if not future.cancelled():
-        future.exception()
-
-
 class StreamsApp:
     """Builds the Faust app around a `Recommender`; the app object is `self.app`."""
 
@@ -212,9 +195,6 @@ class StreamsApp:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vector-store")  # calls in order
         # the profile agent's vector lookups, so that they never wait behind a refresh round
         self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="vector-fetch")
-        # the next round's searches, beside this round's ranking (`_refresh_round`)
-        self._search_pool = ThreadPoolExecutor(1, thread_name_prefix="vector-search")
-        self._ahead: _Round | None = None
         self.due: OrderedDict[str, Due] = OrderedDict()  # oldest first
         # beside the hot path (streams.background): the ranker learns from the applied
         # interactions (batches in order)
@@ -491,38 +471,29 @@ class StreamsApp:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.due or self._embedded or self._ahead is not None:
+            while self.due or self._embedded:
                 await self._until_done("recs refresh", self._refresh_round)
 
     async def _refresh_round(self) -> None:
         """Rank and push the oldest due users: nothing else is on this path (learning is a
-        `Backlog` beside it, the item feed a thread of its own). A round's searches run on a
-        thread of their own, and the next round's start when this one's are done, while it
-        is ranked: the searches are mostly a matrix product that leaves the interpreter free,
-        so they overlap the ranking instead of adding to it. A round that fails as a whole (the vector
-        store does not answer) puts its users back, and those of the round searched ahead (an
-        older arrival wins), before it is retried; one user's failure only gives that user
-        the fallback list."""
+        `Backlog` beside it, the item feed a thread of its own). A round that fails as a whole (the vector
+        store does not answer) puts its users back (an older arrival wins) before it is
+        retried; one user's failure only gives that user the fallback list."""
         while not self.model:
             await asyncio.sleep(0.2)
         embedded, self._embedded = self._embedded, []
-        current, self._ahead = self._ahead or self._start_round(), None
+        taken = [self.due.popitem(last=False) for _ in range(min(self.config.refresh_max, len(self.due)))]
         try:
             if embedded:
                 await self._store(self.recommender.embedded, embedded)
+            ready = [(u, d, profile) for u, d in taken if (profile := self.live.read(u, self.stored_profile(u))) is not None]
+            self._path("ranking", [d for _, d, _ in ready])
             with metrics.STAGE_SECONDS.labels("rank").time():
-                prepared = await current.prepared
-                if self.due:
-                    self._ahead = self._start_round()
-                lists = await self._store(self.recommender.rank, prepared)
-            ready = current.ready
+                lists = await self._store(self.recommender.recommend, [p for _, _, p in ready])
             self._path("ranked", [d for _, d, _ in ready])
         except BaseException:
             self._embedded[:0] = embedded
-            if self._ahead is not None:
-                self._put_back(self._ahead.taken)
-                self._ahead = None
-            self._put_back(current.taken)
+            self._put_back(taken)
             raise
         with metrics.STAGE_SECONDS.labels("push").time():
             now = time.time()
@@ -536,16 +507,6 @@ class StreamsApp:
                     metrics.FRESH_ITEM_SECONDS.observe(max(0.0, now - due.published_at))
             self._report_refused()
         metrics.RECS_DUE.set(len(self.due))
-
-    def _start_round(self) -> _Round:
-        """Take the oldest due users and start their searches (`Recommender.prepare`) on the
-        search thread."""
-        taken = [self.due.popitem(last=False) for _ in range(min(self.config.refresh_max, len(self.due)))]
-        ready = [(u, d, profile) for u, d in taken if (profile := self.live.read(u, self.stored_profile(u))) is not None]
-        self._path("ranking", [d for _, d, _ in ready])
-        prepared = asyncio.get_running_loop().run_in_executor(self._search_pool, self.recommender.prepare, [p for _, _, p in ready])
-        prepared.add_done_callback(_quiet)  # a round searched ahead and put back is not awaited
-        return _Round(taken, ready, prepared)
 
     def _put_back(self, taken: Sequence[tuple[str, Due]]) -> None:
         """Users of a round that failed go back to the front of the queue, merged with

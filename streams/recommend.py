@@ -188,18 +188,6 @@ class Prefetched:
         return self.content.neighbours(items, depth)
 
 
-@dataclass
-class Prepared:
-    """A round whose vector-store work is done (`Recommender.prepare`), waiting to be ranked:
-    its users' profiles and requests (one moment), their indices per ranking variant, and
-    each variant's prefetched searches or the error they raised."""
-
-    profiles: list[Profile]
-    requests: list[Request]
-    groups: dict[str, list[int]]
-    sources: dict[str, Prefetched | Exception]
-
-
 @dataclass(frozen=True)
 class Observation:
     """One applied interaction as the ranker learns from it (`Recommender.observe`): small,
@@ -329,17 +317,8 @@ class Recommender:
         One user never fails the others: when the round's ranking raises while the vector
         store answers, each user is ranked alone, and a user whose ranking still fails, or
         whose scores are not finite, gets the fallback (`_fallback`). When the store does not
-        answer, the error is raised for the caller to retry the round later.
-
-        The same as `rank(prepare(profiles), k)`: the stream processor runs the two on two
-        threads, so that the next round's searches overlap this round's ranking."""
-        return self.rank(self.prepare(profiles), k)
-
-    def prepare(self, profiles: Sequence[Profile]) -> Prepared:
-        """A round's vector-store work, before any ranking: each variant's profile search and
-        its users' recent items' neighbour lists (`Prefetched`). Takes no lock: it may run
-        while another round is ranked. A variant whose searches raise keeps the error, for
-        `rank` to tell an outage from one odd request."""
+        answer, the error is raised for the caller to retry the round later."""
+        k = k or self.k
         metrics.SEARCH_BATCH.observe(len(profiles))
         # one moment for the round, as all its users are served now: the ranker's popularity
         # and freshness work is per moment, and a moment per user took a fifth of its samples
@@ -349,27 +328,13 @@ class Recommender:
         groups: dict[str, list[int]] = {}
         for n, profile in enumerate(profiles):
             groups.setdefault(self.assignment.of(profile.user_id).name, []).append(n)
-        sources: dict[str, Prefetched | Exception] = {}
-        with metrics.SEARCH_SECONDS.labels("items").time():
-            for name, members in groups.items():
-                try:
-                    sources[name] = Prefetched(self.content, [requests[n] for n in members], self._serving[name])
-                except Exception as exc:  # noqa: BLE001 - judged by `rank`
-                    sources[name] = exc
-        return Prepared(list(profiles), requests, groups, sources)
-
-    def rank(self, prepared: Prepared, k: int | None = None) -> list[list[tuple[str, float]]]:
-        """`recommend`'s ranking of a `prepare`d round: each variant's users ranked together
-        under the ranker's lock (the learner's turn waits), then the checks and fallbacks."""
-        k = k or self.k
-        profiles, requests = prepared.profiles, prepared.requests
         results: list[Hits | None] = [None] * len(profiles)
-        for name, members in prepared.groups.items():
-            serving, source = self._serving[name], prepared.sources[name]
+        for name, members in groups.items():
+            serving = self._serving[name]
             group = [requests[n] for n in members]
             try:
-                if isinstance(source, Exception):
-                    raise source
+                with metrics.SEARCH_SECONDS.labels("items").time():
+                    source = Prefetched(self.content, group, serving)
                 with metrics.STAGE_SECONDS.labels("rank_wait").time():
                     self.lock.acquire()
                 try:

@@ -278,34 +278,33 @@ def round_app(monkeypatch: pytest.MonkeyPatch, users: str) -> StreamsApp:
     return app
 
 
-def test_rounds_searched_ahead_push_every_due_user_once_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rounds_push_every_due_user_once_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     app = round_app(monkeypatch, "abcde")
     pushed: list[str] = []
     monkeypatch.setattr(app, "_push", lambda user, items, trigger, answers=None: pushed.append(user) or True)
 
     async def drain() -> None:
-        while app.due or app._ahead is not None:
+        while app.due:
             await app._refresh_round()
 
     asyncio.run(drain())
-    assert pushed == list("abcde"), "three rounds of at most two: the next one searched while one is ranked"
+    assert pushed == list("abcde"), "three rounds of at most two, oldest first"
 
 
-def test_a_failed_round_puts_its_users_and_the_round_searched_ahead_back_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_round_puts_its_users_back_first_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     app = round_app(monkeypatch, "abcde")
 
-    def down(prepared: object, k: int | None = None) -> list[list[tuple[str, float]]]:
+    def down(profiles: object, k: int | None = None) -> list[list[tuple[str, float]]]:
         raise ConnectionError("vector store down")
 
-    monkeypatch.setattr(app.recommender, "rank", down)
+    monkeypatch.setattr(app.recommender, "recommend", down)
 
     async def one_round() -> None:
         with pytest.raises(ConnectionError):
             await app._refresh_round()
 
     asyncio.run(one_round())
-    assert app._ahead is None
-    assert list(app.due) == list("abcde"), "a, b ranked and c, d searched ahead: all back before e"
+    assert list(app.due) == list("abcde"), "a and b are back before c, d and e"
     assert [due.arrived for due in app.due.values()] == [NOW + n for n in range(5)]
 
 
