@@ -302,6 +302,7 @@ def test_bench_rank_times_the_products_ranker_after_streaming_a_dataset(tmp_path
     assert report["model_fits"] >= 1, "600 rows are enough for the blend's first fit"
     assert report["rank_ms_per_user"] > 0 and report["candidates_per_user"] > 10
     assert report["users_per_s_one_core"] == pytest.approx(1000 / report["rank_ms_per_user"], rel=0.01)
+    assert report["serving_ms_per_user"] > 0, "the same rounds through the stream processor's path"
 
 
 def test_later_visit_targets_come_more_than_an_hour_after_the_users_previous_interaction(tmp_path: Path) -> None:
