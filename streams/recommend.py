@@ -130,7 +130,7 @@ class StoreContent:
         found: dict[str, Hits] = {}
         missing = []
         with self._lock:
-            for item in items:
+            for item in sorted(items):  # the same batch, whatever the set order: a product's last bit depends on it
                 kept = self._neighbours.get(item)
                 if kept is not None and kept[1] == depth and now - kept[0] < self.neighbour_ttl_s:
                     self._neighbours.move_to_end(item)

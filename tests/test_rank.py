@@ -344,6 +344,26 @@ def test_a_cached_neighbour_lists_rows_are_remembered_with_the_list_and_used_aga
     assert content.neighbours({ids[0]}, ranker.config.neighbour_depth)[ids[0]].rows is None
 
 
+def test_neighbour_lists_are_searched_in_one_order_whatever_the_set_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row of a batched matrix product can differ in its last bit with its place in the
+    batch, which reorders near-ties: the same items must make the same batch."""
+    content, ids, vectors = world()
+    batches: list[list[int]] = []
+    search = content.store.search
+
+    def recording(queries: np.ndarray, k: int, exclude: object = None) -> list:
+        batches.append([int(np.argmax(vectors @ q)) for q in queries])
+        return search(queries, k, exclude)
+
+    monkeypatch.setattr(content.store, "search", recording)
+    wanted = [ids[n] for n in (31, 4, 17, 9)]
+    content.neighbours(list(reversed(wanted)), 10)
+    for item in wanted:
+        content.forget(item)
+    content.neighbours(wanted, 10)
+    assert batches == [[4, 9, 17, 31], [4, 9, 17, 31]]
+
+
 def test_cooccurrence_counts_distinct_users_within_a_window_and_stays_bounded() -> None:
     cooc = CoOccurrence(window=2, max_neighbours=3)
     cooc.add("x", [])
