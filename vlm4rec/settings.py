@@ -142,7 +142,10 @@ class Settings(BaseSettings):
     streams_k: int = Field(20, ge=1, le=1000, description="recommendations per push")
     streams_fanout_users: int = Field(50, ge=0, description="users a fresh item is pushed to")
     streams_batch_max: int = Field(1000, ge=1, description="interactions coalesced per batch at most")
-    streams_batch_ms: int = Field(50, ge=1, description="coalescing window for a user's interactions")
+    streams_batch_ms: int = Field(
+        10, ge=1, description="the profile agent's wait for more events before it applies a batch (a busy agent "
+        "batches anyway: events arrive while it applies)"
+    )
     streams_producer_batch_bytes: int = Field(
         512 * 1024, ge=1024, description="largest record batch of the stream processor's Kafka producer (profile "
         "changelog writes): one batch per partition goes in each produce request, so small batches make a busy "
