@@ -903,7 +903,8 @@ class BlendRanker:
         """The catalogue rows of each item's neighbour list, remembered on a `NeighbourList`
         (the stream processor caches its lists for a minute and hands back the very objects
         round after round), instead of interning some 100,000 ids a round again."""
-        near, missing = {}, []
+        near: dict[str, np.ndarray] = {}
+        missing: list[tuple[str, Hits]] = []
         for item, hits in neighbours.items():
             kept = getattr(hits, "rows", None)
             if kept is not None and kept[0] is self.stats:

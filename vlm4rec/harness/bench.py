@@ -173,7 +173,7 @@ def _serving_ms_per_user(stream: Any, vectors: np.ndarray, picks: Sequence[np.nd
     timed, so that the neighbour lists are cached as in a warm stream. One BLAS thread."""
     from streams.popularity import RecentPopularity
     from streams.profile import Profile, ProfileRule
-    from streams.recommend import Recommender
+    from streams.recommend import Observation, Recommender
     from vectorstore.memory import MemoryVectorStore
     from vectorstore.replica import ReplicaVectorStore
 
@@ -185,7 +185,7 @@ def _serving_ms_per_user(stream: Any, vectors: np.ndarray, picks: Sequence[np.nd
     recommender = Recommender(replica, RecentPopularity())
     rule = ProfileRule()
     profiles: dict[int, Profile] = {}
-    batch = []
+    batch: list[Observation] = []
     rows = zip(stream.users.tolist(), stream.items.tolist(), stream.ts.tolist(), strict=True)
     for user, item, ts in tqdm(rows, total=len(stream.ts), desc="applying the dataset to profiles", unit="row", mininterval=2):
         profile = profiles.setdefault(user, Profile(stream.user_ids[user]))

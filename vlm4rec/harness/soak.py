@@ -136,7 +136,7 @@ def path_means_ms(before: Sequence[Scrape], after: Sequence[Scrape]) -> dict[str
             return sum(s.total(f"{_PUSHED}_{part}") for s in scrapes)
         return sum(s.total(f"{_PATH}_{part}", point=point) for s in scrapes)
 
-    out = {}
+    out: dict[str, float] = {}
     for point in PATH_POINTS:
         count = total(after, point, "count") - total(before, point, "count")
         if count > 0:
