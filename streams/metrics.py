@@ -18,7 +18,11 @@ SEARCH_BATCH = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 SEARCH_SECONDS = Histogram(
-    "vlm4rec_streams_search_seconds", "Latency of one batched vector-store search", ["collection"], buckets=LATENCY_BUCKETS
+    "vlm4rec_streams_search_seconds",
+    "The vector-store work of one ranking round, per ranking variant: the batched profile "
+    "search, the vectors it needs and the neighbour searches of recent items not cached",
+    ["collection"],
+    buckets=LATENCY_BUCKETS,
 )
 RECS_PUSHED = Counter("vlm4rec_streams_recs_pushed_total", "Recommendation lists pushed to the recs topic", ["trigger"])
 RECS_REFUSED = Counter("vlm4rec_streams_recs_refused_total", "Recommendation lists the broker refused (after retries)")
@@ -35,9 +39,11 @@ INTERACTION_TO_RECS = Histogram(
 INTERACTION_PATH = Histogram(
     "vlm4rec_streams_interaction_path_seconds",
     "From an interaction's arrival on the topic (Kafka timestamp) to each point of the hot "
-    "path, so that the slowest hop is named: taken (its batch reached the profile agent), "
-    "applied (its profile written in memory, recs due), ranking (the round that serves it "
-    "began), ranked (its list is ready); interaction_to_recs is the last hop, the push",
+    "path, so that the slowest hop is named: taken (its batch reached the profile agent; one "
+    "sample per event), then per user, from the oldest interaction not yet answered: applied "
+    "(its profile written in memory, recs due), ranking (the round that serves it began), "
+    "ranked (its list is ready); interaction_to_recs is the last hop, the push. A batch or "
+    "round that is retried is counted again",
     ["point"],
     buckets=LATENCY_BUCKETS,
 )

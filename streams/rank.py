@@ -112,7 +112,7 @@ class ContentSource(Protocol):
         caches them: one search per item now and then, not per user and interaction."""
 
 
-class NeighbourList(list):  # type: ignore[type-arg] - a Hits list with room for a memo
+class NeighbourList(list[tuple[str, float]]):
     """A neighbour list a content source keeps and hands back as the same object while it is
     current: the ranker remembers its catalogue rows on it (`rows`: (the ranker's `ItemStats`,
     the rows)), so that they live and die with the list."""
@@ -917,7 +917,9 @@ class BlendRanker:
             for (item, hits), end in zip(missing, ends, strict=True):
                 near[item] = rows[end - len(hits) : end]
                 if isinstance(hits, NeighbourList):
-                    hits.rows = (self.stats, near[item].copy())
+                    kept_rows = near[item].copy()
+                    kept_rows.flags.writeable = False  # shared by every later round
+                    hits.rows = (self.stats, kept_rows)
         return near
 
     def _top(self, owner: np.ndarray, rows: np.ndarray, scores: np.ndarray, n: int, requests: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

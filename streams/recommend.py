@@ -130,7 +130,7 @@ class StoreContent:
         found: dict[str, Hits] = {}
         missing = []
         with self._lock:
-            for item in sorted(items):  # the same batch, whatever the set order: a product's last bit depends on it
+            for item in sorted(items):  # one batch order, whatever the set order: a product's last bit depends on it
                 kept = self._neighbours.get(item)
                 if kept is not None and kept[1] == depth and now - kept[0] < self.neighbour_ttl_s:
                     self._neighbours.move_to_end(item)
@@ -139,7 +139,7 @@ class StoreContent:
                     missing.append(item)
         vectors = self.cache.get(missing) if missing else {}
         if vectors:
-            ids = list(vectors)
+            ids = [i for i in missing if i in vectors]  # sorted, cached or not
             hits = [NeighbourList(row) for row in self.store.search(np.stack([vectors[i] for i in ids]), depth)]
             with self._lock:
                 for item, row in zip(ids, hits, strict=True):

@@ -248,7 +248,7 @@ def test_stage_means_are_per_batch_over_the_interval() -> None:
     assert means["apply"] is None, "a stage that did not run in the interval"
 
 
-def test_path_means_are_per_interaction_and_summed_over_processors() -> None:
+def test_path_means_are_per_sample_and_summed_over_processors() -> None:
     from vlm4rec.harness.soak import Scrape, path_means_ms
 
     def page(taken: tuple[float, float], pushed: tuple[float, float]) -> Scrape:

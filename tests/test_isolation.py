@@ -295,6 +295,7 @@ def test_a_failed_round_puts_its_users_back_first_in_order(monkeypatch: pytest.M
     app = round_app(monkeypatch, "abcde")
 
     def down(profiles: object, k: int | None = None) -> list[list[tuple[str, float]]]:
+        app._mark_due("a", Due(0, arrived=NOW - 5))  # a's earlier event, re-delivered meanwhile
         raise ConnectionError("vector store down")
 
     monkeypatch.setattr(app.recommender, "recommend", down)
@@ -305,7 +306,7 @@ def test_a_failed_round_puts_its_users_back_first_in_order(monkeypatch: pytest.M
 
     asyncio.run(one_round())
     assert list(app.due) == list("abcde"), "a and b are back before c, d and e"
-    assert [due.arrived for due in app.due.values()] == [NOW + n for n in range(5)]
+    assert [due.arrived for due in app.due.values()] == [NOW - 5] + [NOW + n for n in range(1, 5)], "the older arrival wins"
 
 
 # --- work beside the hot path ------------------------------------------------------------------------
