@@ -436,11 +436,12 @@ class StreamsApp:
             self.user_index.put(user_id, profile.as_array(), event.message.partition)
         if update.observed:
             self._observed(update.observed)
-        now = time.time()
+        applied: list[Due] = []
         for user_id, (_, event) in update.profiles.items():
             if user_id in update.arrived:
-                metrics.INTERACTION_PATH.labels("applied").observe(max(0.0, now - update.arrived[user_id]))
-                self._mark_due(user_id, Due(event.message.partition, arrived=update.arrived[user_id]))
+                applied.append(Due(event.message.partition, arrived=update.arrived[user_id]))
+                self._mark_due(user_id, applied[-1])
+        self._path("applied", applied)
         for user_id, (partition, published_at) in update.refreshed.items():
             self._mark_due(user_id, Due(partition, published_at=published_at))
         self._wake.set()  # recs need the profiles in memory, not yet their changelog: rank while it is flushed
