@@ -43,11 +43,11 @@ from pathlib import Path
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from streams import metrics
 from streams.background import Backlog
@@ -57,11 +57,11 @@ from streams.item_feed import ItemFeed
 from streams.observations import ObservationFeed
 from streams.observations import encode as encode_observations
 from streams.live_profiles import LiveProfiles
-from streams.popularity import RecentPopularity
 from streams.profile import Profile, ProfileRule
 from streams.profile_updates import Deferral, ProfileUpdater, Received
 from streams.user_index import UserIndex, fanout_share
 from streams.rank import RankConfig
+from streams.ranking_process import RankerSpec, RankingProcess
 from streams.recommend import Observation, Recommender
 from streams.variants import DEFAULT_VARIANT, Variant, online_hit
 from pydantic import ValidationError
@@ -118,6 +118,8 @@ class StreamsConfig:
     #: search an in-process replica of the items collection (vectorstore/replica.py) instead
     #: of the vector store; off for catalogues beyond this worker's memory
     item_replica: bool = True
+    #: rank in a process of its own (`streams.ranking_process`), not on a thread of this one
+    ranking_process: bool = False
     #: the embedded broker's work-arounds (`streams.delivery.BrokerShims`); off against Kafka
     broker_shims: bool = True
     #: the largest record batch of Faust's producer (table changelogs, deferrals). aiokafka
@@ -171,17 +173,24 @@ class Due:
 
 
 class StreamsApp:
-    """Builds the Faust app around a `Recommender`; the app object is `self.app`."""
+    """Builds the Faust app around a `Recommender`, in this process or a ranking process of
+    its own (`config.ranking_process`, which needs `store`: a picklable factory of another
+    client of the items collection, for that process); the app object is `self.app`."""
 
-    def __init__(self, config: StreamsConfig, items: VectorStore) -> None:
+    def __init__(self, config: StreamsConfig, items: VectorStore, store: Callable[[], VectorStore] | None = None) -> None:
         self.config = config
         replica = ReplicaVectorStore(items) if config.item_replica else None
         items = items if replica is None else replica
         self.items = items
-        self.popularity = RecentPopularity(config.popularity_half_life_s)
-        self.recommender = Recommender(
-            items, self.popularity, k=config.k, rank=config.rank, neighbour_ttl_s=config.neighbour_ttl_s,
-            variants=config.variants,
+        if config.ranking_process and store is None:
+            raise ValueError("a ranking process needs a factory of the items store")
+        spec = RankerSpec(
+            store or (lambda: items), replica=config.item_replica, k=config.k, rank=config.rank,
+            neighbour_ttl_s=config.neighbour_ttl_s, variants=config.variants,
+            popularity_half_life_s=config.popularity_half_life_s,
+        )
+        self.ranking: Recommender | RankingProcess = (
+            RankingProcess(spec, items) if config.ranking_process else spec.recommender(items)
         )
         # this worker's users, for the fan-out of every fresh item (streams.item_feed)
         self.user_index = UserIndex()
@@ -211,7 +220,7 @@ class StreamsApp:
         # vector-store thread touches; queued so that the item feed never waits behind a round
         self._embedded: list[tuple[str, float | None]] = []
         self.live = LiveProfiles()  # the table's profiles as objects, not parsed again per read
-        self.updater = ProfileUpdater(config.rule, self._stored, self.recommender.observation)
+        self.updater = ProfileUpdater(config.rule, self._stored, self.ranking.observation)
         self._wake = asyncio.Event()
         self.shims = BrokerShims(config.broker_shims, config.fetch_max_wait_ms)
         self.shims.install()
@@ -282,6 +291,8 @@ class StreamsApp:
 
     async def _stop_feeds(self, sender: Any, **_: Any) -> None:
         await asyncio.to_thread(self.item_feed.stop)
+        if isinstance(self.ranking, RankingProcess):
+            await asyncio.to_thread(self.ranking.close)
         if self.observation_feed is not None:
             await asyncio.to_thread(self.observation_feed.stop)
         if self._observations_out is not None:
@@ -314,7 +325,7 @@ class StreamsApp:
         1.3 s, 0.8 s and 0.3 s, against about 80 ms at idle after them."""
         try:
             await asyncio.to_thread(self._recs_producer().connect)
-            await self._store(self.recommender.warm_up)
+            await self._store(self.ranking.warm_up)
         except Exception as exc:  # noqa: BLE001 - only the first round pays for it
             log.warning("warm-up ranking failed (%s); the first round pays for it", exc)
 
@@ -416,13 +427,13 @@ class StreamsApp:
             )
         item_ids = self.updater.items_needed(batch)
         with metrics.STAGE_SECONDS.labels("apply_lookup").time():
-            vectors = await self._lookup(self.recommender.vectors.get, item_ids) if item_ids else {}
+            vectors = await self._lookup(self.ranking.vectors.get, item_ids) if item_ids else {}
         update = self.updater.update(batch, vectors)
         metrics.INTERACTIONS.labels("duplicate").inc(update.duplicates)
         metrics.INTERACTIONS.labels("deferred").inc(len(update.deferred))
         metrics.INTERACTIONS.labels("applied").inc(len(update.applied))
+        self.ranking.popular([(interaction.item_id, interaction.ts) for interaction in update.applied])
         for interaction in update.applied:
-            self.popularity.add(interaction.item_id, interaction.ts, 1.0)
             self._judge(interaction)
         # Deferrals are delivered before the profiles that mark their events seen: a crash in
         # between would otherwise skip the re-delivered events as duplicates and lose them.
@@ -469,11 +480,25 @@ class StreamsApp:
 
     # --- recs ----------------------------------------------------------------------------
     async def _refresher(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self.due or self._embedded:
-                await self._until_done("recs refresh", self._refresh_round)
+        """Rounds one after the other; with a ranking process, two at a time: the next round
+        is sent while the child ranks this one, and this one is pushed while it ranks the next
+        (the child ranks them in order, so a user's pushes keep their order)."""
+        in_flight: set[asyncio.Future[Any]] = set()
+        most = 2 if isinstance(self.ranking, RankingProcess) else 1
+        try:
+            while True:
+                if len(in_flight) < most and (self.due or self._embedded):
+                    in_flight.add(asyncio.ensure_future(self._until_done("recs refresh", self._refresh_round)))
+                    await asyncio.sleep(0)  # the round takes its users before the next is started
+                    continue
+                woken = asyncio.ensure_future(self._wake.wait())
+                done, _ = await asyncio.wait(in_flight | {woken}, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                self._wake.clear()
+                in_flight -= done
+        finally:  # stopping: the rounds in flight stop with the refresher (their users are put back)
+            for round_ in in_flight:
+                round_.cancel()
 
     async def _refresh_round(self) -> None:
         """Rank and push the oldest due users: nothing else is on this path (learning is a
@@ -486,11 +511,11 @@ class StreamsApp:
         taken = [self.due.popitem(last=False) for _ in range(min(self.config.refresh_max, len(self.due)))]
         try:
             if embedded:
-                await self._store(self.recommender.embedded, embedded)
+                await self._store(self.ranking.embedded, embedded)
             ready = [(u, d, profile) for u, d in taken if (profile := self.live.read(u, self.stored_profile(u))) is not None]
             self._path("ranking", [d for _, d, _ in ready])
             with metrics.STAGE_SECONDS.labels("rank").time():
-                lists = await self._store(self.recommender.recommend, [p for _, _, p in ready])
+                lists = await self._ranked([p for _, _, p in ready])
             self._path("ranked", [d for _, d, _ in ready])
         except BaseException:
             self._embedded[:0] = embedded
@@ -508,6 +533,11 @@ class StreamsApp:
                     metrics.FRESH_ITEM_SECONDS.observe(max(0.0, now - due.published_at))
             self._report_refused()
         metrics.RECS_DUE.set(len(self.due))
+
+    async def _ranked(self, profiles: list[Profile]) -> list[list[tuple[str, float]]]:
+        if isinstance(self.ranking, RankingProcess):
+            return await asyncio.wrap_future(self.ranking.submit_recommend(profiles))
+        return await self._store(self.ranking.recommend, profiles)
 
     def _put_back(self, taken: Sequence[tuple[str, Due]]) -> None:
         """Users of a round that failed go back to the front of the queue, merged with
@@ -570,7 +600,7 @@ class StreamsApp:
 
     def _learn(self, batches: Sequence[list[Observation]]) -> None:
         """The learner's batch (on its thread): the applied interactions, in order."""
-        self.recommender.observe([o for batch in batches for o in batch], self.config.learn_max)
+        self.ranking.observe([o for batch in batches for o in batch], self.config.learn_max)
 
     @staticmethod
     def _dated(interaction: Interaction) -> Interaction:
@@ -634,7 +664,7 @@ class StreamsApp:
                 model=self.model,
                 generated_at=time.time(),
                 answers=answers or {},
-                variant=self.recommender.variant_of(user_id),
+                variant=self.ranking.variant_of(user_id),
             )
         except ValidationError as exc:
             metrics.RECS_INVALID.inc()
@@ -689,7 +719,7 @@ class StreamsApp:
         except EventError as exc:
             log.warning("ignoring a malformed items.embedded message: %s", exc.reason)
             return
-        self.recommender.vectors.forget(item.item_id)  # before its waiting interactions return
+        self.ranking.vectors.forget(item.item_id)  # before its waiting interactions return
         state = self.waiting.get(item.item_id) or {"embedded": False, "waiting": []}
         # delivered before the table forgets them (a crash in between re-releases them, which
         # the profiles' origins make harmless, instead of losing them)
@@ -710,9 +740,9 @@ class StreamsApp:
         the ranker's fresh source is told, and a fresh item goes to this worker's share of the
         users nearest it (`streams.user_index`), whose recs are marked due on the loop."""
         ids = [item.item_id for item in items]
-        self.recommender.forget(ids)
+        self.ranking.forget(ids)
         share = self._fanout_share if self.model else 0
-        vectors = self.recommender.vectors.get(ids) if share else {}
+        vectors = self.ranking.vectors.get(ids) if share else {}
         targets = [
             (item, self.user_index.nearest(vectors[item.item_id], share) if item.item_id in vectors else [])
             for item in items
@@ -752,7 +782,8 @@ class StreamsApp:
 
         @app.page("/metrics")
         async def metrics_view(web: Any, request: Any) -> Any:
-            return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+            relayed = self.ranking.relayed() if isinstance(self.ranking, RankingProcess) else []
+            return web.bytes(metrics.exposition(relayed), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
         @app.page("/users/{user_id}")
         @app.table_route(table=self.profiles, match_info="user_id")
@@ -780,7 +811,7 @@ class StreamsApp:
             stored = self.stored_profile(user_id)
             if stored is None:
                 return web.json({"error": f"unknown user {user_id!r}"}, status=404)
-            lists = await self._store(self.recommender.recommend, [Profile.from_dict(stored)], int(raw_k))
+            lists = await self._store(self.ranking.recommend, [Profile.from_dict(stored)], int(raw_k))
             return web.json(
                 {
                     "user_id": user_id,

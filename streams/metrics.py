@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterable, Sequence
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -125,3 +128,47 @@ ONLINE_HITS = Counter(
     "Of those, interactions whose item was in the first k of the list last pushed to the user, by variant and k",
     ["variant", "k"],
 )
+RANKING_RESTARTS = Counter(
+    "vlm4rec_streams_ranking_restarts_total",
+    "Ranking processes started again because the previous one exited (its learnt state starts over)",
+)
+
+
+def relayable() -> list[Metric]:
+    """This process's product metrics (`vlm4rec_*`), for another process to serve with its
+    own (`exposition`): the ranking process's counters reach /metrics this way."""
+    return [family for family in REGISTRY.collect() if family.name.startswith("vlm4rec_")]
+
+
+class _Families:
+    """A collector of families already collected."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def exposition(relayed: Sequence[Metric] = ()) -> bytes:
+    """This process's metrics in Prometheus text, with `relayed` (`relayable` of another
+    process) added sample by sample. Sums are right because each process counts its own
+    work from zero and every gauge is set in one process only; a series' creation time is
+    this process's."""
+    if not relayed:
+        return generate_latest()
+    families = {family.name: family for family in REGISTRY.collect()}
+    for other in relayed:
+        family = families.setdefault(other.name, other)
+        if family is other:
+            continue
+        index = {(s.name, tuple(sorted(s.labels.items()))): n for n, s in enumerate(family.samples)}
+        for sample in other.samples:
+            n = index.get((sample.name, tuple(sorted(sample.labels.items()))))
+            if n is None:
+                family.samples.append(sample)
+            elif not sample.name.endswith("_created"):
+                family.samples[n] = family.samples[n]._replace(value=family.samples[n].value + sample.value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families.values()))
+    return generate_latest(registry)

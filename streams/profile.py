@@ -100,6 +100,12 @@ class Profile:
         twin._unit = self._unit
         return twin
 
+    def for_ranking(self) -> Profile:
+        """What the ranker reads of the profile (id, vector, time, seen items): a ranking
+        process is sent this, not the offsets, history and pulls it never reads (nor the
+        cached direction, which it computes again, to the same bits, from the vector)."""
+        return Profile(self.user_id, self.vector, updated_at=self.updated_at, seen=list(self.seen))
+
     def to_dict(self) -> dict[str, Any]:
         """The table value. The vector goes as the base64 of its little-endian float32 bytes
         (`vector32`): exact, and every profile write is a changelog record, where a JSON list

@@ -168,6 +168,16 @@ class RankConfig:
         if self.tail_rule not in TAIL_RULES:
             raise ValueError(f"tail_rule must be one of {', '.join(TAIL_RULES)}, not {self.tail_rule!r}")
 
+    def sample_rate(self, fitted: bool) -> float:
+        """The share of interactions that become training groups: `warmup_rate` until the
+        first fit (a fresh ranker learns as soon as it can), then `train_rate`."""
+        return self.train_rate if fitted else self.warmup_rate
+
+    def lookback(self) -> int:
+        """How many of a user's last items the ranker's `record` reads (co-occurrence and
+        transitions)."""
+        return max(self.cooc_window, self.sequence_steps, 1)
+
 
 @dataclass
 class Request:
@@ -667,9 +677,8 @@ class BlendRanker:
 
     # --- the stream flows in --------------------------------------------------------------
     def sample_rate(self) -> float:
-        """The share of interactions that become training groups: `warmup_rate` until the
-        first fit (a fresh ranker learns as soon as it can), then `train_rate`."""
-        return self.config.train_rate if self.fits else self.config.warmup_rate
+        """`RankConfig.sample_rate` for this ranker, fitted or not."""
+        return self.config.sample_rate(self.fits > 0)
 
     def wants_example(self) -> bool:
         """Draw whether the next interaction becomes a training group (seeded)."""
@@ -688,8 +697,8 @@ class BlendRanker:
             self.seq.add(item, history, ts)
 
     def lookback(self) -> int:
-        """How many of a user's last items `record` reads (co-occurrence and transitions)."""
-        return max(self.config.cooc_window, self.config.sequence_steps, 1)
+        """How many of a user's last items `record` reads (`RankConfig.lookback`)."""
+        return self.config.lookback()
 
     def learn(self, requests: Sequence[Request], items: Sequence[str], content: ContentSource, refit: bool = True) -> None:
         """Training groups for interactions about to be recorded: `requests[n]` is the user's

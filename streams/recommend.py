@@ -201,6 +201,16 @@ class Observation:
     ts: float
 
 
+def observation_of(profile: Profile, item_id: str, ts: float, sampled: bool, lookback: int) -> Observation:
+    """An interaction as the ranker learns from it, taken just before `profile` applies it
+    (cheap: the request, with its profile vector, only for the `sampled` share; a repeat is
+    only counted, a new item with the user's last `lookback` items)."""
+    request = Request(list(profile.seen), profile.as_array(), ts) if sampled else None
+    new = item_id not in profile.seen
+    recent = profile.seen[-lookback:] if new else []
+    return Observation(request, recent, new, item_id, ts)
+
+
 class Recommender:
     """The ranker behind the stream processor, used from two threads: the ranking thread
     (`recommend`, `embedded`) and the learner (`observe`). `lock` guards the ranker's state;
@@ -240,13 +250,13 @@ class Recommender:
         return Request(list(profile.seen), profile.as_array(), ts)
 
     def observation(self, profile: Profile, item_id: str, ts: float) -> Observation:
-        """Taken just before `profile` applies the interaction (cheap: the request, with its
-        profile vector, only for the sampled share)."""
-        sampled = self._draw.random() < self.ranker.sample_rate()
-        request = Request(list(profile.seen), profile.as_array(), ts) if sampled else None
-        new = item_id not in profile.seen
-        recent = profile.seen[-self.ranker.lookback() :] if new else []  # a repeat is only counted
-        return Observation(request, recent, new, item_id, ts)
+        """Taken just before `profile` applies the interaction (`observation_of`)."""
+        return observation_of(profile, item_id, ts, self._draw.random() < self.ranker.sample_rate(), self.ranker.lookback())
+
+    def popular(self, taken: Sequence[tuple[str, float]]) -> None:
+        """Applied interactions as (item_id, ts), for recent popularity."""
+        for item_id, ts in taken:
+            self.popularity.add(item_id, ts, 1.0)
 
     def observe(self, observations: Sequence[Observation], learn_max: int | None = None) -> None:
         """Fold applied interactions into the ranker, in order: the sampled ones first become

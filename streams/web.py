@@ -222,7 +222,7 @@ class FeedPage:
         if since == version:
             return {"unchanged": True, "version": version}, 200
         if recs is None:  # nothing pushed since this worker started: rank now
-            lists = await service._store(service.recommender.recommend, [profile])
+            lists = await service._store(service.ranking.recommend, [profile])
             recs = Recs(
                 user_id=user_id,
                 items=[Rec(item_id=i, score=s) for i, s in lists[0]],
@@ -236,7 +236,7 @@ class FeedPage:
 
     async def item_data(self, item_id: str) -> tuple[dict[str, Any], int]:
         service = self.service
-        vector = (await service._store(service.recommender.vectors.get, [item_id])).get(item_id)
+        vector = (await service._store(service.ranking.vectors.get, [item_id])).get(item_id)
         if vector is None:
             return {"error": "unknown item", "item_id": item_id}, 404
         hits = (await service._store(service.items.search, vector[None, :], NEAREST_SHOWN, [{item_id}]))[0]

@@ -298,7 +298,7 @@ def test_a_failed_round_puts_its_users_back_first_in_order(monkeypatch: pytest.M
         app._mark_due("a", Due(0, arrived=NOW - 5))  # a's earlier event, re-delivered meanwhile
         raise ConnectionError("vector store down")
 
-    monkeypatch.setattr(app.recommender, "recommend", down)
+    monkeypatch.setattr(app.ranking, "recommend", down)
 
     async def one_round() -> None:
         with pytest.raises(ConnectionError):

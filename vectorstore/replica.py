@@ -56,6 +56,11 @@ class ReplicaVectorStore(VectorStore):
         self._install(found)
         return len(found)
 
+    def put(self, vectors: Mapping[str, np.ndarray]) -> None:
+        """Hold these vectors, read from the source elsewhere (a ranking process is handed
+        what its stream processor's item feed took in, so that both search the same items)."""
+        self._install(vectors)
+
     def __len__(self) -> int:
         return len(self._ids)
 

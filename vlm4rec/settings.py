@@ -175,6 +175,12 @@ class Settings(BaseSettings):
         "current from items.embedded (about 4 bytes per dimension per item: 1.5 GB for a million 384-d items); "
         "false: every search goes to Milvus, for catalogues beyond a worker's memory",
     )
+    streams_ranking_process: bool = Field(
+        True,
+        description="each stream processor ranks in a process of its own (streams/ranking_process.py), so that "
+        "ranking rounds and the event loop (Kafka, profiles, changelog) do not take turns at one interpreter; "
+        "false: ranking on a thread of the stream processor (one process, about 40 MB less memory)",
+    )
     streams_neighbour_ttl_s: float = Field(
         60.0, ge=0, description="how long an item's cached nearest-neighbour list is reused (0: never cached)"
     )

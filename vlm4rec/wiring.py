@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from pymilvus import MilvusClient
 
 from vectorstore import MilvusVectorStore
@@ -90,6 +92,7 @@ def build_streams_config(settings: Settings):  # noqa: ANN201 - streams.app.Stre
         topics=settings.topics,
         connection=settings.kafka_connection,
         item_replica=settings.streams_item_replica,
+        ranking_process=settings.streams_ranking_process,
         learn_from_all=settings.streams_learn_from_all,
         app_id=settings.streams_app_id,
         store=settings.streams_store,
@@ -148,7 +151,8 @@ def build_streams(settings: Settings):  # noqa: ANN201 - streams.app.StreamsApp,
     from streams.app import StreamsApp
     from streams.web import register_ui
 
-    service = StreamsApp(build_streams_config(settings), build_store(settings))
+    # the ranking process makes its own client of the items collection (`streams.ranking_process`)
+    service = StreamsApp(build_streams_config(settings), build_store(settings), functools.partial(build_store, settings))
     register_ui(service, build_loader(settings))
     return service
 

@@ -153,8 +153,8 @@ def due_now(elapsed_s: float, rate: float, step_s: float) -> int:
 
 class _ProcessCpu:
     """CPU of the local stack's processes between two calls, in % of one core, by role (found
-    by command line: each stream processor on its own, the worker, the broker, Milvus, and
-    this benchmark)."""
+    by command line: each stream processor on its own and its ranking process, the worker, the
+    broker, Milvus, and this benchmark)."""
 
     @staticmethod
     def role(argv: Sequence[str]) -> str | None:
@@ -178,14 +178,18 @@ class _ProcessCpu:
     def _roles(self) -> dict[int, tuple[str, float]]:
         found: dict[int, tuple[str, float]] = {}
         counts: dict[str, int] = defaultdict(int)
-        for process in self._psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        processes = list(self._psutil.process_iter(["pid", "ppid", "cmdline", "cpu_times"]))
+        streams = {p.info["pid"] for p in processes if self.role(p.info["cmdline"] or []) == "streams"}
+        for process in processes:
             times = process.info["cpu_times"]
             if times is None:
                 continue
             role = "bench" if process.info["pid"] == os.getpid() else self.role(process.info["cmdline"] or [])
+            if role is None and process.info["ppid"] in streams and "spawn_main" in " ".join(process.info["cmdline"] or []):
+                role = "ranking"  # a stream processor's ranking process (streams/ranking_process.py)
             if role is not None:
                 counts[role] += 1
-                label = role if role != "streams" or counts[role] == 1 else f"{role}-{counts[role]}"
+                label = role if role not in ("streams", "ranking") or counts[role] == 1 else f"{role}-{counts[role]}"
                 found[process.info["pid"]] = (label, times.user + times.system)
         return found
 
