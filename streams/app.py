@@ -6,7 +6,8 @@ Topics and agents:
   and mark the users' recs as due.
 - the recs refresher (a task): takes the users whose recs are due, oldest first, at most
   `refresh_max` per round, ranks them with one vector-store search for all of them, and pushes
-  their `recs`. A user marked again while due keeps their place (coalescing): when interactions
+  their `recs`. The ranking runs in a process of its own (`streams.ranking_process`, with two
+  rounds in flight) or, with `ranking_process` off, on a thread of this one. A user marked again while due keeps their place (coalescing): when interactions
   come faster than the vector store can answer, a push answers several of a user's interactions
   and the profiles still keep up with the stream. Recs are derived state: a worker that dies
   may skip a due push, and the user's next interaction or fresh item brings one. They leave
