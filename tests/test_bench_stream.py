@@ -3,6 +3,8 @@ answers, from the offsets it says its profile had applied, and how the unanswere
 
 from __future__ import annotations
 
+import pytest
+
 from vlm4rec.harness.bench_stream import UNANSWERED_MS, _Tracker
 from topics import Rec, Recs
 
@@ -72,3 +74,23 @@ def test_the_nth_interaction_is_due_at_n_periods_into_the_step() -> None:
     assert due_now(0.49, 2.0, 60.0) == 1 and due_now(0.5, 2.0, 60.0) == 2
     assert due_now(59.99, 2.0, 60.0) == 120 == due_now(61.0, 2.0, 60.0)
     assert due_now(0.0105, 1000.0, 8.0) == 11
+
+
+def test_a_step_reports_its_fresh_items_fanout_time_over_every_stream_processor() -> None:
+    """`fresh_fanout_ms`: the pushes that fresh items' fan-outs asked for in the step, their
+    mean and p99, from the histograms of all the stream processors."""
+    from vlm4rec.harness.bench_stream import _stream_figures
+    from vlm4rec.harness.soak import Scrape
+
+    name = "vlm4rec_streams_fresh_item_seconds"
+
+    def page(counts: dict[float, float], total: float) -> Scrape:
+        rows = [(f"{name}_bucket", {"le": str(le)}, c) for le, c in counts.items()]
+        return Scrape(rows + [(f"{name}_count", {}, counts[float("inf")]), (f"{name}_sum", {}, total)])
+
+    before = [page({0.5: 10, 1.0: 10, float("inf"): 10}, 2.0), page({0.5: 0, 1.0: 0, float("inf"): 0}, 0.0)]
+    after = [page({0.5: 40, 1.0: 50, float("inf"): 50}, 14.0), page({0.5: 30, 1.0: 50, float("inf"): 50}, 20.0)]
+    fresh = _stream_figures(before, after, sent=0)["fresh_fanout_ms"]
+    assert fresh["pushes"] == 90
+    assert fresh["mean"] == pytest.approx(1000 * 32.0 / 90, abs=0.1)
+    assert 500.0 < fresh["p99"] <= 1000.0, "30 of the 90 took 0.5-1 s"

@@ -179,7 +179,8 @@ class Settings(BaseSettings):
         True,
         description="each stream processor ranks in a process of its own (streams/ranking_process.py), so that "
         "ranking rounds and the event loop (Kafka, profiles, changelog) do not take turns at one interpreter; "
-        "false: ranking on a thread of the stream processor (one process, about 40 MB less memory)",
+        "false: ranking on a thread of the stream processor (one process; the child held 194-215 MB in the "
+        "hm benchmark, docs/streaming.md)",
     )
     streams_neighbour_ttl_s: float = Field(
         60.0, ge=0, description="how long an item's cached nearest-neighbour list is reused (0: never cached)"

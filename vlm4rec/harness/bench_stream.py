@@ -4,6 +4,7 @@ one of them tracked to the push that answers it (see docs/streaming.md for how i
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import threading
@@ -340,8 +341,11 @@ def _stream_figures(before: Sequence[Any], after: Sequence[Any], sent: int) -> d
     processes: ms per batch or round, and the seconds spent), and the mean time from an
     interaction's arrival on the broker to each point of the hot path (`soak.PATH_POINTS`), which
     names the hop where latency accrues, and the lists they pushed by what asked for them (an
-    interaction, or a fresh item's fan-out: both take places in the same rounds)."""
-    from vlm4rec.harness.soak import applied, path_means_ms
+    interaction, or a fresh item's fan-out: both take places in the same rounds), and the time
+    from a fresh item's publish to the fan-out pushes it asked for (`fresh_fanout_ms`: the
+    embedding, the item feed and a round, whatever the lists hold; the run's `fresh_item_*`
+    figures wait for a list that holds the item)."""
+    from vlm4rec.harness.soak import Scrape, applied, path_means_ms, window_quantile
 
     applied_delta = sum(applied(b) for b in after) - sum(applied(b) for b in before)
     stages: dict[str, dict[str, float]] = {}
@@ -357,9 +361,18 @@ def _stream_figures(before: Sequence[Any], after: Sequence[Any], sent: int) -> d
     for stage, (seconds, count) in sorted(totals.items()):
         if count > 0:
             stages[stage] = {"calls": int(count), "seconds": round(seconds, 2), "ms_per_call": round(1000 * seconds / count, 1)}
+    then, now = Scrape([row for s in before for row in s.samples]), Scrape([row for s in after for row in s.samples])
+    fresh = "vlm4rec_streams_fresh_item_seconds"
+    fanned_out = now.total(f"{fresh}_count") - then.total(f"{fresh}_count")
+    p99 = window_quantile(then, now, fresh, 0.99)
     return {
         "applied_share": round(applied_delta / max(1, sent), 3),
         "stages": stages,
         "path_mean_ms": path_means_ms(before, after),
         "lists_pushed": {trigger: int(n) for trigger, n in sorted(pushed.items())},
+        "fresh_fanout_ms": {
+            "pushes": int(fanned_out),
+            "mean": round(1000 * (now.total(f"{fresh}_sum") - then.total(f"{fresh}_sum")) / fanned_out, 1) if fanned_out else None,
+            "p99": None if p99 is None else (round(1000 * p99, 1) if math.isfinite(p99) else "beyond the last bucket"),
+        },
     }
