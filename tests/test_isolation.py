@@ -373,3 +373,46 @@ def test_warming_up_ranks_over_stored_items_without_learning_or_counting() -> No
     assert rec.ranker.stats.clock == 0.0 and rec.ranker.fits == 0
     empty = MemoryVectorStore()
     recommender(empty).warm_up()  # no collection yet: nothing to do
+
+
+def test_with_a_ranking_process_two_rounds_are_in_flight_and_pushed_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next round is sent while the ranking process ranks this one (at most two at a time);
+    they are answered and pushed in the order they were sent, so a user marked again during a
+    round gets the later push last."""
+    from concurrent.futures import Future
+
+    from streams.ranking_process import RankingProcess
+
+    app = round_app(monkeypatch, "abcde")
+    sent: list[tuple[list[str], Future]] = []
+
+    class Child(RankingProcess):
+        def __init__(self) -> None:  # no process: the test answers the calls
+            pass
+
+        def submit_recommend(self, profiles, k=None):  # noqa: ANN001, ANN201 - the test's stand-in
+            future: Future = Future()
+            sent.append(([p.user_id for p in profiles], future))
+            return future
+
+    app.ranking = Child()
+    pushed: list[str] = []
+    monkeypatch.setattr(app, "_push", lambda user, items, trigger, answers=None: pushed.append(user) or True)
+
+    async def run() -> None:
+        refresher = asyncio.ensure_future(app._refresher())
+        await asyncio.sleep(0.01)
+        assert [users for users, _ in sent] == [["a", "b"], ["c", "d"]], "two rounds in flight, the third waits"
+        app._mark_due("a", Due(0, arrived=NOW + 10))  # a clicks again while its first round is out
+        sent[0][1].set_result([[("x", 1.0)]] * 2)
+        await asyncio.sleep(0.01)
+        assert pushed == ["a", "b"]
+        assert [users for users, _ in sent][2] == ["e", "a"], "the next round starts when one ends"
+        sent[1][1].set_result([[("x", 1.0)]] * 2)
+        sent[2][1].set_result([[("x", 1.0)]] * 2)
+        await asyncio.sleep(0.01)
+        refresher.cancel()
+
+    asyncio.run(run())
+    assert pushed == ["a", "b", "c", "d", "e", "a"]
+    assert not app.due
