@@ -1,3 +1,4 @@
 from vlm4rec.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned child (the ranking process) imports it
+    main()
