@@ -78,7 +78,6 @@ class RankerSpec:
     neighbour_ttl_s: float = 60.0
     variants: tuple[Variant, ...] = ()
     popularity_half_life_s: float = 6 * 3600
-    log_level: int = logging.INFO
 
     def recommender(self, items: VectorStore) -> Recommender:
         return Recommender(
@@ -389,7 +388,7 @@ class _Child:
 
 def serve(conn: Connection, spec: RankerSpec) -> None:
     """The ranking process's main (`RankingProcess` starts it)."""
-    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s [ranking] %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [ranking] %(name)s: %(message)s")
     try:
         from threadpoolctl import threadpool_limits
 
