@@ -75,6 +75,8 @@ from vectorstore import ReplicaVectorStore, VectorStore
 log = logging.getLogger("vlm4rec.streams")
 
 LAST_RECS_KEPT = 10_000
+#: fresh items a due user keeps from their fan-outs (the ranker places the newest few)
+FRESH_KEPT = 10
 #: the largest message of the observations topic: half of Kafka's default 1 MB limit
 OBSERVATIONS_MESSAGE_BYTES = 512 * 1024
 #: how far ahead of this worker's clock an interaction may be dated; later ones are read at this
@@ -158,15 +160,19 @@ def _partition_of(stored: Any) -> int | None:
 class Due:
     """A user whose recs are due: when the oldest interaction not yet answered by a push
     reached the broker (None: only a fresh item asked), when that fresh item was published,
-    and the user's stream partition (kept with their vector for the fan-out)."""
+    the fresh items fanned out to the user (oldest first: `Request.place`), and the user's
+    stream partition (kept with their vector for the fan-out)."""
 
     partition: int
     arrived: float | None = None
     published_at: float | None = None
+    fresh: tuple[str, ...] = ()
 
     def merge(self, other: Due) -> None:
-        """Keep the oldest times: latency is counted from the first unanswered event."""
+        """Keep the oldest times: latency is counted from the first unanswered event. `other`
+        is the newer."""
         self.partition = other.partition
+        self.fresh = (self.fresh + other.fresh)[-FRESH_KEPT:]
         if other.arrived is not None:
             self.arrived = other.arrived if self.arrived is None else min(self.arrived, other.arrived)
         if other.published_at is not None:
@@ -516,7 +522,7 @@ class StreamsApp:
             ready = [(u, d, profile) for u, d in taken if (profile := self.live.read(u, self.stored_profile(u))) is not None]
             self._path("ranking", [d for _, d, _ in ready])
             with metrics.STAGE_SECONDS.labels("rank").time():
-                lists = await self._ranked([p for _, _, p in ready])
+                lists = await self._ranked([p for _, _, p in ready], [d.fresh for _, d, _ in ready])
             self._path("ranked", [d for _, d, _ in ready])
         except BaseException:
             self._embedded[:0] = embedded
@@ -535,10 +541,10 @@ class StreamsApp:
             self._report_refused()
         metrics.RECS_DUE.set(len(self.due))
 
-    async def _ranked(self, profiles: list[Profile]) -> list[list[tuple[str, float]]]:
+    async def _ranked(self, profiles: list[Profile], places: list[tuple[str, ...]]) -> list[list[tuple[str, float]]]:
         if isinstance(self.ranking, RankingProcess):
-            return await asyncio.wrap_future(self.ranking.submit_recommend(profiles))
-        return await self._store(self.ranking.recommend, profiles)
+            return await asyncio.wrap_future(self.ranking.submit_recommend(profiles, None, places))
+        return await self._store(self.ranking.recommend, profiles, None, places)
 
     def _put_back(self, taken: Sequence[tuple[str, Due]]) -> None:
         """Users of a round that failed go back to the front of the queue, merged with
@@ -756,7 +762,7 @@ class StreamsApp:
             self._embedded.append((item.item_id, item.created_at))
             metrics.FANOUT_USERS.observe(len(users))
             for user_id, _, partition in users:
-                self._mark_due(user_id, Due(partition, published_at=item.published_at))
+                self._mark_due(user_id, Due(partition, published_at=item.published_at, fresh=(item.item_id,)))
         metrics.RECS_DUE.set(len(self.due))
         self._wake.set()
 

@@ -163,6 +163,12 @@ class RankConfig:
     #: ml100k and hm (docs/quality.md)
     sequence_steps: int = 0
     sequence_half_life_s: float = 7 * 86400.0  # how fast transitions fade
+    #: of the first `tail_within` places of a list that a fresh item's fan-out made due, how many
+    #: go to the items it was fanned out for (`Request.place`, the newest first) when the blend
+    #: ranked them lower: a new item reaches the users nearest it at once, which is what the
+    #: fan-out is for, instead of waiting for a list whose blend puts it first (p99 7-8 s at
+    #: 100-1,000/s, docs/streaming.md). 0: a fan-out's list is ranked like any other
+    fanout_places: int = 1
 
     def __post_init__(self) -> None:
         if self.tail_rule not in TAIL_RULES:
@@ -188,6 +194,9 @@ class Request:
     profile: np.ndarray | None
     ts: float
     exclude: Collection[str] = ()  # beside the history
+    #: fresh items whose fan-out chose this user as one of their nearest (oldest first): offered
+    #: as candidates and held in the first `tail_within` places (`RankConfig.fanout_places`)
+    place: Sequence[str] = ()
 
     def excluded(self) -> set[str]:
         return set(self.history) | set(self.exclude)
@@ -825,6 +834,9 @@ class BlendRanker:
             else []
         )
         hit_rows = stats.intern([item for row in hits for item, _ in row])
+        placed = [self._placed(r) for r in requests]
+        placed_rows = stats.intern([i for p in placed for i in p])
+        placed_of = np.repeat(np.arange(count, dtype=np.int64), [len(p) for p in placed])
         recent = [r.history[-c.interests :] for r in requests]
         wanted = {i for items in recent for i in items}
         neighbours = content.neighbours(wanted, c.neighbour_depth) if wanted and c.interests else {}
@@ -852,6 +864,9 @@ class BlendRanker:
             place = running - np.repeat(running[first] - kept[first], length)  # 1-based among its list's kept
             take = kept & (place <= c.content_k)
             offers["interests"].append((owner[take], flat[take], place[take]))
+        if len(placed_rows):  # not a ranked source: membership alone, no feature of its own
+            kept = ~excluded_keys.of(placed_of, placed_rows)
+            offers["fresh"].append((placed_of[kept], placed_rows[kept], np.ones(int(kept.sum()), dtype=np.int64)))
         cooc_starts, found, scores = self.cooc.sparse_many(recent)
         found = cooc_map[found]
         cooc_of = np.repeat(np.arange(count), np.diff(cooc_starts))
@@ -1121,7 +1136,7 @@ class BlendRanker:
         content_score = x[:, COLUMN["cos_mean"]]
         head_k = min(k, c.tail_within)
         out: list[Hits] = []
-        for at, to in zip(pools.starts[:-1].tolist(), pools.starts[1:].tolist(), strict=True):
+        for request, at, to in zip(requests, pools.starts[:-1].tolist(), pools.starts[1:].tolist(), strict=True):
             if at == to:
                 out.append([])
                 continue
@@ -1132,6 +1147,7 @@ class BlendRanker:
                 ranked = best_by(scores, ties[at:to], k + c.tail_slots).tolist()
             rows = pools.rows[at:to]
             head = self._with_tail(ranked, content_score[at:to], tail[at:to], rows, head_k)
+            head = self._with_placed(head, self._placed(request), rows)
             taken = set(head)
             top = head + [j for j in ranked if j not in taken][: k - len(head)]
             out.append(list(zip([names[r] for r in rows[top].tolist()], scores[top].tolist(), strict=True)))
@@ -1154,6 +1170,24 @@ class BlendRanker:
         known_order = known[best_by(scores[known], ties[known], k)].tolist()
         tail_order = fresh[best_by(scores[fresh], ties[fresh], k)].tolist()
         return self.slots.merge(known_order, tail_order, k)
+
+    def _placed(self, request: Request) -> list[str]:
+        """The newest `fanout_places` of the request's fan-out items."""
+        places = self.config.fanout_places
+        return list(dict.fromkeys(request.place))[-places:] if places > 0 and request.place else []
+
+    def _with_placed(self, head: list[int], placed: list[str], rows: np.ndarray) -> list[int]:
+        """`head` with the fan-out's items (`Request.place`) that the blend left out of it in
+        the places of its last other items (a placed item is a candidate unless the user has
+        it already)."""
+        index = self.stats.index
+        found = np.flatnonzero(np.isin(rows, [index[i] for i in placed if i in index])).tolist()
+        missing = [j for j in found if j not in head][: len(head)]
+        if not missing:
+            return head
+        others = [j for j in head if j not in found]
+        dropped = set(others[max(0, len(others) - len(missing)) :])
+        return ([j for j in head if j not in dropped] + missing)[: len(head)]
 
     def _with_tail(self, order: list[int], content: np.ndarray, tail: np.ndarray, rows: np.ndarray, k: int) -> list[int]:
         """The first k of `order`, with up to `tail_slots` of its last known items giving way

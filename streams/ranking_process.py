@@ -115,14 +115,18 @@ class RankingProcess:
         threading.Thread(target=self._watch, name="ranking-watchdog", daemon=True).start()
 
     # --- what the stream processor asks ---------------------------------------------------
-    def recommend(self, profiles: Sequence[Profile], k: int | None = None) -> list[list[tuple[str, float]]]:
+    def recommend(
+        self, profiles: Sequence[Profile], k: int | None = None, places: Sequence[Sequence[str]] | None = None
+    ) -> list[list[tuple[str, float]]]:
         """`Recommender.recommend`, in the ranking process."""
-        return self.submit_recommend(profiles, k).result()
+        return self.submit_recommend(profiles, k, places).result()
 
-    def submit_recommend(self, profiles: Sequence[Profile], k: int | None = None) -> Future[list[list[tuple[str, float]]]]:
+    def submit_recommend(
+        self, profiles: Sequence[Profile], k: int | None = None, places: Sequence[Sequence[str]] | None = None
+    ) -> Future[list[list[tuple[str, float]]]]:
         """`recommend`, answered later: the stream processor sends the next round while the
         child ranks this one (the child ranks them in the order they were sent)."""
-        return self._submit("recommend", [p.for_ranking() for p in profiles], k)
+        return self._submit("recommend", [p.for_ranking() for p in profiles], k, [list(p) for p in places] if places else None)
 
     def warm_up(self) -> None:
         self._submit("warm_up").result()
@@ -339,8 +343,8 @@ class _Child:
                     log.exception("ranking process: %s failed", name)
 
     # calls and tells, by name
-    def _recommend(self, profiles: list[Profile], k: int | None) -> list[list[tuple[str, float]]]:
-        return self.recommender.recommend(profiles, k)
+    def _recommend(self, profiles: list[Profile], k: int | None, places: list[list[str]] | None) -> list[list[tuple[str, float]]]:
+        return self.recommender.recommend(profiles, k, places)
 
     def _warm_up(self) -> None:
         self.recommender.warm_up()

@@ -243,11 +243,12 @@ class Recommender:
         self._draw = random.Random(self.ranker.config.seed)
         self._logged: OrderedDict[str, None] = OrderedDict()
 
-    def request(self, profile: Profile, now: float | None = None) -> Request:
+    def request(self, profile: Profile, now: float | None = None, place: Sequence[str] = ()) -> Request:
         """The user as the ranker sees them at `now`, by default the stream clock (the latest
-        event time, theirs included)."""
+        event time, theirs included); `place`: the fresh items fanned out to them
+        (`Request.place`)."""
         ts = max(self.ranker.stats.clock, profile.updated_at) if now is None else now
-        return Request(list(profile.seen), profile.as_array(), ts)
+        return Request(list(profile.seen), profile.as_array(), ts, place=tuple(place))
 
     def observation(self, profile: Profile, item_id: str, ts: float) -> Observation:
         """Taken just before `profile` applies the interaction (`observation_of`)."""
@@ -318,11 +319,14 @@ class Recommender:
                 if created_at is not None:
                     self.ranker.stats.declare(item_id, created_at)
 
-    def recommend(self, profiles: Sequence[Profile], k: int | None = None) -> list[list[tuple[str, float]]]:
+    def recommend(
+        self, profiles: Sequence[Profile], k: int | None = None, places: Sequence[Sequence[str]] | None = None
+    ) -> list[list[tuple[str, float]]]:
         """Top k per user, seen items excluded: the blend over Milvus ANN (one search call for
         all users' profile vectors), co-occurrence, recent popularity and fresh candidates;
         users left without a candidate get recent popularity. The users of each ranking
-        variant are ranked together, with that variant's settings (`variant_of`).
+        variant are ranked together, with that variant's settings (`variant_of`). `places`:
+        per user, the fresh items whose fan-out made their list due (`Request.place`).
 
         One user never fails the others: when the round's ranking raises while the vector
         store answers, each user is ranked alone, and a user whose ranking still fails, or
@@ -334,7 +338,7 @@ class Recommender:
         # and freshness work is per moment, and a moment per user took a fifth of its samples
         # at 1,000/s (docs/streaming.md)
         now = max([self.ranker.stats.clock, *(p.updated_at for p in profiles)])
-        requests = [self.request(p, now) for p in profiles]
+        requests = [self.request(p, now, places[n] if places else ()) for n, p in enumerate(profiles)]
         groups: dict[str, list[int]] = {}
         for n, profile in enumerate(profiles):
             groups.setdefault(self.assignment.of(profile.user_id).name, []).append(n)

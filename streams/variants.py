@@ -28,7 +28,7 @@ from typing import Any
 from streams.rank import TAIL_RULES, RankConfig
 
 #: what a variant may override: the settings that shape a list, not what the model learns
-SERVING_FIELDS = ("content_k", "neighbour_depth", "interests", "cooc_k", "popular_k", "fresh_k", "fresh_window_s", "tail_slots", "tail_within", "tail_rule", "sequence_k")
+SERVING_FIELDS = ("content_k", "neighbour_depth", "interests", "cooc_k", "popular_k", "fresh_k", "fresh_window_s", "tail_slots", "tail_within", "tail_rule", "sequence_k", "fanout_places")
 DEFAULT_VARIANT = "default"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: the list positions whose hits are counted (online HR@k)

@@ -294,7 +294,7 @@ def test_rounds_push_every_due_user_once_in_order(monkeypatch: pytest.MonkeyPatc
 def test_a_failed_round_puts_its_users_back_first_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     app = round_app(monkeypatch, "abcde")
 
-    def down(profiles: object, k: int | None = None) -> list[list[tuple[str, float]]]:
+    def down(profiles: object, k: int | None = None, places: object = None) -> list[list[tuple[str, float]]]:
         app._mark_due("a", Due(0, arrived=NOW - 5))  # a's earlier event, re-delivered meanwhile
         raise ConnectionError("vector store down")
 
@@ -390,7 +390,7 @@ def test_with_a_ranking_process_two_rounds_are_in_flight_and_pushed_in_order(mon
         def __init__(self) -> None:  # no process: the test answers the calls
             pass
 
-        def submit_recommend(self, profiles, k=None):  # noqa: ANN001, ANN201 - the test's stand-in
+        def submit_recommend(self, profiles, k=None, places=None):  # noqa: ANN001, ANN201 - the test's stand-in
             future: Future = Future()
             sent.append(([p.user_id for p in profiles], future))
             return future

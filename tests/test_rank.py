@@ -497,6 +497,40 @@ def test_the_tail_slot_leaves_a_list_alone_that_already_has_a_new_item() -> None
     assert two._with_tail(order, by_content, tail, rows, 3) == [4, 2, 3], "the lowest known item gives way"
 
 
+def test_a_fan_out_places_its_item_in_the_first_ten_of_the_users_it_chose() -> None:
+    """A fresh item fanned out to a user (`Request.place`) is a candidate though no source
+    offers it, and takes the place of the first ten's last other item; without a fan-out, with
+    `fanout_places` 0, or when the user has the item, the list is the blend's."""
+    content, ids, vectors = world()
+    profile = mean_profile(vectors[[0]])
+    far = min(range(1, N_ITEMS), key=lambda n: float(vectors[n] @ profile))  # the item least like the user
+    for config in (RankConfig(content_k=5), RankConfig(content_k=5, fanout_places=0)):
+        ranker = BlendRanker(config)
+        for n, item in enumerate(ids[1:]):
+            for t in range(2 + n % 7):  # every item known: no tail slot
+                ranker.record([], item, float(t))
+        ranker.model.weights = np.array([1.0 if f == "pop_count" else 0.0 for f in FEATURES])
+        plain = [i for i, _ in ranker.rank([Request([ids[0]], profile, 10.0)], content, 20)[0]]
+        assert ids[far] not in plain[:10]
+        placed = [i for i, _ in ranker.rank([Request([ids[0]], profile, 10.0, place=(ids[far],))], content, 20)[0]]
+        if config.fanout_places:
+            assert placed[:10] == plain[:9] + [ids[far]], "the fan-out's item takes the tenth place"
+            assert placed[10:] == [i for i in plain if i not in placed[:10]][:10]
+        else:
+            assert placed == plain
+        seen = [i for i, _ in ranker.rank([Request([ids[0], ids[far]], profile, 10.0, place=(ids[far],))], content, 20)[0]]
+        assert ids[far] not in seen, "an item the user has is not placed again"
+
+
+def test_a_fan_out_places_its_newest_items_when_several_wait() -> None:
+    ranker = BlendRanker(RankConfig(fanout_places=2))
+    rows = ranker.stats.intern([f"i{n}" for n in range(8)])
+    head = [0, 1, 2, 3]
+    request = Request([], None, 0.0, place=("i5", "i6", "i7"))
+    assert ranker._with_placed(head, ranker._placed(request), rows) == [0, 1, 6, 7]
+    assert ranker._with_placed(head, ranker._placed(Request([], None, 0.0, place=("i1", "i7"))), rows) == [0, 1, 2, 7]
+
+
 def test_fresh_items_are_ranked_for_each_requests_own_moment_when_one_call_mixes_moments() -> None:
     """The stream processor learns from interactions of several moments in one call: each
     request's fresh items are those of its own window, ranked by closeness to its profile."""

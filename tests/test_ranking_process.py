@@ -99,6 +99,11 @@ def test_it_ranks_what_the_in_process_recommender_ranks(process: RankingProcess)
     with threadpool_limits(limits=1, user_api="blas"):  # as the child (and the stream processor)
         assert process.recommend(users) == local.recommend(users)
         assert process.recommend(users[:1], 3) == local.recommend(users[:1], 3)
+        places = [[IDS[-1]] if n % 2 else [] for n in range(len(users))]  # fan-outs' items travel too
+        placed = local.recommend(users, 3, places)
+        assert process.recommend(users, 3, places) == placed
+        chosen = [(user, top) for user, top, place in zip(users, placed, places, strict=True) if place and IDS[-1] not in user.seen]
+        assert chosen and all(IDS[-1] in {i for i, _ in top} for _, top in chosen)
 
 
 def test_it_learns_beside_the_rounds_and_relays_its_metrics(process: RankingProcess) -> None:

@@ -236,6 +236,11 @@ class Settings(BaseSettings):
         _RANK.sequence_k, ge=0, le=1000, description="candidates from what users took right after the user's "
         "last items (with VLM4REC_RANK_SEQUENCE_STEPS above 0; 0: the transitions are features only)"
     )
+    rank_fanout_places: int = Field(
+        _RANK.fanout_places, ge=0, le=10, description="of the first 10 recs of a list that a fresh item's fan-out "
+        "made due, places given to the fresh items fanned out to the user (the newest first) when the blend ranked "
+        "them lower: a new item reaches the users nearest it with the fan-out's push (0: ranked like any list)"
+    )
     rank_variants: list[dict[str, Any]] = Field(
         default_factory=list,
         description="ranking variants served side by side, JSON: [{\"name\": \"a\", \"share\": 0.5}, {\"name\": "

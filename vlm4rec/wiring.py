@@ -144,6 +144,7 @@ def build_rank_config(settings: Settings):  # noqa: ANN201 - streams.rank.RankCo
         tail_rule=settings.rank_tail_rule,
         sequence_steps=settings.rank_sequence_steps,
         sequence_k=settings.rank_sequence_k,
+        fanout_places=settings.rank_fanout_places,
     )
 
 
