@@ -409,9 +409,13 @@ class StreamsApp:
     async def _process_interactions(self, events: list[faust.EventT]) -> None:
         while not self.model:
             await asyncio.sleep(0.2)
-        taken = time.time()
+        taken, clock = time.time(), time.monotonic()
+        received, took = metrics.INTERACTION_PATH.labels("received"), metrics.INTERACTION_PATH.labels("taken")
         for event in events:
-            metrics.INTERACTION_PATH.labels("taken").observe(max(0.0, taken - event.message.timestamp))
+            message = event.message
+            took.observe(max(0.0, taken - message.timestamp))
+            if message.time_in is not None:  # Faust's monitor stamps it (monotonic) as the consumer hands it over
+                received.observe(max(0.0, taken - (clock - message.time_in) - message.timestamp))
         with metrics.STAGE_SECONDS.labels("apply").time():
             await self._apply(events)
         metrics.RECS_DUE.set(len(self.due))

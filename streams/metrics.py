@@ -42,7 +42,8 @@ INTERACTION_TO_RECS = Histogram(
 INTERACTION_PATH = Histogram(
     "vlm4rec_streams_interaction_path_seconds",
     "From an interaction's arrival on the topic (Kafka timestamp) to each point of the hot "
-    "path, so that the slowest hop is named: taken (its batch reached the profile agent; one "
+    "path, so that the slowest hop is named: received (Faust's consumer handed it to the "
+    "stream; one sample per event), taken (its batch reached the profile agent; one "
     "sample per event), then per user, from the oldest interaction not yet answered: applied "
     "(its profile written in memory, recs due), ranking (the round that serves it began), "
     "ranked (its list is ready); interaction_to_recs is the last hop, the push. A batch or "

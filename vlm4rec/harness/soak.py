@@ -120,7 +120,7 @@ def stage_means_ms(before: Scrape, after: Scrape) -> dict[str, float | None]:
 
 
 #: the hot path's points in order (`vlm4rec_streams_interaction_path_seconds`, then the push)
-PATH_POINTS = ("taken", "applied", "ranking", "ranked", "pushed")
+PATH_POINTS = ("received", "taken", "applied", "ranking", "ranked", "pushed")
 _PUSHED = "vlm4rec_streams_interaction_to_recs_seconds"
 _PATH = "vlm4rec_streams_interaction_path_seconds"
 
