@@ -12,8 +12,8 @@ Topics and agents:
   and the profiles still keep up with the stream. Recs are derived state: a worker that dies
   may skip a due push, and the user's next interaction or fresh item brings one. They leave
   through their own producer (confluent-kafka, batching in its own thread), not Faust's: Faust's
-  producer is flushed around every changelog fence (`streams.delivery.BrokerShims.fence`), and
-  a push must not wait for that.
+  producer carries the tables' changelogs (`streams.changelog`) and is flushed before every
+  offset commit, and a push must not wait for that.
   An interaction whose item has no vector yet is deferred to the `pending` topic (keyed by item)
   and comes back through `control` once the item is embedded: no signal is lost.
 - `items.embedded` (+ `pending`, co-partitioned by item_id): the item agent. It releases the
@@ -52,7 +52,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from streams import metrics
 from streams.background import Backlog
-from streams.delivery import FENCE_PREFIX, BrokerShims, Delivery, in_context_of
+from streams.changelog import ChangelogWriter
+from streams.delivery import FENCE_PREFIX, BrokerShims, Delivery
 from streams.faust_fixes import SourceKeyRouter
 from streams.item_feed import ItemFeed
 from streams.observations import ObservationFeed
@@ -231,6 +232,7 @@ class StreamsApp:
         self._wake = asyncio.Event()
         self.shims = BrokerShims(config.broker_shims, config.fetch_max_wait_ms)
         self.shims.install()
+        self.changelog = ChangelogWriter(last_alone=self.shims.enabled)
         self.app = faust.App(
             config.app_id,
             broker=config.connection.faust_broker(),
@@ -449,10 +451,10 @@ class StreamsApp:
         # Deferrals are delivered before the profiles that mark their events seen: a crash in
         # between would otherwise skip the re-delivered events as duplicates and lose them.
         await asyncio.gather(*[await self._defer(deferral) for deferral in update.deferred])
+        writes = []
         for user_id, (profile, event) in update.profiles.items():
-            in_context_of(event)
             stored = profile.to_dict()
-            self.profiles[user_id] = stored
+            writes.append((event.message.partition, user_id, stored))
             self.live.written(user_id, stored, profile)
             metrics.PROFILE_UPDATES.inc()
             self.user_index.put(user_id, profile.as_array(), event.message.partition)
@@ -466,9 +468,9 @@ class StreamsApp:
         self._path("applied", applied)
         for user_id, (partition, published_at) in update.refreshed.items():
             self._mark_due(user_id, Due(partition, published_at=published_at))
-        self._wake.set()  # recs need the profiles in memory, not yet their changelog: rank while it is flushed
-        with metrics.STAGE_SECONDS.labels("apply_fence").time():
-            await self.shims.fence(self.app.producer, self.profiles, [event for _, event in update.profiles.values()])
+        with metrics.STAGE_SECONDS.labels("apply_write").time():
+            await self.changelog.write(self.app.producer, self.profiles, writes)
+        self._wake.set()
 
     def _judge(self, interaction: Interaction) -> None:
         """Online HR@k per ranking variant: was a positive interaction's item in the list last
@@ -721,8 +723,7 @@ class StreamsApp:
             await self._release(body)
             return
         state["waiting"] = (state["waiting"] + [body])[-1000:]
-        self.waiting[item_id] = state
-        await self.shims.fence(self.app.producer, self.waiting, [event])
+        await self.changelog.write(self.app.producer, self.waiting, [(event.message.partition, item_id, state)])
 
     async def _on_embedded(self, event: faust.EventT) -> None:
         try:
@@ -735,8 +736,7 @@ class StreamsApp:
         # delivered before the table forgets them (a crash in between re-releases them, which
         # the profiles' origins make harmless, instead of losing them)
         await asyncio.gather(*[await self._release(body) for body in state["waiting"]])
-        self.waiting[item.item_id] = {"embedded": True, "waiting": []}
-        await self.shims.fence(self.app.producer, self.waiting, [event])
+        await self.changelog.write(self.app.producer, self.waiting, [(event.message.partition, item.item_id, {"embedded": True, "waiting": []})])
 
     async def _release(self, body: dict[str, Any]) -> Awaitable[Any]:
         """Send a deferred interaction back to its user's partition; returns the delivery."""

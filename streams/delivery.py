@@ -20,12 +20,13 @@ Two parts:
   off (`StreamsConfig.broker_shims`, `VLM4REC_STREAMS_BROKER_SHIMS`: on by default, as every
   default targets the local stack; off against Apache Kafka, which needs none of them, so a
   Kafka deployment does not run them):
-  - changelog fences (`fence`): Tansu reports a partition's end offset as the base offset of
-    its last record batch + 1 (Kafka: the last offset + 1), and Faust restores a table up to
-    that end, so of a changelog's last batch only the first record came back at recovery
-    (docs/hardening.md, item 3). Every table write ends with a throw-away record per
-    partition written, after a flush of what it guards: the fence starts a batch of its own,
-    and recovery misses nothing the fence guards;
+  - a table write's last record alone in its record batch (`streams.changelog`,
+    `last_alone`): Tansu reports a partition's end offset as the base offset of its last
+    record batch + 1 (Kafka: the last offset + 1), and Faust restores a table up to that end,
+    so of a changelog's last batch only the first record came back at recovery
+    (docs/hardening.md, item 3). (Until 2026-12-05 a throw-away fence record was written after
+    a flush of each write; changelogs written then still hold fences, which readers skip by
+    `FENCE_PREFIX`);
   - Faust's consumer fetch wait bounded by `VLM4REC_KAFKA_FETCH_MAX_WAIT_MS` (`install`):
     Tansu answers a fetch only when its wait ends, and Faust hard-codes 1.5 s
     (`streams.faust_fixes.set_fetch_wait`); Kafka answers as soon as data arrives.
@@ -39,12 +40,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from faust.streams import _current_event
 from faust.types import TP
 
 from streams import faust_fixes
@@ -55,7 +54,8 @@ log = logging.getLogger("vlm4rec.streams")
 COMMITTABLE_KEPT = 100_000
 #: seconds between seeks back while a partition's next offset has not come (`Delivery.arrived`)
 REWIND_EVERY_S = 2.0
-#: Table keys no event can produce (ids never hold control characters): see `BrokerShims.fence`.
+#: the keys of the fence records that changelogs written before 2026-12-05 hold (ids never hold
+#: control characters): a table restored from one has them, and readers skip them
 FENCE_PREFIX = "\x00fence:"
 
 
@@ -74,12 +74,6 @@ class Event(Protocol):
 
 
 E = TypeVar("E", bound=Event)
-
-
-def in_context_of(event: Any) -> None:
-    """Faust writes a table entry to the changelog partition of the *current* event; in a
-    batch (take_events) there is none, so name the event whose partition owns the key."""
-    _current_event.set(weakref.ref(event))
 
 
 class Delivery:
@@ -229,35 +223,3 @@ class BrokerShims:
         """Patch Faust's consumer, before the app makes it: its fetch wait bounded."""
         if self.enabled:
             faust_fixes.set_fetch_wait(self.fetch_max_wait_ms)
-
-    async def fence(self, producer: Any, table: Any, events: Iterable[Any]) -> None:
-        """End each changelog partition these events wrote with a fence that shares no record
-        batch with what it guards.
-
-        The embedded broker reports a partition's end offset as the base offset of its last
-        record batch + 1 (docs/hardening.md, item 3), and Faust restores a table up to that
-        end: of the last batch, only its first record comes back. So the writes are flushed
-        first (delivered, in batches of any size), then one throw-away record per partition is
-        written: every write lies in a batch before the fence's, and the fence is the first
-        record of its own. Faust flushes its producer before it commits the events' offsets, so
-        a committed batch's fence has been delivered too; a crash before that re-delivers the
-        events. (Until 2026-12-04 every record went in a batch of its own,
-        `producer_max_batch_size=1`: a produce request per profile write, and broker memory
-        per batch.) Against Kafka the shims are off: no fence is written (a table read back
-        from a changelog written with them still holds fences; readers skip keys with
-        `FENCE_PREFIX`)."""
-        if not self.enabled:
-            return
-        await flushed(producer)
-        for partition, event in {e.message.partition: e for e in events}.items():
-            in_context_of(event)
-            table[f"{FENCE_PREFIX}{partition}"] = {"fence": True}
-
-
-async def flushed(producer: Any) -> None:
-    """Every message given to Faust's producer so far is acknowledged by the broker. Faust's
-    `flush` stops draining its own buffer after 0.1 s without progress, so it is repeated until
-    the buffer is empty."""
-    await producer.flush()
-    while producer.buffer.size:
-        await producer.flush()

@@ -67,8 +67,8 @@ STAGE_SECONDS = Histogram(
     "Time per batch or round in each stage. The hot path: apply (profile agent: parse, "
     "vectors, profiles, table), rank (candidates incl. searches, features, scores), push. "
     "rank_wait is the part of rank spent waiting for the ranker's lock, held by the learner; "
-    "apply_lookup and apply_fence the parts of apply spent on the item vectors it needs and on "
-    "the changelog flush and fence (embedded broker only). "
+    "apply_lookup and apply_write the parts of apply spent on the item vectors it needs and on "
+    "handing the profiles' changelog records to the producer (streams.changelog). "
     "Beside it: learn (training groups and counts), refit (fitting a candidate model)",
     ["stage"],
     buckets=LATENCY_BUCKETS,

@@ -14,7 +14,7 @@ from faust.types import TP
 
 from streams import delivery as delivery_module
 from streams import faust_fixes
-from streams.delivery import FENCE_PREFIX, REWIND_EVERY_S, BrokerShims, Delivery
+from streams.delivery import REWIND_EVERY_S, Delivery
 
 TOPIC = TP("items.embedded", 0)
 
@@ -159,40 +159,6 @@ def test_install_guards_the_apps_commits_and_forgets_revoked_partitions() -> Non
     assert delivery.processed(TOPIC) is None and TOPIC not in faust_fixes.sought_offsets(app.consumer)
 
 
-class Event:
-    """A stand-in for a Faust event: `in_context_of` keeps a weak reference to it."""
-
-    def __init__(self, partition: int) -> None:
-        self.message = SimpleNamespace(partition=partition)
-
-
-class Producer:
-    """A stand-in for Faust's producer that logs what the table had when it was flushed, and
-    whose buffer needs two flushes to drain (Faust's gives up after 0.1 s without progress)."""
-
-    def __init__(self, table: dict[str, Any]) -> None:
-        self.table = table
-        self.flushes: list[list[str]] = []
-        self.buffer = SimpleNamespace(size=0)
-
-    async def flush(self) -> None:
-        self.flushes.append(sorted(self.table))
-        self.buffer.size = 1 if len(self.flushes) == 1 else 0  # the first flush leaves one behind
-
-
-def test_fences_are_written_after_a_flush_of_the_writes_they_guard_only_with_the_shims_on() -> None:
-    table: dict[str, Any] = {"user": {"profile": 1}}
-    producer = Producer(table)
-    asyncio.run(BrokerShims(enabled=True).fence(producer, table, [Event(0), Event(2), Event(0)]))
-    fences = [f"{FENCE_PREFIX}0", f"{FENCE_PREFIX}2"]
-    assert table == {"user": {"profile": 1}, **{f: {"fence": True} for f in fences}}
-    assert producer.flushes == [["user"], ["user"]], "what the fence guards is delivered before it is written"
-    table.clear()
-    producer.flushes.clear()
-    asyncio.run(BrokerShims(enabled=False).fence(producer, table, [Event(0)]))
-    assert table == {} and producer.flushes == [], "against Kafka no fence is written"
-
-
 def test_faust_batches_its_records_as_usual_with_the_shims_on_or_off() -> None:
     from streams.app import StreamsApp, StreamsConfig
     from topics import TopicNames
@@ -204,15 +170,15 @@ def test_faust_batches_its_records_as_usual_with_the_shims_on_or_off() -> None:
 
     for app_id, shims in (("shims-on", True), ("shims-off", False)):
         batch = app(app_id, shims).conf.producer_max_batch_size
-        assert batch == StreamsConfig.producer_batch_bytes > 1, "fences make recovery exact, not batches of one"
+        assert batch == StreamsConfig.producer_batch_bytes > 1, "lone last records make recovery exact, not batches of one"
 
 
 @pytest.mark.integration
 def test_the_embedded_broker_ends_a_partition_at_its_last_batch_and_a_lone_last_record_is_exact(infra) -> None:  # type: ignore[no-untyped-def]
-    """The misbehaviour the fences work around, shown on the real embedded broker: after one
-    batch of five records its end offset is the batch's base + 1 (Kafka: 5); after a record
-    flushed on its own it is exact again. If this starts failing, the broker was fixed and
-    the fences can go."""
+    """The misbehaviour `streams.changelog` works around (`last_alone`), shown on the real
+    embedded broker: after one batch of five records its end offset is the batch's base + 1
+    (Kafka: 5); after a record flushed on its own it is exact again. If this starts failing,
+    the broker was fixed and the shim can go."""
     import uuid
 
     from confluent_kafka import Consumer, Producer, TopicPartition
