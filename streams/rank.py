@@ -1147,7 +1147,8 @@ class BlendRanker:
                 ranked = best_by(scores, ties[at:to], k + c.tail_slots).tolist()
             rows = pools.rows[at:to]
             head = self._with_tail(ranked, content_score[at:to], tail[at:to], rows, head_k)
-            head = self._with_placed(head, self._placed(request), rows)
+            if placed := self._placed(request):
+                head = self._with_placed(head, placed, rows)
             taken = set(head)
             top = head + [j for j in ranked if j not in taken][: k - len(head)]
             out.append(list(zip([names[r] for r in rows[top].tolist()], scores[top].tolist(), strict=True)))
