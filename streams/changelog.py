@@ -20,15 +20,26 @@ broker at a time, so the batches land in the order they were handed over.
 
 Nothing is awaited but the hand-over: Faust flushes its producer (aiokafka's included) before
 it commits the offsets of the events that made the writes, so a crash before delivery
-re-delivers the events, as before.
+re-delivers the events, as before. A hand-over the producer refuses (no metadata, its buffer
+full past its timeout: the broker is away) is tried again until it is taken: the store already
+holds the values, and a re-run of the agent's batch would find its events applied and write
+nothing. A batch aiokafka gives up delivering is logged (as Faust logs its own).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from faust.types import TP
+
+log = logging.getLogger("vlm4rec.streams")
+
+#: seconds between tries to hand a batch over while the producer refuses it, at most
+RETRY_MAX_S = 30.0
 
 
 class ChangelogWriter:
@@ -72,13 +83,28 @@ class ChangelogWriter:
                 at += 1
             batch.close()
             count = at - start
-            delivery = await kafka.send_batch(batch, name, partition=partition)
+            delivery = await _handed_over(kafka, batch, name, partition, count)
             delivery.add_done_callback(lambda done, count=count: _persisted(table, name, partition, done, count))
+
+
+async def _handed_over(kafka: Any, batch: Any, name: str, partition: int, count: int) -> Any:
+    """`send_batch`, tried again with back-off while the producer refuses the batch."""
+    delay = 0.5
+    while True:
+        try:
+            return await kafka.send_batch(batch, name, partition=partition)
+        except KafkaError as exc:
+            log.warning("changelog %s[%d]: %d records not taken by the producer (%r); again in %.1fs", name, partition, count, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(RETRY_MAX_S, delay * 2)
 
 
 def _persisted(table: Any, name: str, partition: int, done: Any, count: int) -> None:
     """What Faust does when a changelog record is delivered: the store remembers the offset it
     holds (a no-op in memory; RocksDB skips what it has at recovery)."""
-    if done.cancelled() or done.exception() is not None:
+    if done.cancelled():
+        return
+    if done.exception() is not None:
+        log.error("changelog %s[%d]: %d records not delivered: %r", name, partition, count, done.exception())
         return
     table.data.set_persisted_offset(TP(name, partition), done.result().offset + count - 1)

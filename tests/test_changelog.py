@@ -10,7 +10,9 @@ import uuid
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 
+from streams import changelog
 from streams.changelog import ChangelogWriter
 
 
@@ -74,24 +76,28 @@ class Batch:
 
 
 class Kafka:
-    """aiokafka's producer as far as the writer uses it; `size` records fill a batch."""
+    """aiokafka's producer as far as the writer uses it; `size` records fill a batch; the first
+    `refusals` hand-overs fail as aiokafka's do while the broker is away."""
 
-    def __init__(self, size: int = 100) -> None:
-        self.size = size
+    def __init__(self, size: int = 100, refusals: int = 0) -> None:
+        self.size, self.refusals = size, refusals
         self.sent: list[tuple[int, list[tuple[bytes, bytes]], bool]] = []
 
     def create_batch(self) -> Batch:
         return Batch(self.size)
 
     async def send_batch(self, batch: Batch, topic: str, *, partition: int) -> asyncio.Future[Any]:
+        if self.refusals:
+            self.refusals -= 1
+            raise KafkaTimeoutError("no metadata")
         self.sent.append((partition, batch.records, batch.closed))
         delivered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         delivered.set_result(type("Meta", (), {"offset": 10 * len(self.sent)})())
         return delivered
 
 
-def written(last_alone: bool, writes: list[tuple[int, str, Any]], size: int = 100) -> tuple[Table, Kafka]:
-    table, kafka = Table("profiles-changelog"), Kafka(size)
+def written(last_alone: bool, writes: list[tuple[int, str, Any]], size: int = 100, refusals: int = 0) -> tuple[Table, Kafka]:
+    table, kafka = Table("profiles-changelog"), Kafka(size, refusals)
 
     async def run() -> None:
         await ChangelogWriter(last_alone).write(Service(kafka), table, writes)
@@ -121,6 +127,18 @@ def test_a_write_larger_than_a_batch_is_split_and_still_ends_alone() -> None:
     _, kafka = written(True, [(1, f"u{n}", n) for n in range(7)], size=2)
     assert [len(r) for _, r, _ in kafka.sent] == [2, 2, 2, 1]
     assert keys([r for _, batch, _ in kafka.sent for r in batch]) == [f"u{n}" for n in range(7)]
+
+
+def test_a_batch_the_producer_refuses_is_handed_over_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store holds the values already and a re-run of the batch would write nothing
+    (its events are applied): the writer itself tries until the producer takes them."""
+    monkeypatch.setattr(changelog.asyncio, "sleep", _no_wait)
+    _, kafka = written(True, [(0, "a", 1), (0, "b", 2), (3, "c", 3)], refusals=2)
+    assert [(p, keys(r)) for p, r, _ in kafka.sent] == [(0, ["a"]), (0, ["b"]), (3, ["c"])]
+
+
+async def _no_wait(_: float) -> None:
+    return None
 
 
 @pytest.mark.integration
