@@ -170,9 +170,11 @@ class RankingProcess:
         if child is None:
             return
         child.join(timeout_s)
-        if child.is_alive():
-            log.warning("ranking process did not stop in %.0f s; terminating it", timeout_s)
-            child.terminate()
+        for signal_name, stop in (("SIGTERM", child.terminate), ("SIGKILL", child.kill)):
+            if not child.is_alive():
+                break
+            log.warning("ranking process (pid %d) did not stop in %.0f s; sending %s", child.pid, timeout_s, signal_name)
+            stop()
             child.join(timeout_s)
         if conn is not None:
             conn.close()
