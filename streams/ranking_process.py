@@ -231,7 +231,8 @@ class RankingProcess:
         context = multiprocessing.get_context("spawn")  # forking a process with threads copies held locks
         ours, theirs = context.Pipe()
         self._ready.clear()
-        child = context.Process(target=serve, args=(theirs, self.spec), name="vlm4rec-ranking", daemon=True)
+        level = logging.getLogger().getEffectiveLevel()  # the stream processor's (VLM4REC_LOG_LEVEL)
+        child = context.Process(target=serve, args=(theirs, self.spec, level), name="vlm4rec-ranking", daemon=True)
         child.start()
         theirs.close()
         if self._starts:
@@ -392,9 +393,10 @@ class _Child:
             time.sleep(STATUS_EVERY_S)
 
 
-def serve(conn: Connection, spec: RankerSpec) -> None:
-    """The ranking process's main (`RankingProcess` starts it)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [ranking] %(name)s: %(message)s")
+def serve(conn: Connection, spec: RankerSpec, level: int = logging.INFO) -> None:
+    """The ranking process's main (`RankingProcess` starts it), logging at the stream
+    processor's level (a spawned process starts without its logging set up)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [ranking] %(name)s: %(message)s")
     try:
         from threadpoolctl import threadpool_limits
 

@@ -7,6 +7,7 @@ that the factories below fill the same way in the test and in the child."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -186,3 +187,17 @@ def test_a_closed_ranking_process_refuses_calls() -> None:
     ranking.close()
     with pytest.raises(RankingUnavailable):
         ranking.recommend(profiles(1))
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+def test_the_child_logs_at_the_stream_processors_level(level: int, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spawned child starts without logging set up: it takes the parent's level
+    (VLM4REC_LOG_LEVEL), so its INFO lines (the items it loaded) show only at INFO."""
+    monkeypatch.setattr(logging.getLogger(), "level", level)
+    ranking = RankingProcess(spec(), filled_store())
+    try:
+        ranking.recommend(profiles(1))
+    finally:
+        ranking.close()
+    loaded = "items loaded" in capfd.readouterr().err
+    assert loaded == (level == logging.INFO)
