@@ -468,9 +468,11 @@ class StreamsApp:
         self._path("applied", applied)
         for user_id, (partition, published_at) in update.refreshed.items():
             self._mark_due(user_id, Due(partition, published_at=published_at))
+        # recs need the profiles in the store, which `write` sets before it first waits; not
+        # their changelog: a round may rank while the records are handed to a busy producer
+        self._wake.set()
         with metrics.STAGE_SECONDS.labels("apply_write").time():
             await self.changelog.write(self.app.producer, self.profiles, writes)
-        self._wake.set()
 
     def _judge(self, interaction: Interaction) -> None:
         """Online HR@k per ranking variant: was a positive interaction's item in the list last

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka.errors import KafkaError
+from faust.exceptions import NotReady
 from faust.types import TP
 
 log = logging.getLogger("vlm4rec.streams")
@@ -54,13 +55,13 @@ class ChangelogWriter:
         last of them on its own with `last_alone`. Keys of a later triple win."""
         if not writes:
             return
-        kafka = producer._ensure_producer()  # aiokafka's producer, on this loop (Faust 0.15.3)
-        topic = table.changelog_topic
-        name = topic.get_topic_name()
         by_partition: dict[int, dict[Any, Any]] = {}
-        for partition, key, value in writes:
+        for partition, key, value in writes:  # before any wait: a round may read them at once
             table.data[key] = value
             by_partition.setdefault(partition, {})[key] = value
+        kafka = await _aiokafka(producer)
+        topic = table.changelog_topic
+        name = topic.get_topic_name()
         for partition, records in by_partition.items():
             encoded = [
                 (topic.prepare_key(key, table.key_serializer)[0], topic.prepare_value(value, table.value_serializer)[0])
@@ -85,6 +86,19 @@ class ChangelogWriter:
             count = at - start
             delivery = await _handed_over(kafka, batch, name, partition, count)
             delivery.add_done_callback(lambda done, count=count: _persisted(table, name, partition, done, count))
+
+
+async def _aiokafka(producer: Any) -> Any:
+    """Faust's aiokafka producer, on this loop (Faust 0.15.3's `_ensure_producer`), waited for
+    while Faust has not started it."""
+    delay = 0.5
+    while True:
+        try:
+            return producer._ensure_producer()
+        except NotReady:
+            log.warning("changelog: the producer is not started yet; again in %.1fs", delay)
+            await asyncio.sleep(delay)
+            delay = min(RETRY_MAX_S, delay * 2)
 
 
 async def _handed_over(kafka: Any, batch: Any, name: str, partition: int, count: int) -> Any:

@@ -189,3 +189,23 @@ def test_on_the_embedded_broker_a_lone_last_record_makes_the_end_exact(infra) ->
             assert (end, read) == (5, [f"u{n}" for n in range(5)])
         else:
             assert end == 1, "the broker's quirk: the end of one batch of five is its base + 1"
+
+
+def test_the_store_is_set_before_the_producer_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round may read the profiles as soon as the agent waits: they are in the store before
+    the writer first waits, here for a producer Faust has not started yet."""
+    from faust.exceptions import NotReady
+
+    monkeypatch.setattr(changelog.asyncio, "sleep", _no_wait)
+    table, kafka = Table("profiles-changelog"), Kafka()
+    tries: list[dict[str, Any]] = []
+
+    class Starting(Service):
+        def _ensure_producer(self) -> Any:
+            tries.append(dict(table.data))
+            if len(tries) == 1:
+                raise NotReady("Producer service not yet started")
+            return self.kafka
+
+    asyncio.run(ChangelogWriter(True).write(Starting(kafka), table, [(0, "a", 1)]))
+    assert tries == [{"a": 1}, {"a": 1}] and [keys(r) for _, r, _ in kafka.sent] == [["a"]]
