@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiokafka.errors import KafkaError
@@ -91,24 +91,30 @@ class ChangelogWriter:
 async def _aiokafka(producer: Any) -> Any:
     """Faust's aiokafka producer, on this loop (Faust 0.15.3's `_ensure_producer`), waited for
     while Faust has not started it."""
-    delay = 0.5
-    while True:
-        try:
-            return producer._ensure_producer()
-        except NotReady:
-            log.warning("changelog: the producer is not started yet; again in %.1fs", delay)
-            await asyncio.sleep(delay)
-            delay = min(RETRY_MAX_S, delay * 2)
+
+    async def started() -> Any:
+        return producer._ensure_producer()
+
+    return await _until_taken(started, NotReady, "changelog: the producer is not started yet")
 
 
 async def _handed_over(kafka: Any, batch: Any, name: str, partition: int, count: int) -> Any:
     """`send_batch`, tried again with back-off while the producer refuses the batch."""
+    return await _until_taken(
+        lambda: kafka.send_batch(batch, name, partition=partition), KafkaError,
+        f"changelog {name}[{partition}]: {count} records not taken by the producer",
+    )
+
+
+async def _until_taken(attempt: Callable[[], Awaitable[Any]], refused: type[Exception], what: str) -> Any:
+    """`attempt()`'s answer, tried again with back-off (0.5 s doubling to `RETRY_MAX_S`)
+    while it raises `refused`."""
     delay = 0.5
     while True:
         try:
-            return await kafka.send_batch(batch, name, partition=partition)
-        except KafkaError as exc:
-            log.warning("changelog %s[%d]: %d records not taken by the producer (%r); again in %.1fs", name, partition, count, exc, delay)
+            return await attempt()
+        except refused as exc:
+            log.warning("%s (%r); again in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(RETRY_MAX_S, delay * 2)
 
