@@ -60,6 +60,7 @@ import numpy as np
 from streams.cooccur import CoOccurrence
 from streams.fresh_slots import SlotOdds
 from streams.sequence import Transitions
+from vectorstore.base import matrix_of
 from vectorstore.order import IdOrder
 
 Hits = list[tuple[str, float]]
@@ -105,6 +106,11 @@ class ContentSource(Protocol):
 
     def vectors(self, ids: Collection[str]) -> Mapping[str, np.ndarray]:
         """Unit vectors of the ids that have one."""
+
+    def matrix(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`vectors` for a round's thousands of ids (`vectorstore.VectorStore.get_matrix`):
+        (matrix, at), `matrix[at[j]]` the unit vector of `ids[j]`, `at[j]` -1 where it has
+        none; read-only."""
 
     def neighbours(self, items: Collection[str], depth: int) -> Mapping[str, Hits]:
         """The `depth` nearest items of each item that has a vector (itself included), best
@@ -355,30 +361,43 @@ class ItemStats:
 
 
 class VectorRows:
-    """Item vectors of a round as one matrix indexed by catalogue row (`ItemStats` rows): a
-    round's users gather their candidates' vectors with one numpy indexing each."""
+    """Item vectors of a round by catalogue row (`ItemStats` rows): a round's users gather
+    their candidates' vectors with one numpy indexing each, from the content source's own
+    matrix where it has one (`ContentSource.matrix`: the replica's, not a copy)."""
 
-    def __init__(self, stats: ItemStats, vectors: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, stats: ItemStats, rows: np.ndarray, matrix: np.ndarray, at: np.ndarray) -> None:
+        """`matrix[at[j]]`: the vector of catalogue row `rows[j]` (`at[j]` -1: none)."""
+        self.dim = matrix.shape[1] if (at >= 0).any() else 0
+        self.position = np.full(len(stats.ids), -1, dtype=np.int64)
+        self.position[rows] = at
+        self.matrix = matrix
+
+    @classmethod
+    def of(cls, stats: ItemStats, vectors: Mapping[str, np.ndarray]) -> VectorRows:
         """`vectors`: the items that have one (their rows are interned)."""
-        rows = stats.intern(list(vectors))
-        self.dim = next((len(v) for v in vectors.values()), 0)
-        self.position = np.full(len(stats.ids), len(rows), dtype=np.int64)  # default: the zero row
-        self.position[rows] = np.arange(len(rows))
-        self.matrix = np.zeros((len(rows) + 1, self.dim), dtype=np.float32)
-        if len(rows):  # one copy of a round's thousands of vectors, straight into the matrix
-            np.concatenate(list(vectors.values()), out=self.matrix[: len(rows)].reshape(-1))
+        ids = list(vectors)
+        return cls(stats, stats.intern(ids), *matrix_of(ids, vectors))
 
     @classmethod
     def fetch(cls, stats: ItemStats, rows: np.ndarray, content: ContentSource) -> VectorRows:
+        """The vectors of catalogue `rows`, read as one matrix (`ContentSource.matrix`)."""
         names = stats.ids
-        return cls(stats, content.vectors([names[n] for n in rows.tolist()]) if len(rows) else {})
+        if not len(rows):
+            return cls(stats, rows, np.zeros((0, 0), np.float32), rows)
+        return cls(stats, rows, *content.matrix([names[n] for n in rows.tolist()]))
 
     def has(self, rows: np.ndarray) -> np.ndarray:
-        return self.position[rows] < len(self.matrix) - 1
+        return self.position[rows] >= 0
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), dim), zeros for rows without a vector."""
-        return self.matrix[self.position[rows]]
+        at = self.position[rows]
+        missing = at < 0
+        if not missing.any():
+            return self.matrix[at]
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        out[~missing] = self.matrix[at[~missing]]
+        return out
 
 
 @dataclass
@@ -997,7 +1016,7 @@ class BlendRanker:
         sources offered for this request (their ranks there are features)."""
         rows = self.stats.intern(list(ids))
         self._recent_rows(request)  # interned before the vectors' index is sized
-        vector_rows = VectorRows(self.stats, vectors)
+        vector_rows = VectorRows.of(self.stats, vectors)
         if pool is not None:
             return self._group_features(request, rows, vector_rows, pool)
         return self._features(request, rows, vector_rows)

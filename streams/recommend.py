@@ -30,6 +30,7 @@ from streams.profile import Profile
 from streams.rank import BlendRanker, Hits, NeighbourList, RankConfig, Request
 from streams.variants import Assignment, Variant, parse_variants
 from vectorstore import VectorStore
+from vectorstore.base import matrix_of
 
 log = logging.getLogger("vlm4rec.streams")
 
@@ -41,7 +42,8 @@ WARM_UP_USER = "\x00warm-up"
 
 class VectorCache:
     """Bounded LRU of item vectors in front of the store: an item a user touches is usually
-    touched again soon by others. Thread-safe: the profile agent and the recs refresher look
+    touched again soon by others. A store that holds its vectors in memory (the replica) is
+    read directly: an LRU in front of it only copied every vector twice. Thread-safe: the profile agent and the recs refresher look
     vectors up from two threads (the store is called outside the lock)."""
 
     def __init__(self, store: VectorStore, size: int = 20_000) -> None:
@@ -51,6 +53,8 @@ class VectorCache:
         self._lock = threading.Lock()
 
     def get(self, ids: Collection[str]) -> dict[str, np.ndarray]:
+        if self.store.in_memory:
+            return self.store.get_vectors(ids)
         found: dict[str, np.ndarray] = {}
         missing = []
         with self._lock:
@@ -70,6 +74,12 @@ class VectorCache:
                     self._cache.popitem(last=False)
             found.update(fetched)
         return found
+
+    def get_matrix(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`VectorStore.get_matrix` through the cache."""
+        if self.store.in_memory:
+            return self.store.get_matrix(ids)
+        return matrix_of(ids, self.get(ids))
 
     def forget(self, item_id: str) -> None:
         """An item was re-embedded: drop its stale vector."""
@@ -124,6 +134,9 @@ class StoreContent:
 
     def vectors(self, ids: Collection[str]) -> dict[str, np.ndarray]:
         return self.cache.get(ids)
+
+    def matrix(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.cache.get_matrix(ids)
 
     def neighbours(self, items: Collection[str], depth: int) -> dict[str, Hits]:
         now = self._clock()
@@ -183,6 +196,9 @@ class Prefetched:
 
     def vectors(self, ids: Collection[str]) -> dict[str, np.ndarray]:
         return self.content.vectors(ids)
+
+    def matrix(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.content.matrix(ids)
 
     def neighbours(self, items: Collection[str], depth: int) -> dict[str, Hits]:
         return self.content.neighbours(items, depth)

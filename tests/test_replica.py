@@ -201,3 +201,33 @@ def test_batched_top_k_is_the_exact_order_on_any_width_with_ties_and_nans(width:
         for row, hits in zip(scores, got, strict=True):
             want = sorted((-float(v), ids[j]) for j, v in enumerate(row.tolist()) if not np.isnan(v))[:k]
             assert [(i, s) for i, s in hits] == [(i, -v) for v, i in want]
+
+
+def test_a_matrix_handed_out_is_not_changed_by_a_later_write() -> None:
+    """A round reads the replica's own matrix without a copy (`get_matrix`): re-embedding an
+    item afterwards must not change what the round holds (the write copies first)."""
+    replica = ReplicaVectorStore(source_with({"a": [1, 0], "b": [0, 1]}))
+    replica.load()
+    matrix, at = replica.get_matrix(["a", "b"])
+    before = matrix.copy()
+    replica.upsert([VectorRecord("a", unit([1, 1])), VectorRecord("c", unit([-1, 0]))])
+    assert np.array_equal(matrix, before)
+    now, at_now = replica.get_matrix(["a", "c"])
+    assert np.allclose(now[at_now[0]], unit([1, 1])) and np.allclose(now[at_now[1]], unit([-1, 0]))
+
+
+def test_the_spare_rows_of_a_search_over_whole_blocks_are_never_returned() -> None:
+    """The search multiplies by the replica's spare (zero) rows to fill `_contenders`'
+    blocks: those columns score 0, above every item here, and must never be hits."""
+    rng = np.random.default_rng(1)
+    query = unit([1.0, 0.5])
+    vectors = -query + 0.2 * rng.normal(size=(1030, 2))
+    source = CountingStore()
+    source.open(2, "m", "text")
+    source.upsert([VectorRecord(f"i{n:04d}", unit(v)) for n, v in enumerate(vectors)])
+    replica = ReplicaVectorStore(source)
+    replica.load()
+    for k in (1, 50):  # k = 1: four blocks, the last one padded
+        got = replica.search(query[None, :], k)[0]
+        want = source.search(query[None, :], k)[0]
+        assert [i for i, _ in got] == [i for i, _ in want] and len(got) == k and max(s for _, s in got) < 0

@@ -86,6 +86,21 @@ def test_upsert_is_idempotent_and_replaces(store: VectorStore) -> None:
     assert np.allclose(store.get_vectors(["x"])["x"], b, atol=1e-6)
 
 
+def test_a_matrix_of_many_ids_holds_what_get_vectors_gives(store: VectorStore) -> None:
+    """`get_matrix` (a ranking round's read) and `get_vectors` agree, missing ids included."""
+    store.open(4, "m", "describe")
+    vectors = unit(np.eye(4) + 0.1)
+    store.upsert([VectorRecord(f"i{n}", vectors[n]) for n in range(4)])
+    ids = ["i3", "missing", "i0", "i3", "i1"]
+    matrix, at = store.get_matrix(ids)
+    assert at.tolist()[1] == -1 and (at[[0, 2, 3, 4]] >= 0).all()
+    got = store.get_vectors(ids)
+    for item, row in zip(ids, at.tolist(), strict=True):
+        if row >= 0:
+            assert np.array_equal(matrix[row], got[item])
+    assert store.get_matrix([])[1].tolist() == []
+
+
 def test_exclusions_and_ties_by_id(store: VectorStore) -> None:
     store.open(2, "m", "text")
     v = unit([[1, 0]])[0]

@@ -31,6 +31,10 @@ Hits = list[tuple[str, float]]
 class VectorStore(ABC):
     """One collection of L2-normalised item vectors of one embedding space."""
 
+    #: every vector is held in this process's memory, so reading it costs a copy and no more:
+    #: a cache in front of the store (`streams.recommend.VectorCache`) would only copy again
+    in_memory: bool = False
+
     @abstractmethod
     def open(self, dim: int, model: str, strategy: str) -> None:
         """Create the collection for this space, or check that the existing one is of it
@@ -48,6 +52,13 @@ class VectorStore(ABC):
     @abstractmethod
     def get_vectors(self, ids: Collection[str]) -> dict[str, np.ndarray]:
         """Vectors of the ids that are stored; missing ids are absent from the result."""
+
+    def get_matrix(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(matrix, at): `matrix[at[j]]` is the vector of `ids[j]`, `at[j]` -1 where it is not
+        stored. A ranking round reads thousands of vectors at once: a store that holds them in
+        memory hands over its own matrix (read-only: it never changes a row in place once it
+        was handed out) instead of a dict of copies."""
+        return matrix_of(ids, self.get_vectors(ids))
 
     @abstractmethod
     def get_hashes(self, ids: Collection[str]) -> dict[str, str]:
@@ -82,6 +93,13 @@ class VectorStore(ABC):
 
     def close(self) -> None:
         """Release connections."""
+
+
+def matrix_of(ids: Sequence[str], vectors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """`VectorStore.get_matrix` of `ids` from the vectors found for them, stacked."""
+    found = np.fromiter((i in vectors for i in ids), dtype=bool, count=len(ids))
+    kept = [np.asarray(vectors[i], dtype=np.float32) for i in ids if i in vectors]
+    return (np.stack(kept) if kept else np.zeros((0, 0), dtype=np.float32)), np.where(found, np.cumsum(found) - 1, -1)
 
 
 def rank_hits(pairs: list[tuple[str, float]], k: int, exclude: Collection[str]) -> Hits:

@@ -13,6 +13,8 @@ from vectorstore.base import CollectionMismatch, Hits, VectorRecord, VectorStore
 
 
 class MemoryVectorStore(VectorStore):
+    in_memory = True
+
     def __init__(self) -> None:
         self._space: tuple[int, str, str] | None = None
         self._index: dict[str, int] = {}

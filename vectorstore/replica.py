@@ -84,6 +84,8 @@ class ReplicaVectorStore(VectorStore):
                 grown = np.zeros((max(needed, 2 * len(self._matrix), 1024), dim), dtype=np.float32)
                 grown[: len(self._ids)] = self._matrix[: len(self._ids)]
                 self._matrix = grown
+            elif len(new) < len(rows):  # a row changes: copy first, a reader may hold the matrix (`get_matrix`)
+                self._matrix = self._matrix.copy()
             for item_id in new:
                 self._index[item_id] = len(self._ids)
                 self._ids.append(item_id)
@@ -117,6 +119,20 @@ class ReplicaVectorStore(VectorStore):
             found.update((i, np.asarray(v, dtype=np.float32)) for i, v in fetched.items())
         return found
 
+    @property  # type: ignore[override]
+    def in_memory(self) -> bool:
+        return self.loaded
+
+    def get_matrix(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The replica's own matrix, no copy (`_install` never changes a row in place); an id
+        not held yet is read through, as `get_vectors` does."""
+        with self._lock:
+            index = self._index
+            at = np.fromiter((index.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+            if (at >= 0).all():
+                return self._matrix, at
+        return super().get_matrix(ids)
+
     def get_hashes(self, ids: Collection[str]) -> dict[str, str]:
         return self.source.get_hashes(ids)
 
@@ -137,10 +153,18 @@ class ReplicaVectorStore(VectorStore):
             n = len(self._ids)
             if n == 0 or len(queries) == 0:
                 return [[] for _ in range(len(queries))]
-            scores = _unit_rows(queries) @ self._matrix[:n].T
+            # the product over whole blocks of `_contenders`, when the spare rows (zeros) reach
+            # that far: its padding columns are then set instead of copying every score
+            width = _blocks(n, min(n, k))[0] if k > 0 else n
+            rows = self._matrix[: width if width <= len(self._matrix) else n]
+            padded = _unit_rows(queries) @ rows.T
+            padded[:, n:] = -np.inf
+            scores = padded[:, :n]
             ids = self._ids[:n]
             ranks = self._order.ranks()[:n]
         plain = [row for row, skip in enumerate(skips) if not skip]
+        if len(plain) == len(scores):
+            return _top_many(scores, ids, ranks, k, padded)
         out = dict(zip(plain, _top_many(scores[plain], ids, ranks, k), strict=True)) if plain else {}
         return [out[row] if row in out else _top(scores[row], ids, ranks, k, skips[row]) for row in range(len(scores))]
 
@@ -170,19 +194,20 @@ def _unit_rows(rows: np.ndarray) -> np.ndarray:
     return rows / np.where(norms > 0, norms, 1.0)
 
 
-def _top_many(scores: np.ndarray, ids: list[str], ranks: np.ndarray, k: int) -> list[Hits]:
+def _top_many(scores: np.ndarray, ids: list[str], ranks: np.ndarray, k: int, padded: np.ndarray | None = None) -> list[Hits]:
     """`_top` of every row with nothing to skip, best first, ties by id (`ranks`: each
     column's id's place in string order, `vectorstore.order.IdOrder`), in a few passes over
     the whole matrix (the stream processor's searches: one per round for all its users).
     One sort by (row, -score, id) orders every row's `_contenders`, ties included. It
     replaced a partition of every row (44 of the 90 ms of a search of 256 rows over 17,000
     items) and a Python sort of every row with a tie (most of hm's rows: items share a
-    picture and title). A NaN score is never returned."""
+    picture and title). A NaN score is never returned. `padded`: `scores` with -inf columns
+    after them, if the caller has it (`_contenders` then needs no copy)."""
     count, width = scores.shape
     take = min(width, k)
     if take <= 0:
         return [[] for _ in range(count)]
-    row, col, value = _contenders(scores, take)
+    row, col, value = _contenders(scores, take, padded)
     order = np.lexsort((ranks[col], -value, row))
     row, col, value = row[order], col[order].tolist(), value[order].tolist()
     starts = np.searchsorted(row, np.arange(count + 1)).tolist()
@@ -193,20 +218,28 @@ def _top_many(scores: np.ndarray, ids: list[str], ranks: np.ndarray, k: int) -> 
     return out
 
 
-def _contenders(scores: np.ndarray, take: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _blocks(width: int, take: int) -> tuple[int, int]:
+    """(padded width, columns per block) of `_contenders`: at least `4 x take` blocks (or one
+    column each when that is fewer), every block of the same size."""
+    size = -(-width // (4 * take))
+    return -(-width // size) * size, size
+
+
+def _contenders(scores: np.ndarray, take: int, padded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, column, score) of every score at or above its row's cut, a score that at least
     `take` (<= the width) of the row reach and close below its take-th best: the take-th best
     of the maxima of blocks of columns. At least `take` blocks hold columns (4 x take blocks,
     or one column each when that is fewer), so each of the take best blocks holds a column at
     or above the cut, and only the blocks whose maximum reaches it are looked into."""
     count, width = scores.shape
-    size = -(-width // (4 * take))  # columns per block
-    blocks = -(-width // size)
-    padded = scores
-    if blocks * size != width:
-        padded = np.full((count, blocks * size), -np.inf, dtype=scores.dtype)
+    full, size = _blocks(width, take)
+    blocks = full // size
+    if full == width:
+        padded = scores
+    elif padded is None or padded.shape[1] < full:
+        padded = np.full((count, full), -np.inf, dtype=scores.dtype)
         padded[:, :width] = scores
-    cells = padded.reshape(count, blocks, size)
+    cells = padded[:, :full].reshape(count, blocks, size)
     maxima = np.fmax.reduce(cells, axis=2)  # NaN only where every column is
     maxima[np.isnan(maxima)] = -np.inf  # a NaN column reaches no cut
     cut = np.partition(maxima, blocks - take, axis=1)[:, blocks - take]

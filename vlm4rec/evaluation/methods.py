@@ -110,6 +110,11 @@ class OfflineContent:
         index, has = self.index, self.has
         return {i: self.unit[index[i]] for i in ids if i in index and has[index[i]]}
 
+    def matrix(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        index, has = self.index, self.has
+        at = np.fromiter((index[i] if i in index and has[index[i]] else -1 for i in ids), dtype=np.int64, count=len(ids))
+        return self.unit, at
+
     def neighbours(self, items: Any, depth: int) -> dict[str, Hits]:
         """Exact and current (the stream processor's cached lists can be a minute old)."""
         vectors = self.vectors(items)

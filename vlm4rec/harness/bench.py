@@ -163,6 +163,9 @@ class _TimedContent:
     def vectors(self, ids: Any) -> Any:
         return self.inner.vectors(ids)
 
+    def matrix(self, ids: Any) -> Any:
+        return self.inner.matrix(ids)
+
 
 def _serving_ms_per_user(stream: Any, vectors: np.ndarray, picks: Sequence[np.ndarray]) -> float:
     """The stream processor's own path for the same rounds of users: `Recommender.recommend`
