@@ -51,6 +51,7 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from streams import metrics
+from streams.backoff import Backoff
 from streams.background import Backlog
 from streams.changelog import ChangelogWriter
 from streams.delivery import FENCE_PREFIX, BrokerShims, Delivery
@@ -398,15 +399,15 @@ class StreamsApp:
         """Faust acknowledges a batch even when its handler raises, so a failure here would
         drop events: retry instead (a vector store that is down is waited for). Re-running is
         safe because profiles remember which offsets they applied."""
-        delay = 0.5
+        backoff = Backoff()
         while True:
             try:
                 await handler(*args)
                 return
             except Exception:  # noqa: BLE001 - anything; the retry is the handling
+                delay = backoff.next()
                 log.exception("%s failed; retrying in %.1fs", what, delay)
                 await asyncio.sleep(delay)
-                delay = min(30.0, delay * 2)
 
     async def _process_interactions(self, events: list[faust.EventT]) -> None:
         while not self.model:

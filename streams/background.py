@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 from streams import metrics
+from streams.backoff import Backoff
 
 log = logging.getLogger("vlm4rec.streams")
 
@@ -79,7 +80,7 @@ class Backlog(Generic[K, V]):
 
     async def run(self) -> None:
         """Drain for ever (a Faust task): every batch is everything queued when it starts."""
-        delay = 0.5
+        backoff = Backoff()
         while True:
             await self._ready.wait()
             self._ready.clear()
@@ -96,6 +97,7 @@ class Backlog(Generic[K, V]):
                     if not self.retry:
                         log.exception("%s: a batch of %d failed and is dropped", self.task, len(taken))
                         continue
+                    delay = backoff.next()
                     log.exception("%s: a batch of %d failed; retrying in %.1fs", self.task, len(taken), delay)
                     for key, kept in reversed(taken.items()):
                         if key not in self._queued:
@@ -103,9 +105,8 @@ class Backlog(Generic[K, V]):
                             self._queued.move_to_end(key, last=False)
                     self.report()
                     await asyncio.sleep(delay)
-                    delay = min(30.0, delay * 2)
                     continue
-                delay = 0.5
+                backoff.reset()
                 self.handled += len(taken)
                 self.report()
                 await asyncio.sleep(max(0.0, self.every_s - (time.monotonic() - started)))

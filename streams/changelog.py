@@ -37,6 +37,8 @@ from aiokafka.errors import KafkaError
 from faust.exceptions import NotReady
 from faust.types import TP
 
+from streams.backoff import Backoff
+
 log = logging.getLogger("vlm4rec.streams")
 
 #: seconds between tries to hand a batch over while the producer refuses it, at most
@@ -109,14 +111,14 @@ async def _handed_over(kafka: Any, batch: Any, name: str, partition: int, count:
 async def _until_taken(attempt: Callable[[], Awaitable[Any]], refused: type[Exception], what: str) -> Any:
     """`attempt()`'s answer, tried again with back-off (0.5 s doubling to `RETRY_MAX_S`)
     while it raises `refused`."""
-    delay = 0.5
+    backoff = Backoff(most_s=RETRY_MAX_S)
     while True:
         try:
             return await attempt()
         except refused as exc:
+            delay = backoff.next()
             log.warning("%s (%r); again in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
-            delay = min(RETRY_MAX_S, delay * 2)
 
 
 def _persisted(table: Any, name: str, partition: int, done: Any, count: int) -> None:

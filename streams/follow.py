@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from streams.backoff import Backoff
+
 log = logging.getLogger("vlm4rec.streams")
 
 T = TypeVar("T")
@@ -96,13 +98,13 @@ class EveryPartition:
 
     def _until_done(self, kind: str, what: str, call: Callable[[], T], lag_from: float | None = None) -> T | None:
         """`call()`, retried with back-off until it succeeds or the feed stops (None)."""
-        delay = self.retry_s
+        backoff = Backoff(first_s=self.retry_s)
         while not self._stop.is_set():
             try:
                 return call()
             except Exception as exc:  # noqa: BLE001 - a broker or store outage: the feed outlives it
                 self.failed(kind, lag_from)
+                delay = backoff.next()
                 log.warning("%s could not %s (%s: %s); again in %.0fs", self.thread_name, what, type(exc).__name__, exc, delay)
             self._stop.wait(delay)
-            delay = min(30.0, delay * 2)
         return None

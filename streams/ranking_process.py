@@ -44,6 +44,7 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from streams import metrics
+from streams.backoff import Backoff
 from streams.popularity import RecentPopularity
 from streams.profile import Profile
 from streams.rank import RankConfig
@@ -306,7 +307,7 @@ class _Child:
     def build(self) -> Recommender:
         """The recommender over the items collection (and the whole collection in the
         replica), tried again until the store answers."""
-        delay = 0.5
+        backoff = Backoff()
         while True:
             try:
                 source = self.spec.store()
@@ -316,9 +317,9 @@ class _Child:
                 self.replica = replica
                 return self.spec.recommender(replica if replica is not None else source)
             except Exception as exc:  # noqa: BLE001 - the store may not be up yet
+                delay = backoff.next()
                 log.warning("ranking process: items collection not reached (%s); again in %.1f s", exc, delay)
                 time.sleep(delay)
-                delay = min(30.0, delay * 2)
 
     def run(self) -> None:
         self.recommender = self.build()
