@@ -138,3 +138,21 @@ def test_stack_processes_import_the_installed_code_whatever_the_working_director
         done = subprocess.run([*service.argv, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "working directory was imported" not in done.stderr
+
+
+def test_the_local_stacks_worker_embeds_on_half_the_cores_unless_told() -> None:
+    """`vlm4rec up` runs the worker beside the serving path: half the cores (at least one),
+    unless VLM4REC_EMBED_THREADS is set; a vLLM backend is not the worker's CPU to share."""
+    import os
+
+    from vlm4rec.cli.stack import stack_services
+    from vlm4rec.settings import Settings
+
+    def worker_env(settings: Settings) -> dict[str, str]:
+        services, _ = stack_services(settings, infra_only=False)
+        return next(s for s in services if s.name == "worker").env
+
+    cores = len(os.sched_getaffinity(0))
+    assert worker_env(Settings(_env_file=None)) == {"VLM4REC_EMBED_THREADS": str(max(1, cores // 2))}
+    assert worker_env(Settings(_env_file=None, embed_threads=3)) == {}
+    assert worker_env(Settings(_env_file=None, embed_backend="vllm-http")) == {}

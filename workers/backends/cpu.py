@@ -86,11 +86,19 @@ def _usable_cores() -> int:
 
 
 def _ort_session(path: Path, threads: int) -> Any:
+    """An onnxruntime session whose intra-op threads sleep between operators instead of
+    spinning (onnxruntime's default busy-waits): in `vlm4rec up` the worker shares its cores
+    with the stream processor and its ranking process. Spinning, the worker took 24-27 % of a
+    core to embed about four fresh items a second (10-11 % without), and at 1,000
+    interactions/s the serving path's p99 was 0.86-1.12 s against 0.62-0.78 s in a second step
+    (docs/streaming.md). Bulk embedding loses about a tenth (text, batch 32: 184-206 -> 170-175
+    items/s on two cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
