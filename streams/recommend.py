@@ -43,8 +43,9 @@ WARM_UP_USER = "\x00warm-up"
 class VectorCache:
     """Bounded LRU of item vectors in front of the store: an item a user touches is usually
     touched again soon by others. A store that holds its vectors in memory (the replica) is
-    read directly: an LRU in front of it only copied every vector twice. Thread-safe: the profile agent and the recs refresher look
-    vectors up from two threads (the store is called outside the lock)."""
+    read directly: an LRU in front of it only copied every vector twice. Thread-safe: the
+    profile agent and the recs refresher look vectors up from two threads (the store is
+    called outside the lock)."""
 
     def __init__(self, store: VectorStore, size: int = 20_000) -> None:
         self.store = store

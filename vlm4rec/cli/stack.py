@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -95,10 +94,11 @@ def _worker_env(settings: Settings) -> dict[str, str]:
     its ranking process, and on two cores one thread for the worker took the serving path's
     p99 at 1,000 interactions/s from 0.42-0.60 s to 0.31-0.48 s (docs/streaming.md). A worker
     run alone (`vlm4rec worker`) keeps every core."""
+    from workers.backends.cpu import usable_cores
+
     if settings.embed_backend != "cpu" or "embed_threads" in settings.model_fields_set:
         return {}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {"VLM4REC_EMBED_THREADS": str(max(1, cores // 2))}
+    return {"VLM4REC_EMBED_THREADS": str(max(1, usable_cores() // 2))}
 
 
 def _product_services(settings: Settings) -> list[Any]:

@@ -78,7 +78,7 @@ def _padded_chunks(rows: np.ndarray, size: int) -> list[tuple[np.ndarray, int]]:
     return chunks
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     """Cores this process may run on (a container's CPU affinity, where the OS reports it)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -210,7 +210,7 @@ class CpuBackend(EmbeddingBackend):
         self._device: str | None = None
         self._cache_dir = cache_dir or Path.home() / ".cache" / "vlm4rec" / "onnx"
         self._top_labels = top_labels
-        self._threads = threads or _usable_cores()
+        self._threads = threads or usable_cores()
         self._lock = threading.Lock()
         self._tokenizer: Any = None
         self._text_session: Any = None
