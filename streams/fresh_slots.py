@@ -1,27 +1,30 @@
 """How many places of a list fresh items earn, learnt from the stream (`RankConfig.tail_rule`
 "earned").
 
-A list mixes two rankings, both by the blend's score: of the known items, and of the tail items
-(at most one interaction), whose evidence is mostly their content. The blend alone ranks by the
-evidence most targets have, so on a stream of mostly known items it buries every tail item. A fixed number of tail places is tuned to one dataset's share of
-fresh targets: where users rarely turn to new items it wastes places, where they often do it
-buries them. Here each place goes to the ranking whose next item is the likelier target:
+The blend ranks by the evidence most targets have, so on a stream of mostly known items it
+buries every tail item (at most one interaction), and a fixed number of places kept for them is
+tuned to one dataset's share of fresh targets: where users rarely turn to new items it wastes
+places, where they often do it buries them. Here the number of the first places that go to tail
+items is learnt: each place to the kind whose next item is the likelier target,
 
-    P(next target is a tail item) * P(a tail target sits at place i of the tail ranking)
+    P(next target is a tail item) * P(a tail target sits at place i of the content ranking
+                                      of the tail candidates)
     against
-    P(next target is known) * P(a known target sits at place j of the blend's ranking)
+    P(next target is known) * P(a known target sits at place j of the blend's ranking of
+                                the known candidates)
 
 The first factor is the stream's decayed share of interactions with tail items; the second is a
 decayed histogram of where earlier targets sat in each ranking, measured on the training
 examples the ranker already draws (the user's state just before the interaction: no peeking).
-Merging two ranked lists greedily by these odds maximises the expected hits of every prefix
-when each list's hit chance falls with its place (the histograms are made non-increasing).
-Faust-free and tested alone (`tests/test_fresh_slots.py`).
+Taking places greedily by these odds maximises the expected hits of every prefix when each
+ranking's hit chance falls with its place (the histograms are made non-increasing). The tail's
+ranking is by content, the paper's ranking, because that is what fills the places the count
+gives it (`BlendRanker._with_tail`); the list itself stays the blend's order, so tail items the
+blend already ranks high count towards it. Faust-free and tested alone
+(`tests/test_fresh_slots.py`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,20 +37,39 @@ MIN_OBSERVED = 30
 SMOOTHING = 2.0
 
 
-class SlotOdds:
-    """Decayed counts: `memory` is about how many recent observations they weigh."""
+def _keep(memory: int) -> float:
+    """The decay per observation that weighs about the last `memory` of them."""
+    return 1.0 - 1.0 / max(2, memory)
+
+
+class TailShare:
+    """The stream's decayed share of interactions with tail items. Like the item counts it is
+    the stream's, not a ranker's: rankers that share the counts share it too (`BlendRanker`'s
+    `tail_share`; the one that records an interaction counts it)."""
 
     def __init__(self, memory: int = 5000) -> None:
-        self.keep = 1.0 - 1.0 / max(2, memory)
-        self.tail_share = np.zeros(2)  # decayed (tail interactions, all interactions)
-        self.places = np.zeros((2, PLACES))  # decayed hits by place: [0] tail targets, [1] known
-        self.observed = np.zeros(2)  # decayed targets of each kind, found or not
-        self._chances: tuple[np.ndarray, np.ndarray] | None = None  # `chances`, until the next target
+        self.keep = _keep(memory)
+        self.counts = np.zeros(2)  # decayed (tail interactions, all interactions)
 
     def interaction(self, tail: bool) -> None:
         """Every recorded interaction: was its item a tail item (at most one interaction) then?"""
-        self.tail_share *= self.keep
-        self.tail_share += (float(tail), 1.0)
+        self.counts *= self.keep
+        self.counts += (float(tail), 1.0)
+
+    def p(self) -> float:
+        return float(self.counts[0] / self.counts[1]) if self.counts[1] > 0 else 0.0
+
+
+class SlotOdds:
+    """Decayed counts: `memory` is about how many recent observations they weigh. `share`: the
+    stream's tail share when it is shared with other rankers' odds."""
+
+    def __init__(self, memory: int = 5000, share: TailShare | None = None) -> None:
+        self.keep = _keep(memory)
+        self.share = TailShare(memory) if share is None else share
+        self.places = np.zeros((2, PLACES))  # decayed hits by place: [0] tail targets, [1] known
+        self.observed = np.zeros(2)  # decayed targets of each kind, found or not
+        self._chances: tuple[np.ndarray, np.ndarray] | None = None  # `chances`, until the next target
 
     def target(self, tail: bool, place: int | None) -> None:
         """A training example's target: its place (0-based) in its kind's ranking, None when
@@ -65,7 +87,7 @@ class SlotOdds:
         return bool(self.observed.sum() >= MIN_OBSERVED)
 
     def p_tail(self) -> float:
-        return float(self.tail_share[0] / self.tail_share[1]) if self.tail_share[1] > 0 else 0.0
+        return self.share.p()
 
     def chances(self) -> tuple[np.ndarray, np.ndarray]:
         """P(target at place i | its kind) for the tail and the known ranking, made
@@ -76,25 +98,19 @@ class SlotOdds:
             self._chances = (_non_increasing(smoothed[0]), _non_increasing(smoothed[1]))
         return self._chances
 
-    def merge(self, known: Sequence[int], tail: Sequence[int], k: int) -> list[int]:
-        """The first k of two rankings (candidate positions, best first), each place to the
-        ranking whose next item is the likelier target; ties to the known ranking."""
+    def tail_places(self, k: int) -> int:
+        """How many of the first k places the tail earns: the tail's share when both rankings
+        are long enough, places taken one by one by the likelier kind (ties to the known)."""
         p = self.p_tail()
         tail_chance, known_chance = self.chances()
         tail_odds, known_odds = p * tail_chance, (1.0 - p) * known_chance
-        out: list[int] = []
-        i = j = 0
-        while len(out) < k and (i < len(tail) or j < len(known)):
-            take_tail = j >= len(known) or (
-                i < len(tail) and tail_odds[min(i, PLACES - 1)] > known_odds[min(j, PLACES - 1)]
-            )
-            if take_tail:
-                out.append(tail[i])
-                i += 1
+        tail = known = 0
+        for _ in range(k):
+            if tail_odds[min(tail, PLACES - 1)] > known_odds[min(known, PLACES - 1)]:
+                tail += 1
             else:
-                out.append(known[j])
-                j += 1
-        return out
+                known += 1
+        return tail
 
 
 def _non_increasing(values: np.ndarray) -> np.ndarray:

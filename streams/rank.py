@@ -58,7 +58,7 @@ from typing import Callable, Protocol, TypeVar
 import numpy as np
 
 from streams.cooccur import CoOccurrence
-from streams.fresh_slots import SlotOdds
+from streams.fresh_slots import SlotOdds, TailShare
 from streams.sequence import Transitions
 from vectorstore.base import matrix_of
 from vectorstore.order import IdOrder
@@ -157,12 +157,12 @@ class RankConfig:
     l2: float = 1.0
     holdout_share: float = 0.1  # newest groups held back from a refit to judge it (`BlendRanker.install`)
     seed: int = 0
-    tail_slots: int = 1  # of the first `tail_within` places, kept for items with at most one interaction (by cosine to the profile)
+    tail_slots: int = 1  # of the first `tail_within` places, at least this many kept for items with at most one interaction (by cosine to the profile)
     tail_within: int = 10
-    #: "fixed": the blend's order with the `tail_slots` above; "earned": each place to the blend's
-    #: or the content ranking of tail items by the odds learnt from the stream
-    #: (`streams.fresh_slots`), `tail_slots` then a floor
-    tail_rule: str = "fixed"
+    #: "earned": as many of the first `tail_within` places kept for tail items as the odds learnt
+    #: from the stream give them (`streams.fresh_slots`), at least `tail_slots`; "fixed": the
+    #: `tail_slots` above, whatever the stream (docs/quality.md measures both)
+    tail_rule: str = "earned"
     sequence_k: int = 50  # candidates from what users took right after the user's last items
     #: earlier items a new interaction is a transition from (`streams.sequence`); 0: no sequence
     #: signal, the default: with 3 it measured within the intervals of the blend without it on
@@ -677,9 +677,10 @@ class BlendRanker:
         stats: ItemStats | None = None,
         cooc: CoOccurrence | None = None,
         seq: Transitions | None = None,
+        tail_share: TailShare | None = None,
     ) -> None:
-        """`stats`, `cooc` and `seq`: counts shared with other rankers over the same stream
-        (each interaction then `record`-ed by one of them only)."""
+        """`stats`, `cooc`, `seq` and `tail_share`: counts shared with other rankers over the
+        same stream (each interaction then `record`-ed by one of them only)."""
         self.config = config = config or RankConfig()
         self.stats = ItemStats(config.short_half_life_s, config.long_half_life_s) if stats is None else stats
         self.cooc = CoOccurrence(config.cooc_window, config.cooc_neighbours) if cooc is None else cooc
@@ -697,7 +698,7 @@ class BlendRanker:
         # co-occurrence and transition indices -> catalogue rows: (map, generation) per counter
         self._row_maps: dict[str, tuple[np.ndarray, int]] = {}
         self._names = IdOrder(self.stats.ids)  # a round's ties by item id
-        self.slots = SlotOdds(config.buffer)  # what fresh items earn (`tail_rule` "earned")
+        self.slots = SlotOdds(config.buffer, tail_share)  # what fresh items earn (`tail_rule` "earned")
         #: whether learning scores each training round to see where its targets sat: only the
         #: "earned" tail rule reads it, and it costs the round's features a second time (a
         #: caller that serves an "earned" variant with other settings sets it)
@@ -716,7 +717,7 @@ class BlendRanker:
         """Fold one applied interaction in; `history` is the user's distinct items before it
         (oldest first by latest interaction), or only the last `lookback()` of them when `new`
         says whether the item is among all of them (the stream processor's observations)."""
-        self.slots.interaction(self.stats.count(item) <= 1)
+        self.slots.share.interaction(self.stats.count(item) <= 1)
         self.stats.add(item, ts)
         if new is None:
             new = item not in history
@@ -762,11 +763,16 @@ class BlendRanker:
             self.maybe_refit()
 
     def _observe_places(self, requests: Sequence[Request], items: Sequence[str], drawn: Round, content: ContentSource) -> None:
-        """Where each training example's target sat by the blend's score, just before it was
-        taken: among the tail candidates if it was a tail item, among the others if not
-        (`SlotOdds.target`)."""
+        """Where each training example's target sat just before it was taken, in the ranking
+        that would have shown it (`SlotOdds.target`): a tail item among the tail candidates by
+        content (what fills the tail's places), a known item among the others by the blend's
+        score; ties by item id, as the lists break them (a user without a profile gives every
+        candidate the same content score: counting ties as ahead of the target would place
+        every such tail target first)."""
         x = self._scored(requests, drawn, content)
         tail = x[:, COLUMN["pop_count"]] <= math.log1p(1.0)
+        content_score = x[:, COLUMN["cos_mean"]]
+        ties = self._names.of(drawn.rows)
         for n, (at, to) in enumerate(zip(drawn.starts[:-1].tolist(), drawn.starts[1:].tolist(), strict=True)):
             target_tail = self.stats.count(items[n]) <= 1
             row = self.stats.index.get(items[n])
@@ -776,8 +782,9 @@ class BlendRanker:
                 continue
             j = int(found[0])
             kind = tail[at:to] if target_tail else ~tail[at:to]
-            score = self.score(x[at:to])
-            self.slots.target(target_tail, int(((score > score[j]) & kind).sum()))
+            score = content_score[at:to] if target_tail else self.score(x[at:to])
+            ahead = (score > score[j]) | ((score == score[j]) & (ties[at:to] < ties[at + j]))
+            self.slots.target(target_tail, int((ahead & kind).sum()))
 
     def maybe_refit(self) -> bool:
         """Refit now if one is due (the offline evaluator's path; the stream processor fits
@@ -1154,18 +1161,16 @@ class BlendRanker:
         tail = x[:, COLUMN["pop_count"]] <= math.log1p(1.0)
         content_score = x[:, COLUMN["cos_mean"]]
         head_k = min(k, c.tail_within)
+        want = self.tail_places(head_k)
         out: list[Hits] = []
         for request, at, to in zip(requests, pools.starts[:-1].tolist(), pools.starts[1:].tolist(), strict=True):
             if at == to:
                 out.append([])
                 continue
             scores = self.score(x[at:to])  # one product per request: the per-user code's float to the bit
-            if c.tail_rule == "earned" and self.slots.ready:
-                ranked = self._earned(scores, tail[at:to], ties[at:to], k)
-            else:
-                ranked = best_by(scores, ties[at:to], k + c.tail_slots).tolist()
+            ranked = best_by(scores, ties[at:to], k + want).tolist()
             rows = pools.rows[at:to]
-            head = self._with_tail(ranked, content_score[at:to], tail[at:to], rows, head_k)
+            head = self._with_tail(ranked, content_score[at:to], tail[at:to], rows, head_k, want)
             if placed := self._placed(request):
                 head = self._with_placed(head, placed, rows)
             taken = set(head)
@@ -1180,16 +1185,14 @@ class BlendRanker:
         cooc = (pools.cooc_starts, pools.cooc_rows, pools.cooc_scores)
         return self._round_features(requests, pools.starts, pools.rows, vectors, pools.rr, cooc, pools.seq)
 
-    def _earned(self, scores: np.ndarray, tail: np.ndarray, ties: np.ndarray, k: int) -> list[int]:
-        """One request's order under `tail_rule` "earned": the known and the tail candidates,
-        each by the blend (whose `tail_cos_max` is the content evidence of tail items, and
-        whose co-occurrence features still see an item touched once: ordering the tail by
-        content alone lost hm's baskets, HR@10 0.121 -> 0.056), merged place by place by the
-        learnt odds."""
-        known, fresh = np.flatnonzero(~tail), np.flatnonzero(tail)
-        known_order = known[best_by(scores[known], ties[known], k)].tolist()
-        tail_order = fresh[best_by(scores[fresh], ties[fresh], k)].tolist()
-        return self.slots.merge(known_order, tail_order, k)
+    def tail_places(self, k: int) -> int:
+        """Of the first k places, how many are kept for tail items: `tail_slots`, or under
+        `tail_rule` "earned" what the learnt odds give the tail when that is more."""
+        c = self.config
+        floor = min(c.tail_slots, k)
+        if c.tail_rule != "earned" or not self.slots.ready:
+            return floor
+        return max(floor, self.slots.tail_places(k))
 
     def _placed(self, request: Request) -> list[str]:
         """The newest `fanout_places` of the request's fan-out items."""
@@ -1209,15 +1212,15 @@ class BlendRanker:
         dropped = set(others[max(0, len(others) - len(missing)) :])
         return ([j for j in head if j not in dropped] + missing)[: len(head)]
 
-    def _with_tail(self, order: list[int], content: np.ndarray, tail: np.ndarray, rows: np.ndarray, k: int) -> list[int]:
-        """The first k of `order`, with up to `tail_slots` of its last known items giving way
-        to the tail items (at most one interaction) with the highest `content` score, when too
-        few made the top k on their own. Why: a learnt blend rightly ranks by the evidence most
+    def _with_tail(self, order: list[int], content: np.ndarray, tail: np.ndarray, rows: np.ndarray, k: int, want: int) -> list[int]:
+        """The first k of `order`, with up to `want` of its last known items giving way to the
+        tail items (at most one interaction) with the highest `content` score, when fewer than
+        `want` made the top k on their own (`tail_places`). Why: a learnt blend rightly ranks by the evidence most
         targets have, which on a stream of mostly known items buries every new one; a feed of
         fresh content must show some, and for items without collaborative evidence the
         content similarity is what there is (docs/quality.md)."""
         top = order[:k]
-        want = min(self.config.tail_slots, k) - int(tail[top].sum())
+        want = min(want, k) - int(tail[top].sum())
         if want <= 0:
             return top
         open_ = tail.copy()

@@ -16,7 +16,7 @@ def odds(p_tail: float, tail_places: list[int], known_places: list[int]) -> Slot
     """Odds from 1,000 interactions with `p_tail` of them tail, and the places given."""
     slots = SlotOdds(memory=100_000)
     for n in range(1000):
-        slots.interaction(n < p_tail * 1000)
+        slots.share.interaction(n < p_tail * 1000)
     for place in tail_places:
         slots.target(True, place)
     for place in known_places:
@@ -25,16 +25,17 @@ def odds(p_tail: float, tail_places: list[int], known_places: list[int]) -> Slot
 
 
 def test_each_place_goes_to_the_likelier_ranking() -> None:
-    known, tail = [10, 11, 12, 13], [20, 21, 22]
     # tail targets always sit first in the content ranking, known ones spread over 40 places
     sharp_tail = odds(0.3, [0] * 40, list(range(40)))
     assert sharp_tail.ready
-    assert sharp_tail.merge(known, tail, 4)[0] == 20, "0.3 x 0.99 beats 0.7 x 1/40"
-    assert sharp_tail.merge(known, tail, 4)[1:] == [10, 11, 12], "the tail's later places never hit"
+    assert sharp_tail.tail_places(4) == 1, "0.3 x 0.99 beats 0.7 x 1/40; the tail's later places never hit"
     # almost no interaction is with a tail item: the blend keeps every place
-    rare = odds(0.001, [0] * 40, list(range(40)))
-    assert rare.merge(known, tail, 4) == known
-    assert rare.merge(known, tail, 6) == [*known, 20, 21], "a ranking that runs out leaves its places to the other"
+    assert odds(0.001, [0] * 40, list(range(40))).tail_places(10) == 0
+    # half the targets are tail items found within the content ranking's first three places
+    # (a third each), known targets spread over 40: three places for the tail
+    assert odds(0.5, [0, 1, 2] * 20, list(range(40))).tail_places(10) == 3
+    # known targets always first: that place stays the blend's, the rest are worth more to the tail
+    assert odds(0.5, list(range(40)), [0] * 40).tail_places(10) == 9
 
 
 def test_odds_are_not_trusted_before_enough_targets_of_each_kind() -> None:
@@ -54,9 +55,9 @@ def test_an_items_first_and_second_touch_count_as_tail_its_third_not() -> None:
     ranker = BlendRanker(RankConfig())
     for n in range(3):
         ranker.record([], "a", float(n))
-    keep = ranker.slots.keep
-    assert ranker.slots.tail_share[0] == pytest.approx(keep * (1 + keep))  # two tail touches, then one that is not
-    assert ranker.slots.tail_share[1] == pytest.approx(1 + keep + keep**2)
+    share = ranker.slots.share
+    assert share.counts[0] == pytest.approx(share.keep * (1 + share.keep))  # two tail touches, then one that is not
+    assert share.counts[1] == pytest.approx(1 + share.keep + share.keep**2)
 
 
 def earned(**overrides: object) -> RankConfig:
@@ -69,7 +70,7 @@ def test_on_a_stream_the_blend_predicts_well_the_earned_rule_costs_next_to_nothi
     only places where the blend's own hit chance has run out, so it hits as often as the fixed
     rule (measured: within 0.015 on three seeds)."""
     rates = []
-    for config in (RankConfig(**FAST.__dict__), earned()):
+    for config in (RankConfig(**{**FAST.__dict__, "tail_rule": "fixed"}), earned()):
         content, ids, _ = world()
         replay = Replay(BlendRanker(config), content)
         rows = chain_stream(ids, users=30, steps=40, seed=seed)
@@ -81,7 +82,8 @@ def test_on_a_stream_the_blend_predicts_well_the_earned_rule_costs_next_to_nothi
 
 def test_on_a_stream_of_new_items_the_content_ranking_of_them_leads() -> None:
     """Every interaction is with an item nobody touched, the one nearest the user's profile:
-    the earned rule learns that the first tail place is where targets are."""
+    the earned rule learns that the tail's first places by content are where targets are, and
+    keeps most of the first ten for them (the fixed rule keeps `tail_slots`)."""
     content, ids, vectors = world(seed=5)
     ranker = BlendRanker(earned(min_groups=10 ** 6))  # no fit: what is tested is the places alone
     replay = Replay(ranker, content)
@@ -97,13 +99,19 @@ def test_on_a_stream_of_new_items_the_content_ranking_of_them_leads() -> None:
         replay.feed([(user, item, ts)])
         ts += 60.0
     assert ranker.slots.p_tail() > 0.9 and ranker.slots.ready
-    top = ranker.rank([replay.request(users[0], ts)], content, 10)[0]
-    assert ranker.stats.count(top[0][0]) <= 1, "a tail item takes the first place"
+    assert ranker.tail_places(10) >= 5, "most places go to the tail"
+    request = replay.request(users[0], ts)
+    top = [i for i, _ in ranker.rank([request], content, 10)[0]]
+    tail = [i for i in top if ranker.stats.count(i) <= 1]
+    assert len(tail) >= ranker.tail_places(10)
+    closest = sorted((i for i in ids if i not in touched), key=lambda i: -float(content.vectors([i])[i] @ request.profile))
+    assert closest[0] in top, "the untouched item nearest the profile, the next target's kind, is shown"
+    assert ranker.tail_places(10) > BlendRanker(RankConfig(**{**FAST.__dict__, "tail_rule": "fixed", "tail_slots": 1})).tail_places(10)
 
 
 def test_variants_may_choose_the_rule_and_nothing_else_is_accepted() -> None:
-    (variant,) = parse_variants([{"name": "e", "share": 1.0, "tail_rule": "earned"}])
-    assert variant.config(RankConfig()).tail_rule == "earned"
+    (variant,) = parse_variants([{"name": "f", "share": 1.0, "tail_rule": "fixed"}])
+    assert variant.config(RankConfig()).tail_rule == "fixed"
     with pytest.raises(VariantError, match="tail_rule"):
         parse_variants([{"name": "e", "share": 1.0, "tail_rule": "lucky"}])
     with pytest.raises(ValueError, match="tail_rule"):
@@ -122,12 +130,33 @@ def test_places_are_learnt_only_where_a_served_rule_reads_them() -> None:
         Replay(ranker, content).feed(chain_stream(ids, users=10, steps=10, seed=2))
         return float(ranker.slots.observed.sum())
 
-    assert not BlendRanker(RankConfig(**FAST.__dict__)).learns_places
-    assert observed(BlendRanker(RankConfig(**FAST.__dict__))) == 0.0
+    fixed = RankConfig(**{**FAST.__dict__, "tail_rule": "fixed"})
+    assert not BlendRanker(fixed).learns_places
+    assert observed(BlendRanker(fixed)) == 0.0
     assert observed(BlendRanker(earned())) > 0.0
+    assert BlendRanker(RankConfig()).learns_places, "the default rule is earned"
     store = MemoryVectorStore()
-    plain = Recommender(store, RecentPopularity(3600.0), rank=RankConfig(**FAST.__dict__))
+    plain = Recommender(store, RecentPopularity(3600.0), rank=fixed)
     assert not plain.ranker.learns_places
-    served = Recommender(store, RecentPopularity(3600.0), rank=RankConfig(**FAST.__dict__),
+    served = Recommender(store, RecentPopularity(3600.0), rank=fixed,
                          variants=parse_variants([{"name": "a", "share": 0.5}, {"name": "e", "share": 0.5, "tail_rule": "earned"}]))
     assert served.ranker.learns_places
+
+
+def test_a_tail_target_among_equal_content_scores_is_placed_as_the_lists_break_ties() -> None:
+    """New users have no profile, so every tail candidate has the same content score: their
+    targets sit wherever the item-id order puts them, not all in the first place (which would
+    claim places for the tail that content never earned)."""
+    content, ids, _ = world(seed=2)
+    ranker = BlendRanker(earned(min_groups=10 ** 6))
+    ts = 1_700_000_000.0
+    fresh = ids[:30]
+    for item in fresh:
+        ranker.stats.declare(item, ts - 60.0)
+    rng = np.random.default_rng(4)
+    replay = Replay(ranker, content)
+    replay.feed([(f"new{n}", fresh[int(rng.integers(len(fresh)))], ts + n) for n in range(80)])
+    slots = ranker.slots
+    assert slots.observed[0] > 40, "the targets were tail items"
+    assert slots.places[0, 0] < 0.2 * slots.observed[0]
+    assert (slots.places[0] > 0).sum() > 10, "spread over the places, as the id order has them"

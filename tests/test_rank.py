@@ -485,16 +485,15 @@ def test_a_learnt_blend_that_buries_new_items_still_shows_the_closest_one_in_the
 
 
 def test_the_tail_slot_leaves_a_list_alone_that_already_has_a_new_item() -> None:
-    ranker, two = BlendRanker(RankConfig(tail_slots=1)), BlendRanker(RankConfig(tail_slots=2))
+    ranker = BlendRanker(RankConfig())
     rows = ranker.stats.intern([f"i{n}" for n in range(5)])
-    two.stats.intern([f"i{n}" for n in range(5)])
     order = [4, 2, 0, 1, 3]
     by_content = np.array([0.3, 0.4, 0.2, 0.5, 0.1])  # content order: 3, 1, 0, 2, 4
-    assert ranker._with_tail(order, by_content, np.array([False, False, True, False, False]), rows, 3) == [4, 2, 0]
-    assert ranker._with_tail(order, by_content, np.array([False, False, False, True, False]), rows, 3) == [4, 2, 3]
-    assert ranker._with_tail(order, by_content, np.zeros(5, dtype=bool), rows, 3) == [4, 2, 0]
+    assert ranker._with_tail(order, by_content, np.array([False, False, True, False, False]), rows, 3, 1) == [4, 2, 0]
+    assert ranker._with_tail(order, by_content, np.array([False, False, False, True, False]), rows, 3, 1) == [4, 2, 3]
+    assert ranker._with_tail(order, by_content, np.zeros(5, dtype=bool), rows, 3, 1) == [4, 2, 0]
     tail = np.array([False, False, True, True, False])  # 2 (second place) is new, 0 is not
-    assert two._with_tail(order, by_content, tail, rows, 3) == [4, 2, 3], "the lowest known item gives way"
+    assert ranker._with_tail(order, by_content, tail, rows, 3, 2) == [4, 2, 3], "the lowest known item gives way"
 
 
 def test_a_fan_out_places_its_item_in_the_first_ten_of_the_users_it_chose() -> None:
@@ -593,9 +592,9 @@ def assert_same_round(new: Replay, old: Replay, requests: list[Request], k: int)
 @pytest.mark.parametrize(
     "config",
     [
-        # the sequence source came after the reference was frozen: off here
-        RankConfig(min_groups=40, refit_every=60, negatives=15, content_k=8, interests=3, cooc_k=10, popular_k=6, fresh_k=2, tail_slots=2, tail_within=6, sequence_steps=0),
-        RankConfig(min_groups=60, train_rate=0.5, sequence_steps=0),
+        # the sequence source and the earned tail rule came after the reference was frozen: off here
+        RankConfig(min_groups=40, refit_every=60, negatives=15, content_k=8, interests=3, cooc_k=10, popular_k=6, fresh_k=2, tail_slots=2, tail_within=6, sequence_steps=0, tail_rule="fixed"),
+        RankConfig(min_groups=60, train_rate=0.5, sequence_steps=0, tail_rule="fixed"),
     ],
 )
 def test_a_vectorised_round_ranks_exactly_as_the_per_user_reference(config: RankConfig) -> None:
@@ -658,7 +657,7 @@ def test_a_vectorised_round_ranks_hm_exactly_as_the_per_user_reference(shared_da
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(len(stream.item_ids), 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    walk = BlendWalk(stream, RankConfig(sequence_steps=0))  # the sequence source came after the reference
+    walk = BlendWalk(stream, RankConfig(sequence_steps=0, tail_rule="fixed"))  # both came after the reference
     index = ContentIndex(vectors)
     new, old = walk.add(index), walk.add(index)
     old.ranker.__class__ = ReferenceRanker

@@ -218,14 +218,14 @@ class Settings(BaseSettings):
     rank_tail_slots: int = Field(
         _RANK.tail_slots,
         ge=0,
-        description="of the first 10 recs, places kept for items with at most one interaction, in the order of "
-        "their cosine to the profile (0: none; docs/quality.md)",
+        description="of the first 10 recs, places kept at least for items with at most one interaction, in the "
+        "order of their cosine to the profile (0: none; docs/quality.md)",
     )
     rank_tail_rule: Literal["fixed", "earned"] = Field(
         _RANK.tail_rule,
-        description="how recs make room for items with at most one interaction: fixed (VLM4REC_RANK_TAIL_SLOTS "
-        "places) or earned (each place to the blend or to the content ranking of those items, by the odds learnt "
-        "from the stream; the tail slots then a floor; streams/fresh_slots.py)",
+        description="how recs make room for items with at most one interaction: earned (as many of the first 10 "
+        "places as the odds learnt from the stream give them, at least VLM4REC_RANK_TAIL_SLOTS; "
+        "streams/fresh_slots.py) or fixed (VLM4REC_RANK_TAIL_SLOTS places)",
     )
     rank_sequence_steps: int = Field(
         _RANK.sequence_steps, ge=0, le=20, description="the sequence signal (streams/sequence.py): a new "

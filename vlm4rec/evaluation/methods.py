@@ -13,6 +13,7 @@ import numpy as np
 
 from streams.profile import Ranker
 from streams.cooccur import CoOccurrence
+from streams.fresh_slots import TailShare
 from streams.sequence import Transitions
 from streams.rank import BlendRanker, Hits, ItemStats, RankConfig, Request
 from streams.variants import Variant
@@ -127,8 +128,8 @@ class OfflineContent:
 class BlendWalk:
     """The product's rankers of one walk, one per semantic source, advanced together row by
     row: each ranker that samples a row first learns from the state just before it, then the
-    row is recorded once into the counts and co-occurrence the rankers share (they do not
-    depend on the embedding)."""
+    row is recorded once into the counts, co-occurrence and tail share the rankers share (they
+    do not depend on the embedding)."""
 
     def __init__(self, stream: Stream, config: RankConfig | None = None) -> None:
         self.stream = stream
@@ -137,6 +138,7 @@ class BlendWalk:
         self.stats = ItemStats(self.config.short_half_life_s, self.config.long_half_life_s)
         self.cooc = CoOccurrence(self.config.cooc_window, self.config.cooc_neighbours)
         self.seq = Transitions(self.config.sequence_steps, self.config.sequence_half_life_s)
+        self.tail_share = TailShare(self.config.buffer)
         for item, created in sorted(stream.created_at.items(), key=lambda kv: (kv[1], kv[0])):
             self.stats.declare(stream.item_ids[item], created)
         # per user: distinct items by latest interaction, oldest first (the profile's `seen`)
@@ -144,7 +146,8 @@ class BlendWalk:
         self.position = 0
 
     def add(self, index: ContentIndex) -> Blend:
-        blend = Blend(self, OfflineContent(self.stream, index), BlendRanker(self.config, self.stats, self.cooc, self.seq))
+        ranker = BlendRanker(self.config, self.stats, self.cooc, self.seq, self.tail_share)
+        blend = Blend(self, OfflineContent(self.stream, index), ranker)
         self.blends.append(blend)
         return blend
 
