@@ -21,11 +21,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import fetch_cost as fc
 
 
-def tail(broker: psutil.Process, producer: Producer, parts: int, seconds: float = 15, rate: int = 300) -> tuple[float, int]:
+def tail(
+    broker: psutil.Process, producer: Producer, parts: int, seconds: float = 15, rate: int = 300, wait_ms: int = 100
+) -> tuple[float, int]:
     stop, got = threading.Event(), [0]
 
     def consume() -> None:
-        c = Consumer({**fc.CONF, "group.id": f"tail-{time.time()}", "fetch.wait.max.ms": 100, "enable.auto.commit": False})
+        c = Consumer({**fc.CONF, "group.id": f"tail-{time.time()}", "fetch.wait.max.ms": wait_ms, "enable.auto.commit": False})
         c.assign([TopicPartition("big", p, OFFSET_END) for p in range(parts)])
         while not stop.is_set():
             m = c.poll(0.2)
@@ -51,7 +53,7 @@ def tail(broker: psutil.Process, producer: Producer, parts: int, seconds: float 
     return cpu, got[0]
 
 
-def run(parts: int, fill: int) -> None:
+def run(parts: int, fill: int, wait_ms: int = 100) -> None:
     url = f"tcp://127.0.0.1:{fc.PORT}"
     proc = subprocess.Popen(
         [fc.TANSU, "broker", "--listener-url", url, "--advertised-listener-url", url],
@@ -67,8 +69,12 @@ def run(parts: int, fill: int) -> None:
         for n in range(fill):
             filler.produce("big", b"x" * 200, partition=n % parts)
             filler.flush()  # one record per produce request, so one per batch
-        cpu, got = tail(broker, Producer({**fc.CONF, "linger.ms": 5}), parts)
-        print(f"{fill} one-record batches over {parts} partitions: serving 300/s at the end: broker {cpu:.1f} % of a core ({got} read)", flush=True)
+        cpu, got = tail(broker, Producer({**fc.CONF, "linger.ms": 5}), parts, wait_ms=wait_ms)
+        print(
+            f"{fill} one-record batches over {parts} partitions, fetch wait {wait_ms} ms: serving 300/s at the end: "
+            f"broker {cpu:.1f} % of a core ({got} read)",
+            flush=True,
+        )
     finally:
         proc.terminate()
         proc.wait()
