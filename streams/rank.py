@@ -1141,7 +1141,8 @@ class BlendRanker:
         """Top k (item_id, score) per request, best first, ties by item_id. A round is ranked
         at once: its candidates (`_round`) and features (`_round_features`) come from numpy
         passes over all its (request, candidate) pairs; what is left per request is its scores
-        (one product each), its best k + `tail_slots` (`best_by`) and the tail slots.
+        (one product each), its best k + the tail's places (`best_by`, `tail_places`) and the
+        tail items that fill them (`_with_tail`).
 
         `serving`: the settings to rank with instead of the ranker's own, for a ranking variant
         (`streams.variants`; only serving settings may differ). The caller serialises it with
