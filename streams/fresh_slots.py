@@ -2,29 +2,34 @@
 "earned").
 
 The blend ranks by the evidence most targets have, so on a stream of mostly known items it
-buries every tail item (at most one interaction), and a fixed number of places kept for them is
-tuned to one dataset's share of fresh targets: where users rarely turn to new items it wastes
-places, where they often do it buries them. Here the number of the first places that go to tail
-items is learnt: each place to the kind whose next item is the likelier target,
+buries tail items (at most one interaction), and where it does rank them, its order among them
+need not be content's; a fixed number of places kept for them is tuned to one dataset's share
+of fresh targets. Here the first places of a list are merged from two rankings, each place to
+the one whose next item is the likelier target:
 
     P(next target is a tail item) * P(a tail target sits at place i of the content ranking
-                                      of the tail candidates)
+                                      of the tail candidates the blend left out of its first
+                                      places)
     against
-    P(next target is known) * P(a known target sits at place j of the blend's ranking of
-                                the known candidates)
+    P(a target, of any kind, sits at place j of the blend's ranking of all candidates)
 
-The first factor is the stream's decayed share of interactions with tail items; the second is a
-decayed histogram of where earlier targets sat in each ranking, measured on the training
-examples the ranker already draws (the user's state just before the interaction: no peeking).
-Taking places greedily by these odds maximises the expected hits of every prefix when each
-ranking's hit chance falls with its place (the histograms are made non-increasing). The tail's
-ranking is by content, the paper's ranking, because that is what fills the places the count
-gives it (`BlendRanker._with_tail`); the list itself stays the blend's order, so tail items the
-blend already ranks high count towards it. Faust-free and tested alone
-(`tests/test_fresh_slots.py`).
+(the content ranking is of what the blend left out, so that a tail target the blend already
+shows is not counted twice: the two claims are on different targets, as the greedy merge needs)
+
+The first factor is the stream's decayed share of interactions with tail items (`TailShare`);
+the others are decayed histograms of where earlier targets sat in each ranking, measured on the
+training examples the ranker already draws (the user's state just before the interaction: no
+peeking). Taking places greedily by these odds maximises the expected hits of every prefix when
+each ranking's hit chance falls with its place (the histograms are made non-increasing); an
+item both rankings hold takes one place. Where content ranks tail targets poorly (a basket's
+items bought once, which co-occurrence knows better) the tail earns nothing and the list is the
+blend's; where users often take new items that content finds, they get places whatever the
+blend thought of them. Faust-free and tested alone (`tests/test_fresh_slots.py`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -67,14 +72,23 @@ class SlotOdds:
     def __init__(self, memory: int = 5000, share: TailShare | None = None) -> None:
         self.keep = _keep(memory)
         self.share = TailShare(memory) if share is None else share
-        self.places = np.zeros((2, PLACES))  # decayed hits by place: [0] tail targets, [1] known
-        self.observed = np.zeros(2)  # decayed targets of each kind, found or not
+        #: decayed hits by place: [0] tail targets in the content ranking of the tail
+        #: candidates, [1] every target in the blend's ranking of all candidates
+        self.places = np.zeros((2, PLACES))
+        self.observed = np.zeros(2)  # decayed targets: [0] tail ones, [1] all, found or not
         self._chances: tuple[np.ndarray, np.ndarray] | None = None  # `chances`, until the next target
 
-    def target(self, tail: bool, place: int | None) -> None:
-        """A training example's target: its place (0-based) in its kind's ranking, None when
+    def target(self, place: int | None) -> None:
+        """A training example's target: its place (0-based) in the blend's ranking, None when
         the ranking did not hold it."""
-        kind = 0 if tail else 1
+        self._count(1, place)
+
+    def tail_target(self, place: int | None) -> None:
+        """A training example's target that was a tail item: its place in the content ranking
+        of the tail candidates (besides its `target`)."""
+        self._count(0, place)
+
+    def _count(self, kind: int, place: int | None) -> None:
         self._chances = None
         self.places[kind] *= self.keep
         self.observed[kind] *= self.keep
@@ -84,33 +98,58 @@ class SlotOdds:
 
     @property
     def ready(self) -> bool:
-        return bool(self.observed.sum() >= MIN_OBSERVED)
+        return bool(self.observed[1] >= MIN_OBSERVED)
 
     def p_tail(self) -> float:
         return self.share.p()
 
     def chances(self) -> tuple[np.ndarray, np.ndarray]:
-        """P(target at place i | its kind) for the tail and the known ranking, made
-        non-increasing by pooling adjacent places that rise (a place seen hit less often than
-        the next one, by chance, must not end the ranking's claim)."""
+        """P(target at place i | it is a tail item) in the content ranking of the tail, and
+        P(target at place j) in the blend's, made non-increasing by pooling adjacent places that
+        rise (a place seen hit less often than the next one, by chance, must not end the
+        ranking's claim)."""
         if self._chances is None:
             smoothed = (self.places + SMOOTHING / PLACES) / (self.observed[:, None] + SMOOTHING)
             self._chances = (_non_increasing(smoothed[0]), _non_increasing(smoothed[1]))
         return self._chances
 
+    def _odds(self) -> tuple[np.ndarray, np.ndarray]:
+        tail_chance, blend_chance = self.chances()
+        return self.p_tail() * tail_chance, blend_chance
+
     def tail_places(self, k: int) -> int:
-        """How many of the first k places the tail earns: the tail's share when both rankings
-        are long enough, places taken one by one by the likelier kind (ties to the known)."""
-        p = self.p_tail()
-        tail_chance, known_chance = self.chances()
-        tail_odds, known_odds = p * tail_chance, (1.0 - p) * known_chance
-        tail = known = 0
+        """How many of the first k places the content ranking of the tail earns when the two
+        rankings hold no item in common (what `merge` gives it at most)."""
+        tail_odds, blend_odds = self._odds()
+        tail = blend = 0
         for _ in range(k):
-            if tail_odds[min(tail, PLACES - 1)] > known_odds[min(known, PLACES - 1)]:
+            if tail_odds[min(tail, PLACES - 1)] > blend_odds[min(blend, PLACES - 1)]:
                 tail += 1
             else:
-                known += 1
+                blend += 1
         return tail
+
+    def merge(self, blend: Sequence[int], tail: Sequence[int], k: int) -> list[int]:
+        """The first k of the blend's ranking and the content ranking of the tail (candidate
+        positions, best first), each place to the ranking whose next item is the likelier
+        target (ties to the blend's); an item already placed is passed over, its ranking's
+        next place then counting as the next."""
+        tail_odds, blend_odds = self._odds()
+        out: list[int] = []
+        placed: set[int] = set()
+        i = j = 0
+        while len(out) < k:
+            while i < len(tail) and tail[i] in placed:
+                i += 1
+            while j < len(blend) and blend[j] in placed:
+                j += 1
+            if i >= len(tail) and j >= len(blend):
+                break
+            take_tail = j >= len(blend) or (i < len(tail) and tail_odds[min(i, PLACES - 1)] > blend_odds[min(j, PLACES - 1)])
+            item = tail[i] if take_tail else blend[j]
+            out.append(item)
+            placed.add(item)
+        return out
 
 
 def _non_increasing(values: np.ndarray) -> np.ndarray:

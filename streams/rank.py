@@ -159,9 +159,10 @@ class RankConfig:
     seed: int = 0
     tail_slots: int = 1  # of the first `tail_within` places, at least this many kept for items with at most one interaction (by cosine to the profile)
     tail_within: int = 10
-    #: "earned": as many of the first `tail_within` places kept for tail items as the odds learnt
-    #: from the stream give them (`streams.fresh_slots`), at least `tail_slots`; "fixed": the
-    #: `tail_slots` above, whatever the stream (docs/quality.md measures both)
+    #: "earned": the first `tail_within` places merged from the blend's ranking and the content
+    #: ranking of tail items by odds learnt from the stream (`streams.fresh_slots`), at least
+    #: `tail_slots` tail items; "fixed": the `tail_slots` above, whatever the stream
+    #: (docs/quality.md measures both)
     tail_rule: str = "earned"
     sequence_k: int = 50  # candidates from what users took right after the user's last items
     #: earlier items a new interaction is a transition from (`streams.sequence`); 0: no sequence
@@ -612,6 +613,13 @@ def best_by(scores: np.ndarray, ties: np.ndarray, n: int) -> np.ndarray:
     return keep[np.lexsort((ties[keep], -scores[keep]))][:n]
 
 
+def _place(j: int, scores: np.ndarray, ties: np.ndarray, among: np.ndarray | None = None) -> int:
+    """Candidate j's place (0-based) in the order of `scores`, ties by `ties` ascending as
+    `best_by` breaks them, counting only the candidates `among` marks."""
+    ahead = (scores > scores[j]) | ((scores == scores[j]) & (ties < ties[j]))
+    return int((ahead if among is None else ahead & among).sum())
+
+
 def _looked_up(sparse: Sparse, owner: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
     """The score `sparse` gives each (request `owner[i]`, row `rows[i]`) pair, 0 where none;
     looked up by `request * size + row` key. `size`: rows are below it."""
@@ -763,10 +771,11 @@ class BlendRanker:
             self.maybe_refit()
 
     def _observe_places(self, requests: Sequence[Request], items: Sequence[str], drawn: Round, content: ContentSource) -> None:
-        """Where each training example's target sat just before it was taken, in the ranking
-        that would have shown it (`SlotOdds.target`): a tail item among the tail candidates by
-        content (what fills the tail's places), a known item among the others by the blend's
-        score; ties by item id, as the lists break them (a user without a profile gives every
+        """Where each training example's target sat just before it was taken, in the two
+        rankings the earned places merge (`SlotOdds`): the blend's ranking of all candidates,
+        and for a tail item the content ranking of the tail candidates the blend left out of
+        its first `tail_within` (None when the blend had it there: content would add nothing);
+        ties by item id, as the lists break them (a user without a profile gives every
         candidate the same content score: counting ties as ahead of the target would place
         every such tail target first)."""
         x = self._scored(requests, drawn, content)
@@ -778,13 +787,17 @@ class BlendRanker:
             row = self.stats.index.get(items[n])
             found = np.flatnonzero(drawn.rows[at:to] == row) if row is not None else np.zeros(0, np.int64)
             if len(found) == 0:
-                self.slots.target(target_tail, None)
+                self.slots.target(None)
+                if target_tail:
+                    self.slots.tail_target(None)
                 continue
-            j = int(found[0])
-            kind = tail[at:to] if target_tail else ~tail[at:to]
-            score = content_score[at:to] if target_tail else self.score(x[at:to])
-            ahead = (score > score[j]) | ((score == score[j]) & (ties[at:to] < ties[at + j]))
-            self.slots.target(target_tail, int((ahead & kind).sum()))
+            j, order = int(found[0]), ties[at:to]
+            score = self.score(x[at:to])
+            self.slots.target(_place(j, score, order))
+            if target_tail:
+                left_out = tail[at:to].copy()
+                left_out[best_by(score, order, self.config.tail_within)] = False
+                self.slots.tail_target(_place(j, content_score[at:to], order, left_out) if left_out[j] else None)
 
     def maybe_refit(self) -> bool:
         """Refit now if one is due (the offline evaluator's path; the stream processor fits
@@ -1141,8 +1154,8 @@ class BlendRanker:
         """Top k (item_id, score) per request, best first, ties by item_id. A round is ranked
         at once: its candidates (`_round`) and features (`_round_features`) come from numpy
         passes over all its (request, candidate) pairs; what is left per request is its scores
-        (one product each), its best k + the tail's places (`best_by`, `tail_places`) and the
-        tail items that fill them (`_with_tail`).
+        (one product each), its best k and the places of tail items (`best_by`; `_earned`,
+        `_with_tail`).
 
         `serving`: the settings to rank with instead of the ranker's own, for a ranking variant
         (`streams.variants`; only serving settings may differ). The caller serialises it with
@@ -1162,16 +1175,19 @@ class BlendRanker:
         tail = x[:, COLUMN["pop_count"]] <= math.log1p(1.0)
         content_score = x[:, COLUMN["cos_mean"]]
         head_k = min(k, c.tail_within)
-        want = self.tail_places(head_k)
+        earned = c.tail_rule == "earned" and self.slots.ready
         out: list[Hits] = []
         for request, at, to in zip(requests, pools.starts[:-1].tolist(), pools.starts[1:].tolist(), strict=True):
             if at == to:
                 out.append([])
                 continue
             scores = self.score(x[at:to])  # one product per request: the per-user code's float to the bit
-            ranked = best_by(scores, ties[at:to], k + want).tolist()
+            ranked = best_by(scores, ties[at:to], k + max(c.tail_slots, head_k if earned else 0)).tolist()
             rows = pools.rows[at:to]
-            head = self._with_tail(ranked, content_score[at:to], tail[at:to], rows, head_k, want)
+            order = ranked
+            if earned:
+                order = self._earned(ranked, content_score[at:to], tail[at:to], ties[at:to], head_k)
+            head = self._with_tail(order, content_score[at:to], tail[at:to], rows, head_k, c.tail_slots)
             if placed := self._placed(request):
                 head = self._with_placed(head, placed, rows)
             taken = set(head)
@@ -1186,9 +1202,22 @@ class BlendRanker:
         cooc = (pools.cooc_starts, pools.cooc_rows, pools.cooc_scores)
         return self._round_features(requests, pools.starts, pools.rows, vectors, pools.rr, cooc, pools.seq)
 
+    def _earned(self, ranked: list[int], content: np.ndarray, tail: np.ndarray, ties: np.ndarray, k: int) -> list[int]:
+        """`ranked` (the blend's order) with its first k merged with the content ranking of the
+        tail candidates it left out of them by the learnt odds (`SlotOdds.merge`), then the rest
+        of `ranked`."""
+        left_out = tail.copy()
+        left_out[ranked[:k]] = False
+        fresh = np.flatnonzero(left_out)
+        by_content = fresh[best_by(content[fresh], ties[fresh], k)].tolist()
+        head = self.slots.merge(ranked, by_content, k)
+        taken = set(head)
+        return head + [j for j in ranked if j not in taken]
+
     def tail_places(self, k: int) -> int:
-        """Of the first k places, how many are kept for tail items: `tail_slots`, or under
-        `tail_rule` "earned" what the learnt odds give the tail when that is more."""
+        """Of the first k places, how many are kept for tail items at least: `tail_slots`, or
+        under `tail_rule` "earned" what the learnt odds give the content ranking of the tail
+        when that is more (`SlotOdds.tail_places`; the blend's own tail items come on top)."""
         c = self.config
         floor = min(c.tail_slots, k)
         if c.tail_rule != "earned" or not self.slots.ready:
@@ -1216,7 +1245,7 @@ class BlendRanker:
     def _with_tail(self, order: list[int], content: np.ndarray, tail: np.ndarray, rows: np.ndarray, k: int, want: int) -> list[int]:
         """The first k of `order`, with up to `want` of its last known items giving way to the
         tail items (at most one interaction) with the highest `content` score, when fewer than
-        `want` made the top k on their own (`tail_places`). Why: a learnt blend rightly ranks by the evidence most
+        `want` made the top k on their own (`tail_slots`, a floor). Why: a learnt blend rightly ranks by the evidence most
         targets have, which on a stream of mostly known items buries every new one; a feed of
         fresh content must show some, and for items without collaborative evidence the
         content similarity is what there is (docs/quality.md)."""

@@ -223,9 +223,9 @@ class Settings(BaseSettings):
     )
     rank_tail_rule: Literal["fixed", "earned"] = Field(
         _RANK.tail_rule,
-        description="how recs make room for items with at most one interaction: earned (as many of the first 10 "
-        "places as the odds learnt from the stream give them, at least VLM4REC_RANK_TAIL_SLOTS; "
-        "streams/fresh_slots.py) or fixed (VLM4REC_RANK_TAIL_SLOTS places)",
+        description="how recs make room for items with at most one interaction: earned (the first 10 places "
+        "merged from the blend's ranking and the content ranking of those items by odds learnt from the stream, "
+        "at least VLM4REC_RANK_TAIL_SLOTS of them; streams/fresh_slots.py) or fixed (VLM4REC_RANK_TAIL_SLOTS places)",
     )
     rank_sequence_steps: int = Field(
         _RANK.sequence_steps, ge=0, le=20, description="the sequence signal (streams/sequence.py): a new "

@@ -17,11 +17,12 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from streams.profile import mean_profile  # noqa: E402
-from streams.rank import BlendRanker, RankConfig  # noqa: E402
-from streams.recommend import StoreContent, VectorCache  # noqa: E402
-from test_rank import FAST, Replay  # noqa: E402
-from vectorstore import MemoryVectorStore, VectorRecord  # noqa: E402
+from test_rank import FAST, Replay
+
+from streams.profile import mean_profile
+from streams.rank import BlendRanker, RankConfig
+from streams.recommend import StoreContent, VectorCache
+from vectorstore import MemoryVectorStore, VectorRecord
 
 ITEMS, DIM, USERS, STEPS, KNOWN = 400, 16, 30, 40, 100
 
