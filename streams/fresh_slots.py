@@ -120,14 +120,7 @@ class SlotOdds:
     def tail_places(self, k: int) -> int:
         """How many of the first k places the content ranking of the tail earns when the two
         rankings hold no item in common (what `merge` gives it at most)."""
-        tail_odds, blend_odds = self._odds()
-        tail = blend = 0
-        for _ in range(k):
-            if tail_odds[min(tail, PLACES - 1)] > blend_odds[min(blend, PLACES - 1)]:
-                tail += 1
-            else:
-                blend += 1
-        return tail
+        return sum(place >= k for place in self.merge(range(k), range(k, 2 * k), k))
 
     def merge(self, blend: Sequence[int], tail: Sequence[int], k: int) -> list[int]:
         """The first k of the blend's ranking and the content ranking of the tail (candidate

@@ -1184,10 +1184,8 @@ class BlendRanker:
             scores = self.score(x[at:to])  # one product per request: the per-user code's float to the bit
             ranked = best_by(scores, ties[at:to], k + max(c.tail_slots, head_k if earned else 0)).tolist()
             rows = pools.rows[at:to]
-            order = ranked
-            if earned:
-                order = self._earned(ranked, content_score[at:to], tail[at:to], ties[at:to], head_k)
-            head = self._with_tail(order, content_score[at:to], tail[at:to], rows, head_k, c.tail_slots)
+            order = self._earned(ranked, content_score[at:to], tail[at:to], ties[at:to], head_k) if earned else ranked
+            head = self._with_tail(order, content_score[at:to], tail[at:to], rows, head_k)
             if placed := self._placed(request):
                 head = self._with_placed(head, placed, rows)
             taken = set(head)
@@ -1203,16 +1201,13 @@ class BlendRanker:
         return self._round_features(requests, pools.starts, pools.rows, vectors, pools.rr, cooc, pools.seq)
 
     def _earned(self, ranked: list[int], content: np.ndarray, tail: np.ndarray, ties: np.ndarray, k: int) -> list[int]:
-        """`ranked` (the blend's order) with its first k merged with the content ranking of the
-        tail candidates it left out of them by the learnt odds (`SlotOdds.merge`), then the rest
-        of `ranked`."""
+        """The first k places: `ranked` (the blend's order) merged with the content ranking of
+        the tail candidates it left out of its first k, by the learnt odds (`SlotOdds.merge`)."""
         left_out = tail.copy()
         left_out[ranked[:k]] = False
         fresh = np.flatnonzero(left_out)
         by_content = fresh[best_by(content[fresh], ties[fresh], k)].tolist()
-        head = self.slots.merge(ranked, by_content, k)
-        taken = set(head)
-        return head + [j for j in ranked if j not in taken]
+        return self.slots.merge(ranked, by_content, k)
 
     def tail_places(self, k: int) -> int:
         """Of the first k places, how many are kept for tail items at least: `tail_slots`, or
@@ -1242,15 +1237,15 @@ class BlendRanker:
         dropped = set(others[max(0, len(others) - len(missing)) :])
         return ([j for j in head if j not in dropped] + missing)[: len(head)]
 
-    def _with_tail(self, order: list[int], content: np.ndarray, tail: np.ndarray, rows: np.ndarray, k: int, want: int) -> list[int]:
-        """The first k of `order`, with up to `want` of its last known items giving way to the
-        tail items (at most one interaction) with the highest `content` score, when fewer than
-        `want` made the top k on their own (`tail_slots`, a floor). Why: a learnt blend rightly ranks by the evidence most
+    def _with_tail(self, order: list[int], content: np.ndarray, tail: np.ndarray, rows: np.ndarray, k: int) -> list[int]:
+        """The first k of `order`, with up to `tail_slots` of its last known items giving way
+        to the tail items (at most one interaction) with the highest `content` score, when too
+        few made the top k on their own. Why: a learnt blend rightly ranks by the evidence most
         targets have, which on a stream of mostly known items buries every new one; a feed of
         fresh content must show some, and for items without collaborative evidence the
         content similarity is what there is (docs/quality.md)."""
         top = order[:k]
-        want = min(want, k) - int(tail[top].sum())
+        want = min(self.config.tail_slots, k) - int(tail[top].sum())
         if want <= 0:
             return top
         open_ = tail.copy()

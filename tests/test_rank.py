@@ -485,15 +485,16 @@ def test_a_learnt_blend_that_buries_new_items_still_shows_the_closest_one_in_the
 
 
 def test_the_tail_slot_leaves_a_list_alone_that_already_has_a_new_item() -> None:
-    ranker = BlendRanker(RankConfig())
+    ranker, two = BlendRanker(RankConfig(tail_slots=1)), BlendRanker(RankConfig(tail_slots=2))
     rows = ranker.stats.intern([f"i{n}" for n in range(5)])
+    two.stats.intern([f"i{n}" for n in range(5)])
     order = [4, 2, 0, 1, 3]
     by_content = np.array([0.3, 0.4, 0.2, 0.5, 0.1])  # content order: 3, 1, 0, 2, 4
-    assert ranker._with_tail(order, by_content, np.array([False, False, True, False, False]), rows, 3, 1) == [4, 2, 0]
-    assert ranker._with_tail(order, by_content, np.array([False, False, False, True, False]), rows, 3, 1) == [4, 2, 3]
-    assert ranker._with_tail(order, by_content, np.zeros(5, dtype=bool), rows, 3, 1) == [4, 2, 0]
+    assert ranker._with_tail(order, by_content, np.array([False, False, True, False, False]), rows, 3) == [4, 2, 0]
+    assert ranker._with_tail(order, by_content, np.array([False, False, False, True, False]), rows, 3) == [4, 2, 3]
+    assert ranker._with_tail(order, by_content, np.zeros(5, dtype=bool), rows, 3) == [4, 2, 0]
     tail = np.array([False, False, True, True, False])  # 2 (second place) is new, 0 is not
-    assert ranker._with_tail(order, by_content, tail, rows, 3, 2) == [4, 2, 3], "the lowest known item gives way"
+    assert two._with_tail(order, by_content, tail, rows, 3) == [4, 2, 3], "the lowest known item gives way"
 
 
 def test_a_fan_out_places_its_item_in_the_first_ten_of_the_users_it_chose() -> None:
