@@ -1,5 +1,6 @@
 """Shared fixtures. Integration tests start the real embedded stack (`vlm4rec up
---infra-only`: Tansu broker + Milvus Lite server) on free ports, once per session."""
+--infra-only`: the broker VLM4REC_LOCAL_BROKER names + Milvus Lite server) on free ports, once per
+session; `tansu_broker` and `own_broker` start one broker alone."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class RunningStack:
     def milvus_uri(self) -> str:
         return self.env["VLM4REC_MILVUS_URI"]
 
-    def settings(self, **overrides: str):  # noqa: ANN201 - Settings, imported lazily
+    def settings(self, **overrides: str):
         from vlm4rec.settings import Settings
 
         env = {**self.env, **{f"VLM4REC_{k.upper()}": v for k, v in overrides.items()}}
@@ -109,12 +110,38 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     stack.stop()
 
 
+def _broker_alone(service_for, tmp: Path) -> Iterator[str]:
+    from vlm4rec.localstack import LocalStack
+
+    port = free_port()
+    stack = LocalStack([service_for("127.0.0.1", port)], tmp / "logs")
+    stack.start()
+    yield f"127.0.0.1:{port}"
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Tansu broker alone (whatever VLM4REC_LOCAL_BROKER says), for the tests that show its
+    misbehaviours; yields its bootstrap address."""
+    from vlm4rec.localstack import broker_service
+
+    yield from _broker_alone(broker_service, tmp_path_factory.mktemp("tansu"))
+
+
+@pytest.fixture(scope="session")
+def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The project's own broker alone (`vlm4rec.localstack.broker`); yields its bootstrap address."""
+    from vlm4rec.localstack import own_broker_service
+
+    yield from _broker_alone(lambda host, port: own_broker_service(host, port, 1), tmp_path_factory.mktemp("own-broker"))
+
+
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Milvus 2.3 standalone server (`vlm4rec.localstack.milvusserver`, the `milvus` wheel that
     the dev extra installs); yields its URI."""
-    from vlm4rec.localstack import milvusserver
-    from vlm4rec.localstack import milvus_server_service, LocalStack
+    from vlm4rec.localstack import LocalStack, milvus_server_service, milvusserver
 
     if not milvusserver.available():
         pytest.skip(milvusserver.INSTALL_HINT)

@@ -142,20 +142,22 @@ async def _no_wait(_: float) -> None:
 
 
 @pytest.mark.integration
-def test_on_the_embedded_broker_a_lone_last_record_makes_the_end_exact(infra) -> None:  # type: ignore[no-untyped-def]
-    """Through aiokafka to the real broker: five records written in one batch leave the
-    partition's end at 1 (the quirk, `tests/test_delivery.py`); written with `last_alone`
-    the end is 5 and every record reads back."""
+@pytest.mark.parametrize("broker", ["tansu_broker", "own_broker"])
+def test_on_tansu_a_lone_last_record_makes_the_end_exact_and_the_own_broker_needs_none(broker: str, request: pytest.FixtureRequest) -> None:
+    """Through aiokafka to the real broker: on Tansu five records written in one batch leave
+    the partition's end at 1 (the quirk, `tests/test_delivery.py`); written with `last_alone`
+    the end is 5 and every record reads back. The project's own broker ends at 5 either way."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from aiokafka.structs import TopicPartition
 
     from topics.admin import create_topics
 
     topics = {f"changelog-{kind}-{uuid.uuid4().hex[:8]}": kind == "alone" for kind in ("alone", "together")}
-    create_topics(infra.settings().kafka_config(), dict.fromkeys(topics, 1))
+    bootstrap = request.getfixturevalue(broker)
+    create_topics({"bootstrap.servers": bootstrap}, dict.fromkeys(topics, 1))
 
     async def run() -> dict[str, tuple[int, list[str]]]:
-        kafka = AIOKafkaProducer(bootstrap_servers=infra.bootstrap)
+        kafka = AIOKafkaProducer(bootstrap_servers=bootstrap)
         await kafka.start()
         try:
             for name, alone in topics.items():
@@ -165,7 +167,7 @@ def test_on_the_embedded_broker_a_lone_last_record_makes_the_end_exact(infra) ->
             await kafka.stop()
         out = {}
         for name in topics:
-            consumer = AIOKafkaConsumer(bootstrap_servers=infra.bootstrap, auto_offset_reset="earliest")
+            consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
             await consumer.start()
             try:
                 tp = TopicPartition(name, 0)
@@ -185,10 +187,10 @@ def test_on_the_embedded_broker_a_lone_last_record_makes_the_end_exact(infra) ->
     ends = asyncio.run(run())
     for name, alone in topics.items():
         end, read = ends[name]
-        if alone:
+        if alone or broker == "own_broker":
             assert (end, read) == (5, [f"u{n}" for n in range(5)])
         else:
-            assert end == 1, "the broker's quirk: the end of one batch of five is its base + 1"
+            assert end == 1, "Tansu's quirk: the end of one batch of five is its base + 1"
 
 
 def test_the_store_is_set_before_the_producer_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:

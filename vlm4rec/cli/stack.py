@@ -10,9 +10,8 @@ from typing import Any
 
 import click
 
-from vlm4rec.settings import Settings
-
 from vlm4rec.cli import log, main
+from vlm4rec.settings import Settings
 
 
 @main.command()
@@ -66,7 +65,15 @@ def topics_schemas(out: str | None) -> None:
 
 
 def stack_services(settings: Settings, infra_only: bool) -> tuple[list[Any], int]:
-    from vlm4rec.localstack import LOCAL_HOSTS, StackError, broker_service, milvus_server_service, milvus_service, parse_host_port
+    from vlm4rec.localstack import (
+        LOCAL_HOSTS,
+        StackError,
+        broker_service,
+        milvus_server_service,
+        milvus_service,
+        own_broker_service,
+        parse_host_port,
+    )
 
     broker_host, broker_port = parse_host_port(settings.bootstrap_servers.split(",")[0], 9092)
     milvus_host, milvus_port = parse_host_port(settings.milvus_uri, 19530)
@@ -77,7 +84,11 @@ def stack_services(settings: Settings, infra_only: bool) -> tuple[list[Any], int
                 f"{host}. Unset it, or run the product processes alone (`vlm4rec worker`)."
             )
     services = [
-        broker_service(broker_host, broker_port),
+        (
+            own_broker_service(broker_host, broker_port, settings.topic_partitions)
+            if settings.local_broker == "own"
+            else broker_service(broker_host, broker_port)
+        ),
         (milvus_service if settings.local_milvus == "lite" else milvus_server_service)(
             milvus_host, milvus_port, settings.milvus_data_dir
         ),
@@ -178,9 +189,8 @@ def streams(settings: Settings) -> None:
     from faust import Worker
 
     from topics.admin import create_topics
-    from vlm4rec.wiring import build_streams
-
     from vlm4rec.evaluation.blas import single_threaded_blas
+    from vlm4rec.wiring import build_streams
 
     create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication)
     service = build_streams(settings)
@@ -201,8 +211,8 @@ def streams(settings: Settings) -> None:
 def up(settings: Settings, infra_only: bool, n_streams: int | None) -> None:
     """Run the embedded local stack until Ctrl-C.
 
-    Starts a Kafka-protocol broker (Tansu, memory-only: a restart loses all topics) and a
-    Milvus Lite server (data under VLM4REC_DATA_DIR), creates the topics, then starts the
+    Starts a Kafka-protocol broker (VLM4REC_LOCAL_BROKER: the project's own or Tansu; both
+    memory-only, so a restart loses all topics) and a Milvus Lite server (data under VLM4REC_DATA_DIR), creates the topics, then starts the
     embedding worker and the stream processor(s). Ctrl-C or SIGTERM stops everything.
     """
     if n_streams is not None:
@@ -235,7 +245,8 @@ def up(settings: Settings, infra_only: bool, n_streams: int | None) -> None:
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo("VLM4Rec local stack is up:")
-    click.echo(f"  Kafka broker (Tansu, memory-only)  {settings.bootstrap_servers}")
+    broker = "Kafka broker (own, memory-only)" if settings.local_broker == "own" else "Kafka broker (Tansu, memory-only)"
+    click.echo(f"  {broker:<35}{settings.bootstrap_servers}")
     milvus = "Milvus Lite" if settings.local_milvus == "lite" else "Milvus server (standalone)"
     click.echo(f"  {milvus:<35}{settings.milvus_uri}  (data {settings.milvus_data_dir})")
     for service in services[infra:]:

@@ -95,6 +95,17 @@ def broker_service(host: str, port: int) -> Service:
     )
 
 
+def own_broker_service(host: str, port: int, partitions: int) -> Service:
+    """The project's own broker (`vlm4rec.localstack.broker`)."""
+    return Service(
+        name="broker",
+        argv=[sys.executable, "-P", "-m", "vlm4rec.localstack.broker", "--host", host, "--port", str(port),
+              "--partitions", str(partitions)],
+        ready=lambda: _broker_ready(f"{host}:{port}"),
+        ports=[(host, port)],
+    )
+
+
 def _broker_ready(bootstrap: str) -> bool:
     from confluent_kafka.admin import AdminClient
 
