@@ -201,7 +201,7 @@ def isolate(infra: RunningStack, uid: str, **extra: str) -> RunningStack:
     }
     stack = RunningStack(env, infra.process, infra.log_path)
     settings = stack.settings()
-    create_topics(settings.kafka_config(), settings.topic_partitions_map())
+    create_topics(settings.kafka_config(), settings.topic_partitions_map(), configs=settings.topic_configs())
     return stack
 
 

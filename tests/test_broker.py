@@ -381,3 +381,24 @@ def test_garbage_on_one_connection_does_not_stop_the_broker(trimming_broker: str
             except (TimeoutError, ConnectionError):
                 pass
     assert _broker_ready(trimming_broker)
+
+
+def test_a_topics_retention_ms_applies_whoever_reads_it_and_bad_configs_are_refused() -> None:
+    broker = Broker("127.0.0.1", 9092, retention=Retention(retention_s=3600))
+    reply = asyncio.run(broker.create_topics({
+        "create_topic_requests": [
+            {"topic": "push", "num_partitions": 1, "replication_factor": 1, "replica_assignment": [],
+             "configs": [{"config_key": "retention.ms", "config_value": "1000"}]},
+            {"topic": "odd", "num_partitions": 1, "replication_factor": 1, "replica_assignment": [],
+             "configs": [{"config_key": "retention.ms", "config_value": "soon"}]},
+        ],
+        "timeout": 1000, "validate_only": False,
+    }, "test", 3))
+    assert [row["error_code"] for row in reply["topic_errors"]] == [p.NONE, p.INVALID_CONFIG]
+    assert "odd" not in broker.topics
+    part = broker.topics["push"].partitions[0]
+    part.append(*split_batches(batch([(b"u1", b"recs")]))[0], now=10.0)
+    broker.apply_retention(now=10.5)
+    assert part.log_start == 0
+    broker.apply_retention(now=11.5)
+    assert part.log_start == 1 and part.bytes_held == 0

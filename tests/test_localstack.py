@@ -84,7 +84,7 @@ def test_topics_are_created_with_configured_partitions(infra) -> None:  # noqa: 
         assert len(meta.topics[name].partitions) == settings.topic_partitions
     from topics.admin import create_topics
 
-    statuses = create_topics(settings.kafka_config(), settings.topic_partitions_map())
+    statuses = create_topics(settings.kafka_config(), settings.topic_partitions_map(), configs=settings.topic_configs())
     assert {s.state for s in statuses} == {"exists"}
 
 

@@ -30,11 +30,13 @@ def create_topics(
     partitions: dict[str, int],
     replication_factor: int = 1,
     timeout_s: float = 30.0,
+    configs: dict[str, dict[str, str]] | None = None,
 ) -> list[TopicStatus]:
-    """Create every topic in `partitions` that does not exist yet; report the rest as they are.
+    """Create every topic in `partitions` that does not exist yet, with its `configs` (Kafka's
+    topic configs, such as retention.ms); report the rest as they are.
 
     An existing topic with a different partition count is reported (`mismatch`), never altered:
-    repartitioning reshuffles keys and is an operator's decision.
+    repartitioning reshuffles keys and is an operator's decision; nor are its configs.
     """
     admin = AdminClient(dict(kafka_config))
     existing = admin.list_topics(timeout=timeout_s).topics
@@ -42,7 +44,7 @@ def create_topics(
     created: set[str] = set()
     if missing:
         futures = admin.create_topics(
-            [NewTopic(name, partitions[name], replication_factor) for name in missing],
+            [NewTopic(name, partitions[name], replication_factor, config=(configs or {}).get(name, {})) for name in missing],
             operation_timeout=timeout_s,
             request_timeout=timeout_s,
         )

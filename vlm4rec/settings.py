@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     topic_interactions: str = Field("interactions", description="user interactions (key user_id)")
     topic_items_embedded: str = Field("items.embedded", description="items now in Milvus")
     topic_recs: str = Field("recs", description="recommendations pushed to users (key user_id)")
+    topic_push_retention_ms: int = Field(
+        120_000, ge=-1,
+        description="retention.ms of the topics read from their end: recs (a push is stale once the user's next "
+        "one arrives; a feed further behind reads GET /users/{id}/recommendations) and the stream processors' "
+        "shared observations (each reads from the end); -1: the broker's default",
+    )
 
     # --- Milvus --------------------------------------------------------------------------
     milvus_uri: str = Field("http://127.0.0.1:19530", description="Milvus server URI")
@@ -330,6 +336,13 @@ class Settings(BaseSettings):
         ones (Faust creates its changelogs itself)."""
         internal = [f"{self.streams_app_id}-{name}" for name in ("pending", "control", "observations")]
         return {name: self.topic_partitions for name in [*self.topics.all(), *internal]}
+
+    def topic_configs(self) -> dict[str, dict[str, str]]:
+        """Topic configs given at creation (`topic_partitions_map`'s topics), as Kafka names them."""
+        if self.topic_push_retention_ms < 0:
+            return {}
+        short = {"retention.ms": str(self.topic_push_retention_ms)}
+        return {self.topic_recs: short, f"{self.streams_app_id}-observations": short}
 
     @property
     def milvus_data_dir(self) -> Path:

@@ -71,7 +71,7 @@ def replay_command(
     events = schedule(dataset.items, dataset.interactions, start, end)
     topics = settings.topics
     try:  # explicitly, with the configured partitions: a producer would create them implicitly
-        create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, 10.0)
+        create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, 10.0, settings.topic_configs())
     except KafkaException as exc:
         raise click.ClickException(f"no answer from the broker at {settings.bootstrap_servers} ({exc}); is it up? (`vlm4rec up`)") from exc
     try:

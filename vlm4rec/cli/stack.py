@@ -41,7 +41,7 @@ def topics_create(settings: Settings, timeout: float) -> None:
     from topics.admin import create_topics
 
     statuses = create_topics(
-        settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, timeout
+        settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, timeout, settings.topic_configs()
     )
     for status in statuses:
         note = (
@@ -192,7 +192,7 @@ def streams(settings: Settings) -> None:
     from vlm4rec.evaluation.blas import single_threaded_blas
     from vlm4rec.wiring import build_streams
 
-    create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication)
+    create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, configs=settings.topic_configs())
     service = build_streams(settings)
     worker = Worker(service.app, loglevel=settings.log_level.lower(), quiet=True)
     log.info("streams HTTP on http://%s:%d", settings.web_host, settings.web_port)
@@ -228,7 +228,7 @@ def up(settings: Settings, infra_only: bool, n_streams: int | None) -> None:
 
     def make_topics() -> None:
         statuses = create_topics(
-            settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication
+            settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, configs=settings.topic_configs()
         )
         log.info("topics ready: %s", ", ".join(s.name for s in statuses))
 

@@ -133,7 +133,7 @@ def _run_stack(settings: Settings, stack_services: StackServices, intro: list[st
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     click.echo(f"starting the local stack (logs in {settings.data_dir / 'logs'}) ...")
     stack.start(
-        after_infra=lambda: create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication),
+        after_infra=lambda: create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, configs=settings.topic_configs()),
         infra=infra,
     )
     try:

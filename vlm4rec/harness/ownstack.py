@@ -144,7 +144,7 @@ def own_stack(
             service.env["VLM4REC_MILVUS_URI"] = f"http://127.0.0.1:{proxy.port}"
     stack = LocalStack(services, log_dir=run_dir / "logs")
     stack.start(
-        after_infra=lambda: create_topics(own.kafka_config(), own.topic_partitions_map(), own.topic_replication),
+        after_infra=lambda: create_topics(own.kafka_config(), own.topic_partitions_map(), own.topic_replication, configs=own.topic_configs()),
         infra=infra,
     )
     running = OwnStack(own, stack, run_dir, proxy)

@@ -62,6 +62,19 @@ class Topic:
     def compacted(self) -> bool:
         return "compact" in self.configs.get("cleanup.policy", "delete")
 
+    def retention_s(self, default: float) -> float:
+        """The topic's retention.ms (-1: none) or the broker's."""
+        value = int(self.configs.get("retention.ms", default * 1000))
+        return float("inf") if value < 0 else value / 1000
+
+    def retention_bytes(self, default: int) -> float:
+        value = int(self.configs.get("retention.bytes", default))
+        return float("inf") if value < 0 else value
+
+
+#: topic configs this broker acts on, each an integer (Kafka's meaning)
+INTEGER_CONFIGS = ("retention.ms", "retention.bytes")
+
 
 class Broker:
     """All state of the broker and a handler per API; `serve` runs it on a port."""
@@ -181,15 +194,18 @@ class Broker:
         for request in body["create_topic_requests"]:
             name, count = request["topic"], request["num_partitions"]
             count = self.default_partitions if count == -1 else count
+            configs = {c["config_key"]: c["config_value"] or "" for c in request["configs"]}
             if not _TOPIC_NAME.match(name or ""):
                 errors.append((name, p.INVALID_TOPIC_EXCEPTION, f"illegal topic name {name!r}"))
             elif name in self.topics:
                 errors.append((name, p.TOPIC_ALREADY_EXISTS, f"topic {name} already exists"))
             elif not 1 <= count <= 10_000:
                 errors.append((name, p.INVALID_PARTITIONS, f"{count} partitions"))
+            elif bad := _bad_config(configs):
+                errors.append((name, p.INVALID_CONFIG, bad))
             else:
                 if not body.get("validate_only"):
-                    self.create_topic(name, count, {c["config_key"]: c["config_value"] for c in request["configs"]})
+                    self.create_topic(name, count, configs)
                 errors.append((name, p.NONE, None))
         return {
             "throttle_time_ms": 0,
@@ -393,9 +409,13 @@ class Broker:
                 self.apply_retention(now)
                 last_retention = now
             if now - last_summary >= 60:
-                log.info("holding %.1f MB in %d batches; %.1f MB freed so far", self.bytes_held() / 1e6,
-                         sum(len(x.batches) for t in self.topics.values() for x in t.partitions), self.freed_bytes / 1e6)
+                self._log_summary()
                 last_summary = now
+
+    def _log_summary(self) -> None:
+        held = {t.name: sum(x.bytes_held for x in t.partitions) for t in self.topics.values()}
+        biggest = ", ".join(f"{name} {size / 1e6:.1f}" for name, size in sorted(held.items(), key=lambda x: -x[1])[:6])
+        log.info("holding %.1f MB (%s); %.1f MB freed so far", sum(held.values()) / 1e6, biggest, self.freed_bytes / 1e6)
 
     def bytes_held(self) -> int:
         return sum(x.bytes_held for t in self.topics.values() for x in t.partitions)
@@ -412,6 +432,16 @@ class Broker:
                 committed = [g.offsets[(topic.name, index)] for g in readers if (topic.name, index) in g.offsets]
                 if committed:
                     self.freed_bytes += part.trim_older(min(committed), now - rules.min_age_s)
-                self.freed_bytes += part.trim_older(part.next_offset, now - rules.retention_s)
-                while part.bytes_held > rules.retention_bytes and len(part.batches) > 1:
+                self.freed_bytes += part.trim_older(part.next_offset, now - topic.retention_s(rules.retention_s))
+                while part.bytes_held > topic.retention_bytes(rules.retention_bytes) and len(part.batches) > 1:
                     self.freed_bytes += part.trim(part.bases[1])
+
+
+def _bad_config(configs: dict[str, str]) -> str | None:
+    for key in INTEGER_CONFIGS:
+        if key in configs:
+            try:
+                int(configs[key])
+            except ValueError:
+                return f"{key} must be an integer, got {configs[key]!r}"
+    return None
