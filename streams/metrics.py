@@ -62,6 +62,13 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
 )
 RECS_DUE = Gauge("vlm4rec_streams_recs_due", "Users whose recs are due (waiting for a refresh round)")
+GC_PAUSE_SECONDS = Histogram(
+    "vlm4rec_streams_gc_pause_seconds",
+    "Python garbage collections of the stream processor's main process, by generation: each "
+    "stops every thread, the hot path's included (streams.gc_pauses)",
+    ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 STAGE_SECONDS = Histogram(
     "vlm4rec_streams_stage_seconds",
     "Time per batch or round in each stage. The hot path: apply (profile agent: parse, "

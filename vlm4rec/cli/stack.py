@@ -142,8 +142,8 @@ def _product_services(settings: Settings) -> list[Any]:
                 ready=lambda: True,
                 restart=True,
                 ports=[(host, port)],
-                # the embedded broker's work-arounds, changelog fences among them, are the
-                # stream processor's own (VLM4REC_STREAMS_BROKER_SHIMS, on by default)
+                # the work-arounds for Tansu are the stream processor's own
+                # (VLM4REC_STREAMS_BROKER_SHIMS, on when VLM4REC_LOCAL_BROKER is tansu)
                 env={"VLM4REC_WEB_PORT": str(port), "VLM4REC_STREAMS_LEARN_FROM_ALL": str(shared).lower()},
             )
         )
@@ -190,10 +190,13 @@ def streams(settings: Settings) -> None:
 
     from topics.admin import create_topics
     from vlm4rec.evaluation.blas import single_threaded_blas
+    from streams import gc_pauses, metrics
     from vlm4rec.wiring import build_streams
 
     create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, configs=settings.topic_configs())
     service = build_streams(settings)
+    gc_pauses.settle()
+    gc_pauses.watch("stream processor", lambda generation, took: metrics.GC_PAUSE_SECONDS.labels(str(generation)).observe(took))
     worker = Worker(service.app, loglevel=settings.log_level.lower(), quiet=True)
     log.info("streams HTTP on http://%s:%d", settings.web_host, settings.web_port)
     with single_threaded_blas():

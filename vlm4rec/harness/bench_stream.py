@@ -163,7 +163,7 @@ class _ProcessCpu:
         for n in range(len(argv) - 1):
             if argv[n] == "vlm4rec" and argv[n + 1] in ("streams", "worker"):
                 return argv[n + 1]
-        if "--listener-url" in argv:
+        if "--listener-url" in argv or "vlm4rec.localstack.broker" in argv:  # Tansu, or the own broker
             return "broker"
         if any("milvus" in arg for arg in argv[:2]):
             return "milvus"
