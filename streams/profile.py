@@ -120,7 +120,10 @@ class Profile:
             "updated_at": self.updated_at,
             "seen": self.seen,
             "pulls": self.pulls,
-            "history": [list(h) for h in self.history],
+            # tuples, not lists: the same JSON, but a tuple of strings and a float is one the
+            # garbage collector stops tracking, and a stream processor holds one per recent
+            # interaction of every user (lists made its full collections grow with them)
+            "history": list(self.history),
             "offsets": self.offsets,
             "awaiting": self.awaiting,
         }

@@ -169,3 +169,17 @@ def test_a_profile_written_before_pulls_were_kept_reads_its_items_at_the_default
     assert p.pulls == [None]
     p.apply("a", X, "hide", None, 2.0, ProfileRule(weights={"hide": -2.0}))
     assert np.allclose(p.vector, [-2.0, 0.0]) and p.pulls == [-2.0]
+
+
+def test_the_table_values_history_is_invisible_to_the_garbage_collector_and_the_json_the_same() -> None:
+    """A stream processor holds every user's table value: a tracked container per recent
+    interaction made each full collection walk them all (docs/hardening.md, the own broker's soak)."""
+    import gc
+    import json
+
+    profile = Profile("u1", history=[("i1", "click", 1.0), ("i2", "buy", 2.0)])
+    stored = profile.to_dict()
+    gc.collect()
+    assert not any(gc.is_tracked(entry) for entry in stored["history"])
+    assert json.loads(json.dumps(stored))["history"] == [["i1", "click", 1.0], ["i2", "buy", 2.0]]
+    assert Profile.from_dict(json.loads(json.dumps(stored))).history == profile.history

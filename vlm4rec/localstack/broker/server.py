@@ -12,6 +12,7 @@ other partition drops what every group reading it has committed past (once older
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import re
 import struct
@@ -406,7 +407,10 @@ class Broker:
             now = time.monotonic()
             self.groups.tick(now)
             if now - last_retention >= self.retention.check_every_s:
+                freed = self.freed_bytes
                 self.apply_retention(now)
+                if self.freed_bytes > freed:
+                    _return_freed_memory()
                 last_retention = now
             if now - last_summary >= 60:
                 self._log_summary()
@@ -435,6 +439,26 @@ class Broker:
                 self.freed_bytes += part.trim_older(part.next_offset, now - topic.retention_s(rules.retention_s))
                 while part.bytes_held > topic.retention_bytes(rules.retention_bytes) and len(part.batches) > 1:
                     self.freed_bytes += part.trim(part.bases[1])
+
+
+def _return_freed_memory() -> None:
+    """Hands the heap's free pages back to the system (glibc `malloc_trim`): record batches are
+    large allocations that glibc keeps for reuse after they are freed, so without it the
+    process's memory followed what it had ever held at once, not what it holds."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only; musl and others lack it
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _bad_config(configs: dict[str, str]) -> str | None:
