@@ -190,9 +190,10 @@ class GroupCoordinator:
     def _remove(self, group: Group, member_id: str, why: str, complete: bool = True) -> None:
         member = group.members.pop(member_id)
         log.info("group %s: %s removed (%s)", group.group_id, member_id, why)
-        for future in (member.joining, member.syncing):
-            if future is not None and not future.done():
-                future.set_result(_join_error(p.UNKNOWN_MEMBER_ID, member_id) if future is member.joining else (p.UNKNOWN_MEMBER_ID, b""))
+        if member.joining is not None and not member.joining.done():
+            member.joining.set_result(_join_error(p.UNKNOWN_MEMBER_ID, member_id))
+        if member.syncing is not None and not member.syncing.done():
+            member.syncing.set_result((p.UNKNOWN_MEMBER_ID, b""))
         if not group.members:
             group.state, group.leader, group.protocol = EMPTY, None, None
             group.generation += 1

@@ -11,6 +11,7 @@ aiokafka both do).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
@@ -152,24 +153,17 @@ def api_versions_body() -> dict[str, Any]:
 
 
 def _named(schema: Schema, values: tuple[Any, ...]) -> dict[str, Any]:
-    return {name: _named_value(field, value) for name, field, value in zip(schema.names, schema.fields, values, strict=True)}
-
-
-def _named_value(field: Any, value: Any) -> Any:
-    if isinstance(field, Schema):
-        return _named(field, value)
-    if isinstance(field, Array) and value is not None:
-        return [_named_value(field.array_of, item) for item in value]
-    return value
+    return {name: _nested(field, value, _named) for name, field, value in zip(schema.names, schema.fields, values, strict=True)}
 
 
 def _positional(schema: Schema, body: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(_positional_value(field, body[name]) for name, field in zip(schema.names, schema.fields, strict=True))
+    return tuple(_nested(field, body[name], _positional) for name, field in zip(schema.names, schema.fields, strict=True))
 
 
-def _positional_value(field: Any, value: Any) -> Any:
+def _nested(field: Any, value: Any, convert: Callable[[Schema, Any], Any]) -> Any:
+    """`convert` applied to every struct inside `value`, through arrays."""
     if isinstance(field, Schema):
-        return _positional(field, value)
+        return convert(field, value)
     if isinstance(field, Array) and value is not None:
-        return [_positional_value(field.array_of, item) for item in value]
+        return [_nested(field.array_of, item, convert) for item in value]
     return value
