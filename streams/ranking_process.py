@@ -322,7 +322,6 @@ class _Child:
                 time.sleep(delay)
 
     def run(self) -> None:
-        gc_pauses.watch("ranking process")
         self.recommender = self.build()
         gc_pauses.settle()
         threading.Thread(target=self._learn_loop, name="ranking-learner", daemon=True).start()
