@@ -43,7 +43,7 @@ from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
-from streams import gc_pauses, metrics
+from streams import metrics
 from streams.backoff import Backoff
 from streams.popularity import RecentPopularity
 from streams.profile import Profile
@@ -323,7 +323,6 @@ class _Child:
 
     def run(self) -> None:
         self.recommender = self.build()
-        gc_pauses.settle()
         threading.Thread(target=self._learn_loop, name="ranking-learner", daemon=True).start()
         threading.Thread(target=self._status_loop, name="ranking-status", daemon=True).start()
         self.send(("ready",))
