@@ -152,14 +152,14 @@ def join_request(member: str = "", session_ms: int = 6000) -> dict:
 def test_two_members_join_one_generation_and_get_the_leaders_assignment() -> None:
     async def run() -> None:
         groups = GroupCoordinator()
-        first = await groups.join(join_request(), "a", 2)
+        first = await groups.join(join_request(), "a")
         assert first["leader_id"] == first["member_id"] and len(first["members"]) == 1
         await groups.sync({"group": "g", "generation_id": 1, "member_id": first["member_id"], "group_assignment": [{"member_id": first["member_id"], "member_metadata": b"all"}]})
         # a second member: the first learns of the rebalance from its heartbeat and joins again
-        second_join = asyncio.create_task(groups.join(join_request(), "b", 2))
+        second_join = asyncio.create_task(groups.join(join_request(), "b"))
         await asyncio.sleep(0)
         assert groups.heartbeat({"group": "g", "generation_id": 1, "member_id": first["member_id"]}) == p.REBALANCE_IN_PROGRESS
-        again = await groups.join(join_request(first["member_id"]), "a", 2)
+        again = await groups.join(join_request(first["member_id"]), "a")
         second = await second_join
         assert again["generation_id"] == second["generation_id"] == 2
         assert {m["member_id"] for m in again["members"]} == {first["member_id"], second["member_id"]}
@@ -179,7 +179,7 @@ def test_two_members_join_one_generation_and_get_the_leaders_assignment() -> Non
 def test_a_silent_member_is_removed_and_the_others_rebalance() -> None:
     async def run() -> None:
         groups = GroupCoordinator()
-        one = await groups.join(join_request(session_ms=100), "a", 2)
+        one = await groups.join(join_request(session_ms=100), "a")
         await groups.sync({"group": "g", "generation_id": 1, "member_id": one["member_id"], "group_assignment": []})
         groups.tick(time.monotonic() + 1.0)
         assert groups.groups["g"].members == {}
@@ -191,7 +191,7 @@ def test_a_silent_member_is_removed_and_the_others_rebalance() -> None:
 def test_commits_from_a_stale_generation_or_unknown_member_are_refused() -> None:
     async def run() -> None:
         groups = GroupCoordinator()
-        one = await groups.join(join_request(), "a", 2)
+        one = await groups.join(join_request(), "a")
         await groups.sync({"group": "g", "generation_id": 1, "member_id": one["member_id"], "group_assignment": []})
         commit = {"consumer_group": "g", "consumer_id": one["member_id"], "topics": [{"topic": "t", "partitions": [{"partition": 0, "offset": 5, "metadata": ""}]}]}
         assert groups.commit({**commit, "consumer_group_generation_id": 0}) == p.ILLEGAL_GENERATION
@@ -240,7 +240,7 @@ def test_a_fetch_waits_for_a_record_and_answers_when_it_arrives() -> None:
         await asyncio.sleep(0.05)
         assert not waiting.done()
         started = time.monotonic()
-        assert broker._append("t", 0, batch([(b"k", b"v")])) == (p.NONE, 0)
+        assert broker._append("t", 0, batch([(b"k", b"v")])) == (p.NONE, 0, 0)
         reply = await waiting
         decoded = request.RESPONSE_TYPE.decode(BytesIO(reply[8:]))
         assert decoded.topics[0][1][0][2] == 1  # high watermark

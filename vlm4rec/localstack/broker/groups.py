@@ -69,7 +69,7 @@ class GroupCoordinator:
             found = self.groups[group_id] = Group(group_id)
         return found
 
-    async def join(self, request: dict[str, Any], client_id: str, version: int) -> dict[str, Any]:
+    async def join(self, request: dict[str, Any], client_id: str) -> dict[str, Any]:
         group = self.group(request["group"])
         member_id = request["member_id"] or ""
         session_s = request["session_timeout"] / 1000

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from aiokafka.record.default_records import (
@@ -189,7 +189,7 @@ class PartitionLog:
 
     def trim_older(self, before: int, appended_before: float) -> int:
         """Like `trim`, sparing batches that arrived at or after `appended_before`."""
-        keep_from = bisect_right(self.appended, appended_before - 1e-9)
+        keep_from = bisect_left(self.appended, appended_before)
         limit = self.bases[keep_from] if keep_from < len(self.bases) else self.next_offset
         return self.trim(min(before, limit))
 

@@ -231,21 +231,21 @@ class Broker:
         for topic in body["topics"]:
             parts = []
             for part in topic["partitions"]:
-                error, base = self._append(topic["topic"], part["partition"], part["messages"] or b"")
-                log_ = self.partition(topic["topic"], part["partition"])
+                error, base, log_start = self._append(topic["topic"], part["partition"], part["messages"] or b"")
                 parts.append({
                     "partition": part["partition"], "error_code": error, "offset": base, "timestamp": -1,
-                    "log_start_offset": log_.log_start if log_ else -1,
+                    "log_start_offset": log_start,
                 })
             rows.append({"topic": topic["topic"], "partitions": parts})
         if body["required_acks"] == 0:
             return None
         return {"topics": rows, "throttle_time_ms": 0}
 
-    def _append(self, topic: str, partition: int, data: bytes) -> tuple[int, int]:
+    def _append(self, topic: str, partition: int, data: bytes) -> tuple[int, int, int]:
+        """(error, first offset, log start) of a produce to one partition."""
         found = self.partition(topic, partition)
         if found is None:
-            return p.UNKNOWN_TOPIC_OR_PARTITION, -1
+            return p.UNKNOWN_TOPIC_OR_PARTITION, -1, -1
         try:
             batches = split_batches(data)
             first = None
@@ -254,17 +254,17 @@ class Broker:
                 first = base if first is None else first
         except InvalidBatch as exc:
             log.warning("refused a produce to %s/%d: %s", topic, partition, exc)
-            return p.CORRUPT_MESSAGE, -1
+            return p.CORRUPT_MESSAGE, -1, found.log_start
         except OutOfOrderSequence as exc:
             log.warning("refused a produce to %s/%d: %s", topic, partition, exc)
-            return p.OUT_OF_ORDER_SEQUENCE_NUMBER, -1
+            return p.OUT_OF_ORDER_SEQUENCE_NUMBER, -1, found.log_start
         except FencedProducer as exc:
             log.warning("refused a produce to %s/%d: %s", topic, partition, exc)
-            return p.INVALID_PRODUCER_EPOCH, -1
+            return p.INVALID_PRODUCER_EPOCH, -1, found.log_start
         for waiter in self.arrivals.pop((topic, partition), []):
             if not waiter.done():
                 waiter.set_result(None)
-        return p.NONE, first if first is not None else -1
+        return p.NONE, first if first is not None else -1, found.log_start
 
     async def fetch(self, body: dict[str, Any], _client: str, _version: int) -> dict[str, Any]:
         deadline = time.monotonic() + body["max_wait_time"] / 1000
@@ -349,8 +349,8 @@ class Broker:
     async def find_coordinator(self, _body: dict[str, Any], _client: str, _version: int) -> dict[str, Any]:
         return {"throttle_time_ms": 0, "error_code": p.NONE, "error_message": None, "coordinator_id": NODE_ID, "host": self.host, "port": self.port}
 
-    async def join_group(self, body: dict[str, Any], client: str, version: int) -> dict[str, Any]:
-        return await self.groups.join(body, client, version)
+    async def join_group(self, body: dict[str, Any], client: str, _version: int) -> dict[str, Any]:
+        return await self.groups.join(body, client)
 
     async def sync_group(self, body: dict[str, Any], _client: str, _version: int) -> dict[str, Any]:
         return await self.groups.sync(body)
