@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
@@ -108,6 +108,7 @@ class RankingProcess:
         self._lock = threading.Lock()  # the child and its pipe
         self._child: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self._reader: threading.Thread | None = None  # the one thread that waits on the child
         self._ready = threading.Event()
         self._starts = 0
         self._closed = False
@@ -162,21 +163,22 @@ class RankingProcess:
         return self._relayed
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the child (it finishes what it was doing) and the sender."""
+        """Stop the child (it finishes what it was doing) and the sender; the child's reader
+        thread reaps it, so that once this returns the child is gone and `is_alive` says so."""
         self._closed = True
         self._outbox.put(None)
         self._sender.join(timeout_s)
         with self._lock:
-            child, conn = self._child, self._conn
+            child, conn, reader = self._child, self._conn, self._reader
         if child is None:
             return
-        child.join(timeout_s)
         for signal_name, stop in (("SIGTERM", child.terminate), ("SIGKILL", child.kill)):
-            if not child.is_alive():
+            if _exited(child, timeout_s):
                 break
             log.warning("ranking process (pid %d) did not stop in %.0f s; sending %s", child.pid, timeout_s, signal_name)
             stop()
-            child.join(timeout_s)
+        if reader is not None:
+            reader.join(timeout_s)  # the child's end is closed: it reads the end and reaps
         if conn is not None:
             conn.close()
 
@@ -214,7 +216,7 @@ class RankingProcess:
                         self._send(self._conn, ("stop",))
                 return
             with self._lock:
-                conn = self._conn if self._child is not None and self._child.is_alive() else self._start()
+                conn = self._conn if self._child is not None and not _exited(self._child) else self._start()
             if not self._send(conn, message) and message[0] == "call":
                 self._fail(message[1], RankingUnavailable("the ranking process exited before the call was sent"))
 
@@ -243,7 +245,8 @@ class RankingProcess:
             log.info("ranking process started (pid %d)", child.pid)
         self._starts += 1
         self._child, self._conn = child, ours
-        threading.Thread(target=self._read_loop, args=(child, ours), name="ranking-reader", daemon=True).start()
+        self._reader = threading.Thread(target=self._read_loop, args=(child, ours), name="ranking-reader", daemon=True)
+        self._reader.start()
         return ours
 
     def _read_loop(self, child: multiprocessing.process.BaseProcess, conn: Connection) -> None:
@@ -263,7 +266,10 @@ class RankingProcess:
                 _, self._fitted, self._relayed = message
             elif kind == "ready":
                 self._ready.set()
-        child.join(1.0)
+        if not _exited(child, 1.0):  # its pipe closed, but it did not exit: it is of no use
+            log.error("ranking process (pid %s) closed its pipe but did not exit; stopping it", child.pid)
+            child.kill()
+        child.join()  # the only wait on the child (see `_exited`)
         if not self._closed:
             log.error("ranking process (pid %s) exited with code %s", child.pid, child.exitcode)
         for call_id in list(self._pending):
@@ -282,9 +288,21 @@ class RankingProcess:
     def _stop_child(self, why: str) -> None:
         with self._lock:
             child = self._child
-        if child is not None and child.is_alive():
+        if child is not None and not _exited(child):
             log.error("stopping the ranking process (pid %d): %s", child.pid, why)
             child.kill()
+
+
+def _exited(child: multiprocessing.process.BaseProcess, timeout_s: float = 0.0) -> bool:
+    """Whether the child has exited (waiting up to `timeout_s`), without reaping it.
+
+    Why: `Process.is_alive` and `join` reap the child with `waitpid`, and two threads doing so
+    race: the loser gets ECHILD, which `multiprocessing` reads as "still running" (until the
+    winner, waiting for the GIL, records the exit code). `close` saw a stopped child "alive" that
+    way, and a child thought alive after it was reaped could be signalled under a reused pid. So
+    the reader thread alone reaps (`join`); everyone else watches the process's sentinel, which
+    is readable from the moment the child exits, reaped or not."""
+    return bool(wait([child.sentinel], timeout_s))
 
 
 # --- the child -------------------------------------------------------------------------------

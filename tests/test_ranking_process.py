@@ -8,8 +8,10 @@ that the factories below fill the same way in the test and in the child."""
 from __future__ import annotations
 
 import logging
+import multiprocessing.connection
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -151,7 +153,7 @@ def test_a_killed_child_is_started_again_and_the_round_retried_succeeds() -> Non
         restarts = metrics.RANKING_RESTARTS._value.get()
         assert ranking._child is not None and ranking._child.pid is not None
         os.kill(ranking._child.pid, signal.SIGKILL)
-        ranking._child.join(10)
+        multiprocessing.connection.wait([ranking._child.sentinel], 10)  # the reader thread reaps it
         deadline = time.monotonic() + 60
         while True:  # as `_until_done` retries a round
             try:
@@ -180,6 +182,31 @@ def test_a_call_that_raises_in_the_child_raises_here_and_the_child_goes_on() -> 
     finally:
         ranking.close()
     assert ranking._child is not None and not ranking._child.is_alive()
+
+
+def test_a_stopped_child_is_not_alive_after_close_whichever_thread_reaps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads reaping one child race: the loser's `waitpid` gets ECHILD, which
+    `multiprocessing` reads as "running". Here the reader thread reaps and is slow to record it
+    (as when it waits for the GIL): `close` must still leave a child that `is_alive` calls
+    stopped, and signal nothing (before the fix it sent SIGTERM and SIGKILL to a reaped pid)."""
+    real_waitpid = os.waitpid
+
+    def slow_after_reaping(pid: int, options: int) -> tuple[int, int]:
+        answer = real_waitpid(pid, options)
+        if answer[0] == pid and threading.current_thread().name == "ranking-reader":
+            time.sleep(1.0)
+        return answer
+
+    monkeypatch.setattr(os, "waitpid", slow_after_reaping)
+    signalled: list[int] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: signalled.append(sig))
+    ranking = RankingProcess(spec(), filled_store())
+    try:
+        ranking.recommend(profiles(1))
+    finally:
+        ranking.close(timeout_s=5.0)
+    assert ranking._child is not None and not ranking._child.is_alive() and ranking._child.exitcode == 0
+    assert signalled == []
 
 
 def test_a_closed_ranking_process_refuses_calls() -> None:
