@@ -33,6 +33,7 @@ import logging
 import multiprocessing
 import queue
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -172,11 +173,9 @@ class RankingProcess:
             child, conn, reader = self._child, self._conn, self._reader
         if child is None:
             return
-        for signal_name, stop in (("SIGTERM", child.terminate), ("SIGKILL", child.kill)):
-            if _exited(child, timeout_s):
-                break
-            log.warning("ranking process (pid %d) did not stop in %.0f s; sending %s", child.pid, timeout_s, signal_name)
-            stop()
+        if not _exited(child, timeout_s):  # it ignores SIGTERM (`serve`)
+            log.warning("ranking process (pid %d) did not stop in %.0f s; killing it", child.pid, timeout_s)
+            child.kill()
         if reader is not None:
             reader.join(timeout_s)  # the child's end is closed: it reads the end and reaps
         if conn is not None:
@@ -414,7 +413,14 @@ class _Child:
 
 def serve(conn: Connection, spec: RankerSpec, level: int = logging.INFO) -> None:
     """The ranking process's main (`RankingProcess` starts it), logging at the stream
-    processor's level (a spawned process starts without its logging set up)."""
+    processor's level (a spawned process starts without its logging set up).
+
+    It ignores SIGTERM and SIGINT: they come to the whole process group (`vlm4rec up` stopping
+    the stream processor, Ctrl-C in a terminal), and the stream processor stops its child itself
+    (`RankingProcess.close`) once it has stopped asking; a child that died first was logged as
+    a crash at every shutdown. It still exits when its pipe closes, and SIGKILL stops it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [ranking] %(name)s: %(message)s")
     try:
         from threadpoolctl import threadpool_limits

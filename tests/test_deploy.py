@@ -927,6 +927,9 @@ def test_the_whole_local_stack_scraped_by_prometheus_feeds_the_streams_panels(tm
                             Interaction(user_id=f"{user}-{wave}", item_id=f"{style}-{n + wave}", event="click", ts=now),
                         )
             wait_for("sum(vlm4rec_streams_recs_pushed_total)", 3 * (wave + 1), "no recs pushed")
+            # the ranking process's search timings reach /metrics relayed, up to a second late:
+            # the first wave's must be scraped before the second's, or rate() sees no increase
+            wait_for("sum(vlm4rec_streams_search_seconds_count)", wave + 1, "search timings not relayed")
         prometheus.wait_for("sum(rate(vlm4rec_streams_recs_pushed_total[1m]))", positive, "rate() of recs pushed", 60, alive)
         with EventProducer(settings.kafka_config()) as producer:
             producer.send(settings.topics.items_new, ItemNew(item_id="red-new", title="red silk evening dress, new", text=styles["red"]))

@@ -209,6 +209,21 @@ def test_a_stopped_child_is_not_alive_after_close_whichever_thread_reaps_it(monk
     assert signalled == []
 
 
+def test_the_child_outlives_a_sigterm_to_its_group_and_stops_when_closed() -> None:
+    """SIGTERM to the process group (`vlm4rec up` stopping the stream processor) must leave the
+    stream processor to stop its child itself, in order, rather than find it dead mid-call."""
+    ranking = RankingProcess(spec(), filled_store())
+    try:
+        first = ranking.recommend(profiles(2))
+        assert ranking._child is not None and ranking._child.pid is not None
+        os.kill(ranking._child.pid, signal.SIGTERM)
+        os.kill(ranking._child.pid, signal.SIGINT)
+        assert ranking.recommend(profiles(2)) == first
+    finally:
+        ranking.close()
+    assert ranking._child.exitcode == 0
+
+
 def test_a_closed_ranking_process_refuses_calls() -> None:
     ranking = RankingProcess(spec(), filled_store())
     ranking.close()
