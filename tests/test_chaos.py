@@ -303,6 +303,13 @@ def test_summary_tells_flat_from_growing(tmp_path: Path) -> None:
                  for n, s in enumerate(steady)]
     assert summarise(saturated)["p99"]["interaction_to_recs"]["flat"] is False, "beyond the buckets at the end only"
 
+    with_child = [{**s, "rss_mb": {**s["rss_mb"], "streams": 200.0 + 6 * n}, "rss_own_mb": {"worker": s["rss_mb"]["worker"], "streams": 150.0}}
+                  for n, s in enumerate(steady)]
+    split = summarise(with_child)["rss"]
+    assert split["streams"]["growth_mb_per_min_second_half"] == pytest.approx(36.0)
+    assert split["streams"]["own_growth_mb_per_min_second_half"] == 0.0, "the growth is its child's"
+    assert "own_growth_mb_per_min_second_half" not in split["worker"], "no children: nothing to split"
+
     figures = {"samples": steady, "summary": summarise(steady), "rate_per_s": 100, "minutes": 5, "cpu_cores": 2}
     picture = write(figures, tmp_path / "soak.json")
     assert picture.read_bytes().startswith(b"\x89PNG")

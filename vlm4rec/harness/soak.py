@@ -174,14 +174,15 @@ class CpuMeter:
         return round(total, 1)
 
 
-def rss_mb(pid: int | None) -> float | None:
-    """Resident memory of a process and all its children, MiB (None if it is gone)."""
+def rss_mb(pid: int | None, children: bool = True) -> float | None:
+    """Resident memory of a process and (unless `children` is False) all its children, MiB
+    (None if it is gone)."""
     if pid is None:
         return None
     try:
         process = psutil.Process(pid)
         total = process.memory_info().rss
-        for child in process.children(recursive=True):
+        for child in process.children(recursive=True) if children else ():
             try:
                 total += child.memory_info().rss
             except psutil.NoSuchProcess:
@@ -373,6 +374,8 @@ def _soak(
                     # end offsets, which the embedded broker reports low (docs/hardening.md)
                     "backlog": load.sent - sent_before - (applied(now) - applied_before),
                     "rss_mb": {name: rss_mb(pid) for name, pid in pids.items()},
+                    # the process alone: the stream processor's ranking process is its child
+                    "rss_own_mb": {name: rss_mb(pid, children=False) for name, pid in pids.items()},
                     "cpu_percent": {name: cpu.percent(pid) for name, pid in pids.items()},
                     "p99_ms": {name: _ms(q) for name, q in p99.items()},
                     "p99_beyond_buckets": sorted(name for name, q in p99.items() if q == math.inf),

@@ -59,6 +59,9 @@ def summarise(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "growth_mb_per_min_second_half": round(slope, 2),
             "bounded": slope < 0.01 * max(sizes),
         }
+        own = [(s["t_s"], s["rss_own_mb"][name]) for s in half if s.get("rss_own_mb", {}).get(name) is not None]
+        if own and own[-1][1] != sizes[-1]:  # it has children: how much of the growth is its own
+            memory[name]["own_growth_mb_per_min_second_half"] = round(_slope_per_min(own), 2)
     p99 = {}
     for name in samples[0]["p99_ms"]:
         a = _mean([s["p99_ms"][name] for s in first])
