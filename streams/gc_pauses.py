@@ -25,9 +25,10 @@ def settle() -> None:
 
 def watch(process: str, on_pause: Callable[[int, float], None] | None = None) -> None:
     """Times every collection of this process; `on_pause(generation, seconds)` for each, and
-    a log line for the long ones. Only where every log handler's lock is reentrant: a
-    collection can start inside a handler, and the ranking process's handler sends over a pipe
-    under a plain lock (a child that logged from here hung in CI), so it is not watched."""
+    a log line for the long ones. Only where every log handler's lock is reentrant (a
+    collection can start inside a handler). The stream processor watches its main process,
+    whose pauses hold up its event loop; a CI failure once put on this hook in the ranking
+    process was two threads reaping that child (`streams.ranking_process._exited`)."""
     started = [0.0]
 
     def callback(phase: str, info: dict[str, int]) -> None:

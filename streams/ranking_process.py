@@ -44,7 +44,7 @@ from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
-from streams import metrics
+from streams import gc_pauses, metrics
 from streams.backoff import Backoff
 from streams.popularity import RecentPopularity
 from streams.profile import Profile
@@ -340,6 +340,7 @@ class _Child:
 
     def run(self) -> None:
         self.recommender = self.build()
+        gc_pauses.settle()  # what it loaded stays: the collector need not walk it again
         threading.Thread(target=self._learn_loop, name="ranking-learner", daemon=True).start()
         threading.Thread(target=self._status_loop, name="ranking-status", daemon=True).start()
         self.send(("ready",))
