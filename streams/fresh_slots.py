@@ -145,12 +145,126 @@ class SlotOdds:
         return out
 
 
-def _non_increasing(values: np.ndarray) -> np.ndarray:
-    """The closest non-increasing sequence in squared error (pool adjacent violators)."""
-    blocks: list[list[float]] = []  # [mean, size]
-    for value in values.tolist():
-        blocks.append([value, 1.0])
+def _non_increasing(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """The closest non-increasing sequence in (weighted) squared error (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, length]
+    for value, weight in zip(values.tolist(), np.ones(len(values)).tolist() if weights is None else weights.tolist(), strict=True):
+        blocks.append([value, weight, 1])
         while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
-            mean, size = blocks.pop()
-            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * size) / (blocks[-1][1] + size), blocks[-1][1] + size]
-    return np.concatenate([np.full(int(size), mean) for mean, size in blocks])
+            mean, weight, length = blocks.pop()
+            total = blocks[-1][1] + weight
+            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * weight) / total, total, blocks[-1][2] + length]
+    return np.concatenate([np.full(int(length), mean) for mean, _, length in blocks])
+
+
+#: upper edges of the place buckets of a ranking: places 0, 1, 2, 3, 4, 5-6, 7-9, 10-14, 15-24,
+#: 25-49, and 50 or later (or not ranked) in the last
+BUCKET_EDGES = np.array([1, 2, 3, 4, 5, 7, 10, 15, 25, 50])
+BUCKETS = len(BUCKET_EDGES) + 1
+#: how many places of each ranking are located (`places`); the rest fall in the last bucket
+LOCATED = int(BUCKET_EDGES[-1])
+
+
+def places(order: np.ndarray, size: int) -> np.ndarray:
+    """Each of `size` candidates' place in `order` (positions, best first; the first `LOCATED`
+    are enough), `LOCATED` for the others."""
+    out = np.full(size, LOCATED, dtype=np.int64)
+    out[order[:LOCATED]] = np.arange(min(len(order), LOCATED))
+    return out
+
+
+class PlaceOdds:
+    """`tail_rule` "calibrated": P(a candidate is the user's next item | where it sits in the
+    blend's ranking of all candidates, its kind, and for a tail item where it sits in the content
+    ranking of the tail candidates), from decayed counts of candidates and targets per cell of
+    (blend place bucket) x (known, or the tail item's content place bucket).
+
+    Why: `SlotOdds` weighs two rankings place by place, each by its unconditional hit chance,
+    so a tail item the blend holds in its first places keeps its place whatever content thinks
+    of it, and content's best tail items are counted only where the blend left them out: on a
+    stream where users often take new items the blend put 5-10 tail items in its first ten in an
+    order worse than content's (docs/fresh-mix). Here every candidate gets the chance that its
+    two places *together* have earned on this stream, and the first places go to the likeliest:
+    where the blend's places of tail items predict targets (hm's baskets) they keep them; where
+    content's do, content's tail items rise above the blend's. Estimated from the ranker's
+    training examples as `SlotOdds` is (the user's state just before the interaction: no
+    peeking), with every candidate counted, so the figures are rates, not shares of hits."""
+
+    def __init__(self, memory: int = 5000) -> None:
+        self.keep = _keep(memory)
+        #: rows 0..BUCKETS-1: tail candidates by content place bucket; row BUCKETS: known ones;
+        #: columns: blend place bucket
+        self.targets = np.zeros((BUCKETS + 1, BUCKETS))
+        self.candidates = np.zeros((BUCKETS + 1, BUCKETS))
+        self.observed = 0.0  # decayed training examples
+        self._p: np.ndarray | None = None
+
+    @staticmethod
+    def cells(blend_places: np.ndarray, content_places: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each candidate's (row, column) in the tables."""
+        row = np.where(tail, np.searchsorted(BUCKET_EDGES, content_places, side="right"), BUCKETS)
+        return row, np.searchsorted(BUCKET_EDGES, blend_places, side="right")
+
+    def example(self, blend_places: np.ndarray, content_places: np.ndarray, tail: np.ndarray, target: int | None) -> None:
+        """One training example: its candidates' places (`places`; content places matter for
+        tail candidates only) and which candidate was taken (None: none of them)."""
+        row, column = self.cells(blend_places, content_places, tail)
+        self.targets *= self.keep
+        self.candidates *= self.keep
+        self.observed = self.observed * self.keep + 1.0
+        np.add.at(self.candidates, (row, column), 1.0)
+        if target is not None:
+            self.targets[row[target], column[target]] += 1.0
+        self._p = None
+
+    @property
+    def ready(self) -> bool:
+        return self.observed >= MIN_OBSERVED
+
+    def chances(self) -> np.ndarray:
+        """P(target) per cell. A cell's rate is shrunk towards its blend place bucket's rate
+        for its kind, and that towards the overall rate, each by one pseudo-target at the
+        coarser rate (a cell seen with few candidates says little); then made non-increasing
+        along both places (a later place seen hit more often than an earlier one, by chance,
+        must not reorder the blend's ranking)."""
+        if self._p is None:
+            overall = (self.targets.sum() + SMOOTHING / BUCKETS) / (self.candidates.sum() + SMOOTHING)
+            p = np.empty_like(self.targets)
+            for rows in (slice(0, BUCKETS), slice(BUCKETS, BUCKETS + 1)):
+                column_t, column_n = self.targets[rows].sum(axis=0), self.candidates[rows].sum(axis=0)
+                by_column = (column_t + 1.0) / (column_n + 1.0 / overall)
+                p[rows] = (self.targets[rows] + 1.0) / (self.candidates[rows] + 1.0 / by_column)
+            weight = self.candidates + 1.0  # a cell pooled with others counts by its candidates
+            p[BUCKETS] = _non_increasing(p[BUCKETS], weight[BUCKETS])
+            tail = p[:BUCKETS]
+            for _ in range(50):  # alternating along the two places ends in a table monotone in both
+                tail = np.array([_non_increasing(r, w) for r, w in zip(tail, weight[:BUCKETS], strict=True)])
+                tail = np.array([_non_increasing(c, w) for c, w in zip(tail.T, weight[:BUCKETS].T, strict=True)]).T
+                if (np.diff(tail, axis=1) <= 1e-12).all():
+                    break
+            p[:BUCKETS] = tail
+            self._p = p
+        return self._p
+
+    def order(self, blend: Sequence[int], tail: Sequence[int], blend_places: np.ndarray, content_places: np.ndarray, is_tail: np.ndarray, k: int) -> list[int]:
+        """The first k of the blend's ranking (`blend`, positions best first) and the content
+        ranking of the tail candidates it left out (`tail`), each place to the ranking whose
+        next item has the higher chance given its own places (ties to the blend's): each
+        ranking keeps its order, and an item both hold takes one place."""
+        row, column = self.cells(blend_places, content_places, is_tail)
+        chance = self.chances()[row, column]
+        out: list[int] = []
+        placed: set[int] = set()
+        i = j = 0
+        while len(out) < k:
+            while i < len(tail) and tail[i] in placed:
+                i += 1
+            while j < len(blend) and blend[j] in placed:
+                j += 1
+            if i >= len(tail) and j >= len(blend):
+                break
+            take_tail = j >= len(blend) or (i < len(tail) and chance[tail[i]] > chance[blend[j]])
+            item = tail[i] if take_tail else blend[j]
+            out.append(item)
+            placed.add(item)
+        return out

@@ -58,7 +58,7 @@ from typing import Callable, Protocol, TypeVar
 import numpy as np
 
 from streams.cooccur import CoOccurrence
-from streams.fresh_slots import SlotOdds, TailShare
+from streams.fresh_slots import LOCATED, PlaceOdds, SlotOdds, TailShare, places
 from streams.sequence import Transitions
 from vectorstore.base import matrix_of
 from vectorstore.order import IdOrder
@@ -131,7 +131,9 @@ class NeighbourList(list[tuple[str, float]]):
 
 
 #: how a list makes room for tail items (`RankConfig.tail_rule`)
-TAIL_RULES = ("fixed", "earned")
+TAIL_RULES = ("fixed", "earned", "calibrated")
+#: the tail rules whose odds are learnt from the training examples (`BlendRanker._observe_places`)
+LEARNT_TAIL_RULES = ("earned", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -160,9 +162,12 @@ class RankConfig:
     tail_slots: int = 1  # of the first `tail_within` places, at least this many kept for items with at most one interaction (by cosine to the profile)
     tail_within: int = 10
     #: "earned": the first `tail_within` places merged from the blend's ranking and the content
-    #: ranking of tail items by odds learnt from the stream (`streams.fresh_slots`), at least
+    #: ranking of tail items by odds learnt from the stream (`streams.fresh_slots.SlotOdds`);
+    #: "calibrated": the first `tail_within` places to the candidates whose place in the blend's
+    #: ranking, kind and (tail items) place in content's ranking of the tail have been likeliest
+    #: to be taken on the stream (`streams.fresh_slots.PlaceOdds`); either with at least
     #: `tail_slots` tail items; "fixed": the `tail_slots` above, whatever the stream
-    #: (docs/quality.md measures both)
+    #: (docs/quality.md measures them)
     tail_rule: str = "earned"
     sequence_k: int = 50  # candidates from what users took right after the user's last items
     #: earlier items a new interaction is a transition from (`streams.sequence`); 0: no sequence
@@ -613,6 +618,14 @@ def best_by(scores: np.ndarray, ties: np.ndarray, n: int) -> np.ndarray:
     return keep[np.lexsort((ties[keep], -scores[keep]))][:n]
 
 
+def _left_out_by_content(ranked: list[int], content: np.ndarray, tail: np.ndarray, ties: np.ndarray, k: int) -> list[int]:
+    """The content ranking (first k) of the tail candidates the blend left out of its first k."""
+    left_out = tail.copy()
+    left_out[ranked[:k]] = False
+    fresh = np.flatnonzero(left_out)
+    return fresh[best_by(content[fresh], ties[fresh], k)].tolist()
+
+
 def _place(j: int, scores: np.ndarray, ties: np.ndarray, among: np.ndarray | None = None) -> int:
     """Candidate j's place (0-based) in the order of `scores`, ties by `ties` ascending as
     `best_by` breaks them, counting only the candidates `among` marks."""
@@ -707,10 +720,11 @@ class BlendRanker:
         self._row_maps: dict[str, tuple[np.ndarray, int]] = {}
         self._names = IdOrder(self.stats.ids)  # a round's ties by item id
         self.slots = SlotOdds(config.buffer, tail_share)  # what fresh items earn (`tail_rule` "earned")
-        #: whether learning scores each training round to see where its targets sat: only the
-        #: "earned" tail rule reads it, and it costs the round's features a second time (a
-        #: caller that serves an "earned" variant with other settings sets it)
-        self.learns_places = config.tail_rule == "earned"
+        self.place_odds = PlaceOdds(config.buffer)  # what every candidate's places earn ("calibrated")
+        #: the learnt tail rules whose odds learning keeps (scoring each training round to see
+        #: where its targets sat costs the round's features a second time; a caller that serves
+        #: a variant with another rule adds it)
+        self.learns_places = {config.tail_rule} & set(LEARNT_TAIL_RULES)
 
     # --- the stream flows in --------------------------------------------------------------
     def sample_rate(self) -> float:
@@ -771,12 +785,14 @@ class BlendRanker:
             self.maybe_refit()
 
     def _observe_places(self, requests: Sequence[Request], items: Sequence[str], drawn: Round, content: ContentSource) -> None:
-        """Where each training example's target sat just before it was taken, in the two
-        rankings the earned places merge (`SlotOdds`): the blend's ranking of all candidates,
-        and for a tail item the content ranking of the tail candidates the blend left out of
-        its first `tail_within` (None when the blend had it there: content would add nothing);
-        ties by item id, as the lists break them (a user without a profile gives every
-        candidate the same content score: counting ties as ahead of the target would place
+        """Where each training example's target sat just before it was taken, for the learnt
+        tail rules served (`learns_places`). "earned" (`SlotOdds`): the target's place in the
+        blend's ranking of all candidates, and for a tail item its place in the content ranking
+        of the tail candidates the blend left out of its first `tail_within` (None when the
+        blend had it there: content would add nothing). "calibrated" (`PlaceOdds`): every
+        candidate's places in the blend's ranking and the content ranking of the tail, and which
+        was taken. Ties by item id, as the lists break them (a user without a profile gives
+        every candidate the same content score: counting ties as ahead of the target would place
         every such tail target first)."""
         x = self._scored(requests, drawn, content)
         tail = x[:, COLUMN["pop_count"]] <= math.log1p(1.0)
@@ -786,18 +802,31 @@ class BlendRanker:
             target_tail = self.stats.count(items[n]) <= 1
             row = self.stats.index.get(items[n])
             found = np.flatnonzero(drawn.rows[at:to] == row) if row is not None else np.zeros(0, np.int64)
+            order, score = ties[at:to], self.score(x[at:to])
+            if "calibrated" in self.learns_places:
+                blend_places, content_places = self._places(score, content_score[at:to], tail[at:to], order)
+                self.place_odds.example(blend_places, content_places, tail[at:to], int(found[0]) if len(found) else None)
+            if "earned" not in self.learns_places:
+                continue
             if len(found) == 0:
                 self.slots.target(None)
                 if target_tail:
                     self.slots.tail_target(None)
                 continue
-            j, order = int(found[0]), ties[at:to]
-            score = self.score(x[at:to])
+            j = int(found[0])
             self.slots.target(_place(j, score, order))
             if target_tail:
                 left_out = tail[at:to].copy()
                 left_out[best_by(score, order, self.config.tail_within)] = False
                 self.slots.tail_target(_place(j, content_score[at:to], order, left_out) if left_out[j] else None)
+
+    @staticmethod
+    def _places(score: np.ndarray, content: np.ndarray, tail: np.ndarray, ties: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A request's candidates' places in the blend's ranking and in content's ranking of
+        the tail candidates (`PlaceOdds`; the first `LOCATED` of each)."""
+        fresh = np.flatnonzero(tail)
+        by_content = fresh[best_by(content[fresh], ties[fresh], LOCATED)]
+        return places(best_by(score, ties, LOCATED), len(score)), places(by_content, len(score))
 
     def maybe_refit(self) -> bool:
         """Refit now if one is due (the offline evaluator's path; the stream processor fits
@@ -1176,15 +1205,21 @@ class BlendRanker:
         content_score = x[:, COLUMN["cos_mean"]]
         head_k = min(k, c.tail_within)
         earned = c.tail_rule == "earned" and self.slots.ready
+        calibrated = c.tail_rule == "calibrated" and self.place_odds.ready
         out: list[Hits] = []
         for request, at, to in zip(requests, pools.starts[:-1].tolist(), pools.starts[1:].tolist(), strict=True):
             if at == to:
                 out.append([])
                 continue
             scores = self.score(x[at:to])  # one product per request: the per-user code's float to the bit
-            ranked = best_by(scores, ties[at:to], k + max(c.tail_slots, head_k if earned else 0)).tolist()
+            ranked = best_by(scores, ties[at:to], k + max(c.tail_slots, head_k if earned or calibrated else 0)).tolist()
             rows = pools.rows[at:to]
-            order = self._earned(ranked, content_score[at:to], tail[at:to], ties[at:to], head_k) if earned else ranked
+            if calibrated:
+                order = self._calibrated(ranked, scores, content_score[at:to], tail[at:to], ties[at:to], head_k)
+            elif earned:
+                order = self._earned(ranked, content_score[at:to], tail[at:to], ties[at:to], head_k)
+            else:
+                order = ranked
             head = self._with_tail(order, content_score[at:to], tail[at:to], rows, head_k)
             if placed := self._placed(request):
                 head = self._with_placed(head, placed, rows)
@@ -1203,11 +1238,15 @@ class BlendRanker:
     def _earned(self, ranked: list[int], content: np.ndarray, tail: np.ndarray, ties: np.ndarray, k: int) -> list[int]:
         """The first k places: `ranked` (the blend's order) merged with the content ranking of
         the tail candidates it left out of its first k, by the learnt odds (`SlotOdds.merge`)."""
-        left_out = tail.copy()
-        left_out[ranked[:k]] = False
-        fresh = np.flatnonzero(left_out)
-        by_content = fresh[best_by(content[fresh], ties[fresh], k)].tolist()
-        return self.slots.merge(ranked, by_content, k)
+        return self.slots.merge(ranked, _left_out_by_content(ranked, content, tail, ties, k), k)
+
+    def _calibrated(self, ranked: list[int], scores: np.ndarray, content: np.ndarray, tail: np.ndarray, ties: np.ndarray, k: int) -> list[int]:
+        """The first k places: `ranked` (the blend's order) merged with the content ranking of
+        the tail candidates it left out of its first k, by each item's chance given its places
+        in both (`PlaceOdds.order`)."""
+        blend_places, content_places = self._places(scores, content, tail, ties)
+        by_content = _left_out_by_content(ranked, content, tail, ties, k)
+        return self.place_odds.order(ranked, by_content, blend_places, content_places, tail, k)
 
     def tail_places(self, k: int) -> int:
         """Of the first k places, how many are kept for tail items at least: `tail_slots`, or

@@ -27,7 +27,7 @@ import numpy as np
 from streams import metrics
 from streams.popularity import RecentPopularity
 from streams.profile import Profile
-from streams.rank import BlendRanker, Hits, NeighbourList, RankConfig, Request
+from streams.rank import LEARNT_TAIL_RULES, BlendRanker, Hits, NeighbourList, RankConfig, Request
 from streams.variants import Assignment, Variant, parse_variants
 from vectorstore import VectorStore
 from vectorstore.base import matrix_of
@@ -254,7 +254,7 @@ class Recommender:
         self.ranker = BlendRanker(rank)
         self.assignment = Assignment(variants or parse_variants([]))
         self._serving = {v.name: v.config(self.ranker.config) for v in self.assignment.variants}
-        self.ranker.learns_places = any(c.tail_rule == "earned" for c in self._serving.values())
+        self.ranker.learns_places = {c.tail_rule for c in self._serving.values()} & set(LEARNT_TAIL_RULES)
         self.lock = threading.Lock()
         # the training-example draw happens on the caller's thread (see `observation`)
         self._draw = random.Random(self.ranker.config.seed)

@@ -1,11 +1,12 @@
-"""Places for fresh items earned from the stream (`streams/fresh_slots.py`, `tail_rule` "earned")."""
+"""Places for fresh items earned from the stream (`streams/fresh_slots.py`, `tail_rule` "earned"
+and "calibrated")."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from streams.fresh_slots import MIN_OBSERVED, SlotOdds
+from streams.fresh_slots import LOCATED, MIN_OBSERVED, PlaceOdds, SlotOdds, places
 from streams.profile import mean_profile
 from streams.rank import BlendRanker, RankConfig
 from streams.variants import VariantError, parse_variants
@@ -171,3 +172,83 @@ def test_a_tail_target_among_equal_content_scores_is_placed_as_the_lists_break_t
     assert slots.observed[0] > 40, "the targets were tail items"
     assert slots.places[0, 0] < 0.2 * slots.observed[0]
     assert (slots.places[0] > 0).sum() > 5, "spread over the places, as the id order has them"
+
+
+# --- "calibrated": every candidate's chance from its places in both rankings ------------------
+def place_odds(examples: int, target: str, seed: int = 0) -> tuple[PlaceOdds, np.ndarray]:
+    """Odds from `examples` rounds of 40 candidates, the first 20 known and the rest tail
+    items, in a fixed blend order (0, 1, ..., 39) and a content order of the tail that reverses
+    it (39 first). The target is the blend's first candidate ("blend") or content's first tail
+    item ("content"), half the time (the other half none of them)."""
+    rng = np.random.default_rng(seed)
+    odds = PlaceOdds(memory=100_000)
+    tail = np.arange(40) >= 20
+    blend = places(np.arange(40), 40)
+    content = places(np.arange(39, 19, -1), 40)
+    for _ in range(examples):
+        taken = {"blend": 0, "content": 39}[target]
+        odds.example(blend, content, tail, taken if rng.random() < 0.5 else None)
+    return odds, (blend, content, tail)
+
+
+def test_places_locate_the_first_of_a_ranking_and_put_the_rest_last() -> None:
+    located = places(np.arange(LOCATED + 5)[::-1], LOCATED + 5)
+    assert located[LOCATED + 4] == 0 and located[5] == LOCATED - 1
+    assert (located[:5] == LOCATED).all(), "beyond the located places"
+
+
+BLEND_ORDER, CONTENT_ORDER = list(range(40)), list(range(39, 19, -1))
+
+
+@pytest.mark.parametrize(("target", "first"), [("blend", 0), ("content", 39)])
+def test_the_first_place_goes_to_the_ranking_whose_next_item_has_been_taken(target: str, first: int) -> None:
+    odds, (blend, content, tail) = place_odds(200, target)
+    assert odds.ready
+    assert odds.order(BLEND_ORDER, CONTENT_ORDER, blend, content, tail, 3)[0] == first
+
+
+def test_each_ranking_keeps_its_order_and_every_item_is_placed_once() -> None:
+    odds, (blend, content, tail) = place_odds(200, "content")
+    top = odds.order(BLEND_ORDER, CONTENT_ORDER, blend, content, tail, 10)
+    assert top[0] == 39 and len(set(top)) == 10
+    from_blend = [j for j in top if j < 20]
+    assert from_blend == sorted(from_blend), "the blend's items in the blend's order"
+    odds, (blend, content, tail) = place_odds(200, "blend")
+    assert odds.order(BLEND_ORDER, CONTENT_ORDER, blend, content, tail, 10) == list(range(10)), "no target beyond the first: the blend's list"
+    assert odds.order([0, 1], [39], blend, content, tail, 4) == [0, 1, 39], "rankings that run out end the list"
+
+
+def test_calibrated_chances_shrink_a_thin_cell_and_never_rise_with_either_place() -> None:
+    odds, _ = place_odds(200, "content")
+    p = odds.chances()
+    assert (np.diff(p[-1]) <= 1e-12).all(), "known: non-increasing along the blend's places"
+    assert (np.diff(p[:-1], axis=0) <= 1e-12).all() and (np.diff(p[:-1], axis=1) <= 1e-12).all()
+    assert 0.0 < p.min() and p.max() < 1.0
+    assert not PlaceOdds().ready
+
+
+def test_on_a_stream_of_new_items_the_calibrated_rule_learns_they_are_taken() -> None:
+    """As `test_on_a_stream_of_new_items_the_content_ranking_of_them_leads`, under the
+    calibrated rule: the first place of both rankings is the likeliest cell, and the untouched
+    item nearest the profile is shown."""
+    content, ids, vectors = world(seed=5)
+    ranker = BlendRanker(RankConfig(**{**FAST.__dict__, "tail_rule": "calibrated", "tail_slots": 0, "min_groups": 10**6}))
+    replay = Replay(ranker, content)
+    touched: set[str] = set()
+    users = [f"u{n}" for n in range(8)]
+    ts = 1_700_000_000.0
+    for step in range(100):
+        user = users[step % len(users)]
+        request = replay.request(user, ts)
+        profile = request.profile if request.profile is not None else mean_profile([vectors[step]])
+        item = max((i for i in ids if i not in touched), key=lambda i: float(content.vectors([i])[i] @ profile))
+        touched.add(item)
+        replay.feed([(user, item, ts)])
+        ts += 60.0
+    assert ranker.place_odds.ready and ranker.learns_places
+    request = replay.request(users[0], ts)
+    top = [i for i, _ in ranker.rank([request], content, 10)[0]]
+    closest = sorted((i for i in ids if i not in touched), key=lambda i: -float(content.vectors([i])[i] @ request.profile))
+    assert closest[0] in top
+    chances = ranker.place_odds.chances()
+    assert chances[0, 0] == chances.max() > 0.3

@@ -233,11 +233,13 @@ class Settings(BaseSettings):
         description="of the first 10 recs, places kept at least for items with at most one interaction, in the "
         "order of their cosine to the profile (0: none; docs/quality.md)",
     )
-    rank_tail_rule: Literal["fixed", "earned"] = Field(
+    rank_tail_rule: Literal["fixed", "earned", "calibrated"] = Field(
         _RANK.tail_rule,
         description="how recs make room for items with at most one interaction: earned (the first 10 places "
-        "merged from the blend's ranking and the content ranking of those items by odds learnt from the stream, "
-        "at least VLM4REC_RANK_TAIL_SLOTS of them; streams/fresh_slots.py) or fixed (VLM4REC_RANK_TAIL_SLOTS places)",
+        "merged from the blend's ranking and the content ranking of those items by odds learnt from the stream), "
+        "calibrated (the first 10 places to the candidates whose places in the blend's ranking and, for those "
+        "items, in the content ranking have been likeliest taken on the stream), either with at least "
+        "VLM4REC_RANK_TAIL_SLOTS of them (streams/fresh_slots.py), or fixed (VLM4REC_RANK_TAIL_SLOTS places)",
     )
     rank_sequence_steps: int = Field(
         _RANK.sequence_steps, ge=0, le=20, description="the sequence signal (streams/sequence.py): a new "

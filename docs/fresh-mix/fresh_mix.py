@@ -60,7 +60,7 @@ def stream(seed: int, fresh_share: float = 0.15) -> tuple[StoreContent, np.ndarr
 def main() -> None:
     for seed in (2, 5):
         found = {}
-        for rule in ("fixed", "earned"):
+        for rule in ("fixed", "earned", "calibrated"):
             content, vectors, rows, fresh = stream(seed)
             replay = Replay(BlendRanker(RankConfig(**{**FAST.__dict__, "content_k": 150, "tail_rule": rule})), content)
             cut = len(rows) - 300
@@ -83,7 +83,8 @@ def main() -> None:
             f"seed {seed}: of 300 targets ({fresh_n} fresh) found in the first ten: "
             f"blend, fixed rule {found['fixed'][0]['blend'][0]} ({found['fixed'][0]['blend'][1]} fresh); "
             f"blend, earned rule {found['earned'][0]['blend'][0]} ({found['earned'][0]['blend'][1]} fresh, "
-            f"{found['earned'][1]} places earned); content alone {found['fixed'][0]['content'][0]} "
+            f"{found['earned'][1]} places earned); blend, calibrated rule {found['calibrated'][0]['blend'][0]} "
+            f"({found['calibrated'][0]['blend'][1]} fresh); content alone {found['fixed'][0]['content'][0]} "
             f"({found['fixed'][0]['content'][1]} fresh)",
             flush=True,
         )

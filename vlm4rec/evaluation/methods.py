@@ -15,7 +15,7 @@ from streams.profile import Ranker
 from streams.cooccur import CoOccurrence
 from streams.fresh_slots import TailShare
 from streams.sequence import Transitions
-from streams.rank import BlendRanker, Hits, ItemStats, RankConfig, Request
+from streams.rank import LEARNT_TAIL_RULES, BlendRanker, Hits, ItemStats, RankConfig, Request
 from streams.variants import Variant
 from workers.embedder import Strategy
 from vlm4rec.evaluation.stream import ContentIndex, DEFAULT_STRATEGY, KS, Stream, StreamState, Target, lexicographic
@@ -257,7 +257,7 @@ def variant(serving: RankConfig) -> Method:
 
     def make(stream: Stream, indexes: Mapping[str, ContentIndex], shared: dict[str, Any]) -> Scorer:
         shared_blend = _blend_of(stream, indexes, shared, DEFAULT_STRATEGY)
-        shared_blend.ranker.learns_places |= serving.tail_rule == "earned"
+        shared_blend.ranker.learns_places |= {serving.tail_rule} & set(LEARNT_TAIL_RULES)
         return lambda state, target: shared_blend.scores(state, target, serving)
 
     return Method(strategy=DEFAULT_STRATEGY, make=make)
