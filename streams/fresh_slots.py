@@ -29,7 +29,7 @@ blend thought of them. Faust-free and tested alone (`tests/test_fresh_slots.py`)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -128,21 +128,7 @@ class SlotOdds:
         target (ties to the blend's); an item already placed is passed over, its ranking's
         next place then counting as the next."""
         tail_odds, blend_odds = self._odds()
-        out: list[int] = []
-        placed: set[int] = set()
-        i = j = 0
-        while len(out) < k:
-            while i < len(tail) and tail[i] in placed:
-                i += 1
-            while j < len(blend) and blend[j] in placed:
-                j += 1
-            if i >= len(tail) and j >= len(blend):
-                break
-            take_tail = j >= len(blend) or (i < len(tail) and tail_odds[min(i, PLACES - 1)] > blend_odds[min(j, PLACES - 1)])
-            item = tail[i] if take_tail else blend[j]
-            out.append(item)
-            placed.add(item)
-        return out
+        return _merge(blend, tail, k, lambda i, j: tail_odds[min(i, PLACES - 1)] > blend_odds[min(j, PLACES - 1)])
 
 
 def _non_increasing(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -253,18 +239,25 @@ class PlaceOdds:
         ranking keeps its order, and an item both hold takes one place."""
         row, column = self.cells(blend_places, content_places, is_tail)
         chance = self.chances()[row, column]
-        out: list[int] = []
-        placed: set[int] = set()
-        i = j = 0
-        while len(out) < k:
-            while i < len(tail) and tail[i] in placed:
-                i += 1
-            while j < len(blend) and blend[j] in placed:
-                j += 1
-            if i >= len(tail) and j >= len(blend):
-                break
-            take_tail = j >= len(blend) or (i < len(tail) and chance[tail[i]] > chance[blend[j]])
-            item = tail[i] if take_tail else blend[j]
-            out.append(item)
-            placed.add(item)
-        return out
+        return _merge(blend, tail, k, lambda i, j: chance[tail[i]] > chance[blend[j]])
+
+
+def _merge(blend: Sequence[int], tail: Sequence[int], k: int, tail_first: Callable[[int, int], bool]) -> list[int]:
+    """The first k of two rankings, each place to the tail's next item (at `tail[i]`) when
+    `tail_first(i, j)` says so against the blend's (at `blend[j]`), else to the blend's; an
+    item already placed is passed over, its ranking's next place then counting as the next."""
+    out: list[int] = []
+    placed: set[int] = set()
+    i = j = 0
+    while len(out) < k:
+        while i < len(tail) and tail[i] in placed:
+            i += 1
+        while j < len(blend) and blend[j] in placed:
+            j += 1
+        if i >= len(tail) and j >= len(blend):
+            break
+        take_tail = j >= len(blend) or (i < len(tail) and tail_first(i, j))
+        item = tail[i] if take_tail else blend[j]
+        out.append(item)
+        placed.add(item)
+    return out

@@ -97,8 +97,19 @@ def test_on_a_stream_of_new_items_the_content_ranking_of_them_leads() -> None:
     Before any fit the blend's order is the profile cosine, so its first places already hold
     those items: the earned rule learns that content would add nothing there and leaves the
     blend's order, which shows the next target's kind."""
-    content, ids, vectors = world(seed=5)
     ranker = BlendRanker(earned(min_groups=10 ** 6))  # no fit: what is tested is the places alone
+    top, closest = new_items_stream(ranker)
+    assert ranker.slots.p_tail() > 0.9 and ranker.slots.ready
+    assert ranker.tail_places(10) <= 1, "tail targets the blend shows are not counted again for content"
+    tail = [i for i in top if ranker.stats.count(i) <= 1]
+    assert len(tail) >= 5
+    assert closest in top, "the untouched item nearest the profile, the next target's kind, is shown"
+
+
+def new_items_stream(ranker: BlendRanker) -> tuple[list[str], str]:
+    """100 interactions of 8 users, each with the untouched item nearest the user's profile;
+    then the first user's list and the untouched item nearest their profile."""
+    content, ids, vectors = world(seed=5)
     replay = Replay(ranker, content)
     touched: set[str] = set()
     users = [f"u{n}" for n in range(8)]
@@ -111,14 +122,10 @@ def test_on_a_stream_of_new_items_the_content_ranking_of_them_leads() -> None:
         touched.add(item)
         replay.feed([(user, item, ts)])
         ts += 60.0
-    assert ranker.slots.p_tail() > 0.9 and ranker.slots.ready
-    assert ranker.tail_places(10) <= 1, "tail targets the blend shows are not counted again for content"
     request = replay.request(users[0], ts)
     top = [i for i, _ in ranker.rank([request], content, 10)[0]]
-    tail = [i for i in top if ranker.stats.count(i) <= 1]
-    assert len(tail) >= 5
-    closest = sorted((i for i in ids if i not in touched), key=lambda i: -float(content.vectors([i])[i] @ request.profile))
-    assert closest[0] in top, "the untouched item nearest the profile, the next target's kind, is shown"
+    closest = max((i for i in ids if i not in touched), key=lambda i: float(content.vectors([i])[i] @ request.profile))
+    return top, closest
 
 
 def test_variants_may_choose_the_rule_and_nothing_else_is_accepted() -> None:
@@ -146,7 +153,9 @@ def test_places_are_learnt_only_where_a_served_rule_reads_them() -> None:
     assert not BlendRanker(fixed).learns_places
     assert observed(BlendRanker(fixed)) == 0.0
     assert observed(BlendRanker(earned())) > 0.0
-    assert BlendRanker(RankConfig()).learns_places, "the default rule is earned"
+    assert BlendRanker(RankConfig()).learns_places == {"earned"}, "the default rule is earned"
+    calibrated = BlendRanker(RankConfig(**{**FAST.__dict__, "tail_rule": "calibrated"}))
+    assert observed(calibrated) == 0.0 and calibrated.place_odds.observed > 0, "each rule's odds only where it is served"
     store = MemoryVectorStore()
     plain = Recommender(store, RecentPopularity(3600.0), rank=fixed)
     assert not plain.ranker.learns_places
@@ -231,24 +240,9 @@ def test_on_a_stream_of_new_items_the_calibrated_rule_learns_they_are_taken() ->
     """As `test_on_a_stream_of_new_items_the_content_ranking_of_them_leads`, under the
     calibrated rule: the first place of both rankings is the likeliest cell, and the untouched
     item nearest the profile is shown."""
-    content, ids, vectors = world(seed=5)
     ranker = BlendRanker(RankConfig(**{**FAST.__dict__, "tail_rule": "calibrated", "tail_slots": 0, "min_groups": 10**6}))
-    replay = Replay(ranker, content)
-    touched: set[str] = set()
-    users = [f"u{n}" for n in range(8)]
-    ts = 1_700_000_000.0
-    for step in range(100):
-        user = users[step % len(users)]
-        request = replay.request(user, ts)
-        profile = request.profile if request.profile is not None else mean_profile([vectors[step]])
-        item = max((i for i in ids if i not in touched), key=lambda i: float(content.vectors([i])[i] @ profile))
-        touched.add(item)
-        replay.feed([(user, item, ts)])
-        ts += 60.0
-    assert ranker.place_odds.ready and ranker.learns_places
-    request = replay.request(users[0], ts)
-    top = [i for i, _ in ranker.rank([request], content, 10)[0]]
-    closest = sorted((i for i in ids if i not in touched), key=lambda i: -float(content.vectors([i])[i] @ request.profile))
-    assert closest[0] in top
+    top, closest = new_items_stream(ranker)
+    assert ranker.place_odds.ready and ranker.learns_places == {"calibrated"}
+    assert closest in top
     chances = ranker.place_odds.chances()
     assert chances[0, 0] == chances.max() > 0.3
