@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
+from aiokafka.errors import IllegalStateError, KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from streams import metrics
@@ -61,6 +62,7 @@ from streams.observations import ObservationFeed
 from streams.observations import encode as encode_observations
 from streams.live_profiles import LiveProfiles
 from streams.profile import Profile, ProfileRule
+from streams.shown import Shown
 from streams.profile_updates import Deferral, ProfileUpdater, Received
 from streams.user_index import UserIndex, fanout_share
 from streams.rank import RankConfig
@@ -209,7 +211,7 @@ class StreamsApp:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fanout_share = 0  # of `fanout_users`, by the interactions partitions this worker owns
         self.model = ""
-        self.last_recs: OrderedDict[str, Recs] = OrderedDict()  # latest push per user, bounded
+        self.last_recs: OrderedDict[str, Shown] = OrderedDict()  # latest push per user, bounded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vector-store")  # calls in order
         # the profile agent's vector lookups, so that they never wait behind a refresh round
         self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="vector-fetch")
@@ -361,15 +363,29 @@ class StreamsApp:
         `pending` topics count too: a fan-out storm queues there. The embedded broker reports
         end offsets one low, so lag there reads one low per partition (clamped at zero)."""
         self.learner.report()
-        consumer = self.app.consumer
+        await self._report_lag_of(self.app.consumer)
+
+    async def _report_lag_of(self, consumer: Any) -> None:
+        """`_report_lag` for `consumer`. A rebalance may take a partition away between the
+        assignment read here and the calls after it (aiokafka then raises IllegalStateError,
+        which once crashed the stream processor from this timer while a second one joined):
+        a report is best effort, so such a partition is skipped and a failed call leaves the
+        gauges as they were until the next report."""
         mine = [tp for tp in consumer.assignment() if tp.topic in self.inputs]
         if not mine:
             return
-        highwaters = await consumer.highwaters(*mine)
+        try:
+            highwaters = await consumer.highwaters(*mine)
+        except KafkaError as exc:
+            log.info("consumer lag not reported this time: %s", exc)
+            return
         for tp in mine:
             done = self.delivery.processed(tp)
             if done is None:
-                done = await consumer.position(tp)  # nothing handled yet since this worker started
+                try:
+                    done = await consumer.position(tp)  # nothing handled yet since this worker started
+                except IllegalStateError:  # no longer this worker's
+                    continue
             if done is not None and tp in highwaters:
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwaters[tp] - done))
 
@@ -484,7 +500,7 @@ class StreamsApp:
             return
         variant = shown.variant or DEFAULT_VARIANT
         metrics.ONLINE_JUDGED.labels(variant).inc()
-        for k, hit in online_hit([r.item_id for r in shown.items], interaction.item_id).items():
+        for k, hit in online_hit(shown.item_ids, interaction.item_id).items():
             if hit:
                 metrics.ONLINE_HITS.labels(variant, str(k)).inc()
 
@@ -688,7 +704,7 @@ class StreamsApp:
             return False
         self._recs_producer().send(self.config.topics.recs, recs)  # queued; librdkafka batches and retries
         metrics.RECS_PUSHED.labels(trigger).inc()
-        self.last_recs[user_id] = recs
+        self.last_recs[user_id] = Shown(tuple(items), trigger, recs.generated_at, recs.variant)
         self.last_recs.move_to_end(user_id)
         if len(self.last_recs) > LAST_RECS_KEPT:
             self.last_recs.popitem(last=False)

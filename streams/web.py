@@ -36,7 +36,7 @@ from urllib.parse import quote
 
 from streams import metrics
 from streams.profile import Profile
-from topics import Rec, Recs
+from streams.shown import Shown
 from images.loader import ImageError, ImageLoader
 from images.thumbnails import jpeg_thumbnail
 
@@ -129,13 +129,13 @@ def card(item_id: str, meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
     }
 
 
-def user_version(profile: Profile, recs: Recs | None) -> str:
+def user_version(profile: Profile, recs: Shown | None) -> str:
     """Changes whenever what the user page shows changes: a poll that sends it back gets a
     short 'unchanged' answer without any vector-store call."""
     return f"{profile.count}:{recs.generated_at if recs is not None else 'request'}"
 
 
-def user_snapshot(profile: Profile, recs: Recs, meta: dict[str, dict[str, Any]], version: str) -> dict[str, Any]:
+def user_snapshot(profile: Profile, recs: Shown, meta: dict[str, dict[str, Any]], version: str) -> dict[str, Any]:
     """The user page's data: newest interactions first, then the current recommendations."""
     recent = list(reversed(profile.history))[:RECENT_SHOWN]
     return {
@@ -146,7 +146,7 @@ def user_snapshot(profile: Profile, recs: Recs, meta: dict[str, dict[str, Any]],
         "recs": {
             "trigger": recs.trigger,
             "generated_at": recs.generated_at,
-            "items": [card(r.item_id, meta.get(r.item_id, {}), score=round(r.score, 4)) for r in recs.items],
+            "items": [card(item_id, meta.get(item_id, {}), score=round(score, 4)) for item_id, score in recs.items],
         },
     }
 
@@ -223,14 +223,8 @@ class FeedPage:
             return {"unchanged": True, "version": version}, 200
         if recs is None:  # nothing pushed since this worker started: rank now
             lists = await service._store(service.ranking.recommend, [profile])
-            recs = Recs(
-                user_id=user_id,
-                items=[Rec(item_id=i, score=s) for i, s in lists[0]],
-                trigger="request",
-                model=service.model,
-                generated_at=time.time(),
-            )
-        ids = {i for i, _, _ in profile.history} | {r.item_id for r in recs.items}
+            recs = Shown(tuple(lists[0]), "request", time.time(), service.ranking.variant_of(user_id))
+        ids = {i for i, _, _ in profile.history} | set(recs.item_ids)
         meta = await service._store(service.items.get_meta, ids)
         return user_snapshot(profile, recs, meta, version), 200
 

@@ -416,3 +416,32 @@ def test_with_a_ranking_process_two_rounds_are_in_flight_and_pushed_in_order(mon
     asyncio.run(run())
     assert pushed == ["a", "b", "c", "d", "e", "a"]
     assert not app.due
+
+
+def test_a_partition_taken_away_mid_report_is_skipped_and_the_others_reported() -> None:
+    """The lag timer read the assignment, then a rebalance (a second stream processor joining)
+    took a partition away before `position`: aiokafka's IllegalStateError crashed the stream
+    processor. Now that partition is skipped."""
+    from aiokafka.errors import IllegalStateError
+    from faust.types import TP
+
+    app = StreamsApp(StreamsConfig(topics=TopicNames(), app_id="isolation-test"), MemoryVectorStore())
+    kept, taken = TP(app.config.topics.interactions, 0), TP(app.config.topics.interactions, 1)
+
+    class Rebalanced:
+        def assignment(self) -> set[TP]:
+            return {kept, taken}
+
+        async def highwaters(self, *tps: TP) -> dict[TP, int]:
+            return {tp: 10 for tp in tps}
+
+        async def position(self, tp: TP) -> int:
+            if tp == taken:
+                raise IllegalStateError(f"Partition {tp} is not assigned")
+            return 4
+
+    try:
+        asyncio.run(app._report_lag_of(Rebalanced()))
+        assert metrics.CONSUMER_LAG.labels(kept.topic, "0")._value.get() == 6
+    finally:
+        metrics.CONSUMER_LAG.clear()  # other tests read the gauge as this process's own

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 from images.loader import ImageLimits, ImageLoader
 from images.thumbnails import stored_thumbnail
 from streams.profile import Profile
+from streams.shown import Shown
 from streams.web import (
     CSP,
     EventRate,
@@ -39,7 +40,7 @@ from streams.web import (
     user_link,
     user_snapshot,
 )
-from topics import Interaction, Rec, Recs, TopicNames
+from topics import Interaction, TopicNames
 from vectorstore import MemoryVectorStore, MilvusVectorStore, VectorRecord
 from vlm4rec.harness.simulated import COLOURS
 
@@ -116,7 +117,7 @@ def test_event_rate_over_a_window() -> None:
 
 def test_user_snapshot_newest_first_with_titles_and_reasons() -> None:
     profile = Profile("u", count=2, history=[("a", "click", 1.0), ("b", "like", 2.0)])
-    recs = Recs(user_id="u", items=[Rec(item_id="c", score=0.91234)], trigger="fresh_item", model="m", generated_at=5.0)
+    recs = Shown((("c", 0.91234),), "fresh_item", 5.0, "")
     meta = {"b": {"title": XSS_TITLE, "image_url": "file:///b.png"}, "c": {"title": "C"}}
     data = user_snapshot(profile, recs, meta, "2:5.0")
     assert [c["item_id"] for c in data["recent"]] == ["b", "a"]
@@ -256,8 +257,8 @@ def test_user_data_and_recent_users(ui: Any) -> None:
         assert data["recs"]["items"][0]["item_id"] == XSS_ID, "nearest unseen item to a red profile"
         assert await page.user_data("alice", data["version"]) == ({"unchanged": True, "version": data["version"]}, 200)
         assert (await page.user_data("nobody", ""))[1] == 404
-        service.last_recs["alice"] = Recs(user_id="alice", items=[], trigger="interaction", model="m", generated_at=9.0)
-        service.last_recs[XSS_USER] = Recs(user_id=XSS_USER, items=[], trigger="fresh_item", model="m", generated_at=10.0)
+        service.last_recs["alice"] = Shown((), "interaction", 9.0, "")
+        service.last_recs[XSS_USER] = Shown((), "fresh_item", 10.0, "")
         listed = await (await client.get("/ui/api/users")).json()
         assert [u["user_id"] for u in listed["users"]] == [XSS_USER, "alice"], "most recent first"
         assert [u["user_id"] for u in (await (await client.get("/ui/api/users?q=ALI")).json())["users"]] == ["alice"]
