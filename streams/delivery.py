@@ -44,6 +44,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from aiokafka.errors import IllegalStateError
 from faust.types import TP
 
 from streams import faust_fixes
@@ -173,7 +174,7 @@ class Delivery:
                 if message.offset > expected:
                     log.warning("%s[%d]: offset %d arrived before %d; reading again from %d", *key, message.offset, expected, expected)
                     self._rewound[key] = (expected, now)
-                    await self._app.consumer.seek(message.tp, expected)
+                    await self._seek(message.tp, expected)
                     continue
             self._rewound.pop(key, None)
             self._processed[key] = max(expected, message.offset + 1)
@@ -209,7 +210,17 @@ class Delivery:
                     continue
             log.warning("%s[%d]: offset %d has not come; reading again from it", topic, partition, offset)
             self._rewound[(topic, partition)] = (offset, now)
+            await self._seek(tp, offset)
+
+    async def _seek(self, tp: TP, offset: int) -> None:
+        """Read `tp` again from `offset`, unless a rebalance took it away meanwhile (aiokafka
+        raises IllegalStateError, which out of a timer would stop the app; the lag timer's
+        did, docs/hardening.md): its new owner reads from the committed offset."""
+        try:
             await self._app.consumer.seek(tp, offset)
+        except IllegalStateError:
+            log.info("%s[%d]: not read again from %d: no longer assigned here", tp.topic, tp.partition, offset)
+            self._rewound.pop((tp.topic, tp.partition), None)
 
 
 @dataclass(frozen=True)

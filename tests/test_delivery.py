@@ -201,3 +201,23 @@ def test_tansu_ends_a_partition_at_its_last_batch_and_the_own_broker_at_its_last
         assert consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10) == (0, 6)
     finally:
         consumer.close()
+
+
+def test_a_partition_taken_away_before_its_seek_back_is_dropped_not_raised() -> None:
+    """A rebalance between the timer's look at a stalled partition and its seek: aiokafka
+    raises IllegalStateError, which out of a timer stops the whole app. Now the partition's
+    re-read is dropped (its new owner reads from the committed offset)."""
+    from aiokafka.errors import IllegalStateError
+
+    clock = [100.0]
+    delivery, consumer, offsets = harness(clock, {})
+    consumer.sought({TOPIC: 5})
+    assert offsets(5, 9) == [5] and consumer.seeks == [(TOPIC, 6)]
+
+    async def taken_away(tp: TP, offset: int) -> None:
+        raise IllegalStateError(f"Partition {tp} is not assigned")
+
+    consumer.seek = taken_away
+    clock[0] += REWIND_EVERY_S + 0.5
+    asyncio.run(delivery.reread_stalled())
+    assert not delivery._rewound, "nothing left to re-read here"
