@@ -704,7 +704,7 @@ class StreamsApp:
             return False
         self._recs_producer().send(self.config.topics.recs, recs)  # queued; librdkafka batches and retries
         metrics.RECS_PUSHED.labels(trigger).inc()
-        self.last_recs[user_id] = Shown(tuple(items), trigger, recs.generated_at, recs.variant)
+        self.last_recs[user_id] = Shown.of(recs)
         self.last_recs.move_to_end(user_id)
         if len(self.last_recs) > LAST_RECS_KEPT:
             self.last_recs.popitem(last=False)

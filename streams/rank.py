@@ -798,15 +798,18 @@ class BlendRanker:
         tail = x[:, COLUMN["pop_count"]] <= math.log1p(1.0)
         content_score = x[:, COLUMN["cos_mean"]]
         ties = self._names.of(drawn.rows)
+        calibrated, earned = "calibrated" in self.learns_places, "earned" in self.learns_places
         for n, (at, to) in enumerate(zip(drawn.starts[:-1].tolist(), drawn.starts[1:].tolist(), strict=True)):
             target_tail = self.stats.count(items[n]) <= 1
             row = self.stats.index.get(items[n])
             found = np.flatnonzero(drawn.rows[at:to] == row) if row is not None else np.zeros(0, np.int64)
-            order, score = ties[at:to], self.score(x[at:to])
-            if "calibrated" in self.learns_places:
+            order = ties[at:to]
+            # scored where a rule reads it: "earned" only for a target among the candidates
+            score = self.score(x[at:to]) if len(found) or calibrated else None
+            if calibrated and score is not None:
                 blend_places, content_places = self._places(score, content_score[at:to], tail[at:to], order)
                 self.place_odds.example(blend_places, content_places, tail[at:to], int(found[0]) if len(found) else None)
-            if "earned" not in self.learns_places:
+            if not earned:
                 continue
             if len(found) == 0:
                 self.slots.target(None)
@@ -814,6 +817,7 @@ class BlendRanker:
                     self.slots.tail_target(None)
                 continue
             j = int(found[0])
+            assert score is not None  # a target was found
             self.slots.target(_place(j, score, order))
             if target_tail:
                 left_out = tail[at:to].copy()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from topics import Recs
+
 
 @dataclass(frozen=True, slots=True)
 class Shown:
@@ -19,6 +21,11 @@ class Shown:
     trigger: str
     generated_at: float
     variant: str
+
+    @classmethod
+    def of(cls, recs: Recs) -> Shown:
+        """What was pushed, as the contract cleaned it (the ids the next interactions carry)."""
+        return cls(tuple((r.item_id, r.score) for r in recs.items), recs.trigger, recs.generated_at, recs.variant)
 
     @property
     def item_ids(self) -> list[str]:
