@@ -299,6 +299,14 @@ def test_summary_tells_flat_from_growing(tmp_path: Path) -> None:
     assert not summary["lag"]["flat"] and not summary["backlog"]["flat"] and not summary["p99"]["interaction_to_recs"]["flat"]
     assert not summary["rss"]["worker"]["bounded"] and summary["rss"]["worker"]["growth_mb_per_min_second_half"] == pytest.approx(120.0)
 
+    slow_growth = [_sample(10.0 * n, lag=5.0, worker_mb=800.0 + n / 3, p99_ms=100.0 + 2 * n) for n in range(1, 31)]
+    summary = summarise(slow_growth)
+    assert not summary["rss"]["worker"]["bounded"], "2 MB/min is not bounded, however large the process"
+    assert summary["p99"]["interaction_to_recs"]["last_to_first"] == pytest.approx(151 / 111, abs=0.01)
+    assert summary["p99"]["interaction_to_recs"]["flat"], "1.36x is within the issue's 1.5x"
+    rising = [_sample(10.0 * n, lag=5.0, worker_mb=800.0, p99_ms=100.0 + 4 * n) for n in range(1, 31)]
+    assert not summarise(rising)["p99"]["interaction_to_recs"]["flat"], "1.7x is not, however small the figures"
+
     saturated = [{**s, "p99_ms": {"interaction_to_recs": None}, "p99_beyond_buckets": ["interaction_to_recs"]} if n >= 20 else s
                  for n, s in enumerate(steady)]
     assert summarise(saturated)["p99"]["interaction_to_recs"]["flat"] is False, "beyond the buckets at the end only"

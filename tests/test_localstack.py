@@ -156,3 +156,26 @@ def test_the_local_stacks_worker_embeds_on_half_the_cores_unless_told() -> None:
     assert worker_env(Settings(_env_file=None)) == {"VLM4REC_EMBED_THREADS": str(max(1, cores // 2))}
     assert worker_env(Settings(_env_file=None, embed_threads=3)) == {}
     assert worker_env(Settings(_env_file=None, embed_backend="vllm-http")) == {}
+
+
+def test_a_harness_stack_runs_what_vlm4rec_up_runs(tmp_path: Path) -> None:
+    """The soak, chaos and demo stacks hand every setting to their children, which made each
+    one "set": the stack's choices for settings left unset were overridden, and a soak of one
+    stream processor learnt through the shared observations topic (JSON round trips of every
+    interaction's last 50 items through the broker) that `vlm4rec up` turns off for one."""
+    from vlm4rec.cli.stack import stack_services
+    from vlm4rec.harness.ownstack import own_services, own_settings
+    from vlm4rec.settings import Settings
+
+    def streams_env(settings: Settings) -> list[dict[str, str]]:
+        services, _ = own_services(own_settings(settings, tmp_path, ()), stack_services)
+        return [s.env for s in services if s.name.startswith("streams")]
+
+    (one,) = streams_env(Settings(_env_file=None))
+    assert one["VLM4REC_STREAMS_LEARN_FROM_ALL"] == "false"
+    two = streams_env(Settings(_env_file=None, local_streams=2))
+    assert [env["VLM4REC_STREAMS_LEARN_FROM_ALL"] for env in two] == ["true", "true"]
+    assert len({env["VLM4REC_WEB_PORT"] for env in two}) == 2, "each stream processor on a port of its own"
+    (told,) = streams_env(Settings(_env_file=None, streams_learn_from_all=True))
+    assert told["VLM4REC_STREAMS_LEARN_FROM_ALL"] == "true", "a user's own setting stands"
+    assert one["VLM4REC_BOOTSTRAP_SERVERS"].startswith("127.0.0.1:"), "every other setting is handed down"

@@ -81,7 +81,11 @@ def streams_answers(web_url: str) -> bool:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Every setting as the VLM4REC_* variable that sets it: the child processes read their
-    settings from the environment, and must see exactly the values this process uses."""
+    settings from the environment, and must see exactly the values this process uses. A
+    service's own variables (`stack_services`: each stream processor's web port, whether it
+    learns from the others) come on top: every setting is "set" here, so these would
+    otherwise override the choices `vlm4rec up` makes from what was left unset (a soak of one
+    stream processor ran with shared learning, which `vlm4rec up` turns off for one)."""
     env = {}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
@@ -110,6 +114,22 @@ def own_settings(settings: Settings, run_dir: Path, file_roots: Sequence[Path]) 
     )
 
 
+def own_services(
+    own: Settings, stack_services: StackServices, restart_milvus: bool = False, milvus_proxy_port: int | None = None
+) -> tuple[list[Service], int]:
+    """The services of `vlm4rec up` for `own` settings, each given every setting in its
+    environment (`settings_env`) under what the stack chose for it."""
+    services, infra = stack_services(own, False)
+    env = settings_env(own)
+    for service in services:
+        service.env = {**env, **service.env}
+        if service.name == "milvus":
+            service.restart = restart_milvus
+        elif milvus_proxy_port is not None and service.name in ("worker", "streams"):
+            service.env["VLM4REC_MILVUS_URI"] = f"http://127.0.0.1:{milvus_proxy_port}"
+    return services, infra
+
+
 @contextmanager
 def own_stack(
     settings: Settings,
@@ -130,18 +150,11 @@ def own_stack(
     settings.model_cache_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "models").symlink_to(settings.model_cache_dir.resolve(), target_is_directory=True)
     own = own_settings(settings, run_dir, file_roots)
-    services, infra = stack_services(own, False)
-    env = settings_env(own)
     proxy = None
     if milvus_proxy:
         host, port = parse_host_port(own.milvus_uri, 19530)
         proxy = SlowProxy(host, port)
-    for service in services:
-        service.env.update(env)
-        if service.name == "milvus":
-            service.restart = restart_milvus
-        elif proxy is not None and service.name in ("worker", "streams"):
-            service.env["VLM4REC_MILVUS_URI"] = f"http://127.0.0.1:{proxy.port}"
+    services, infra = own_services(own, stack_services, restart_milvus, proxy.port if proxy else None)
     stack = LocalStack(services, log_dir=run_dir / "logs")
     stack.start(
         after_infra=lambda: create_topics(own.kafka_config(), own.topic_partitions_map(), own.topic_replication, configs=own.topic_configs()),

@@ -13,6 +13,10 @@ from vlm4rec.extras import require
 
 
 # --- judging -------------------------------------------------------------------------------
+MAX_GROWTH_MB_PER_MIN = 1.0
+MAX_P99_RATIO = 1.5
+
+
 def _slope_per_min(points: Sequence[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, value) points, per minute."""
     if len(points) < 2:
@@ -33,10 +37,11 @@ def summarise(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """First third against last third, and memory growth over the second half.
 
     Flat lag (the gauge, and the backlog counted by the soak itself): the last third's mean is
-    within one second of input plus 100 messages of the first third's. Bounded memory: a process grows less than 1 % of its size per minute over
-    the second half (a leak grows for as long as the load lasts). Flat p99: the last third's
-    mean p99 is at most 1.5 times the first third's plus 50 ms, and never beyond the histogram's
-    last bucket in the last third unless it already was in the first (then: unknown, None)."""
+    within one second of input plus 100 messages of the first third's. Bounded memory (issue
+    17's rule): a process grows less than 1 MB per minute over the second half (a leak grows
+    for as long as the load lasts). Flat p99 (the same issue's): the last third's mean p99 is
+    at most 1.5 times the first third's, and never beyond the histogram's last bucket in the
+    last third unless it already was in the first (then: unknown, None)."""
     if len(samples) < 3:
         return {"note": "too few samples to judge"}
     third = len(samples) // 3
@@ -57,7 +62,7 @@ def summarise(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "end_mb": samples[-1]["rss_mb"][name],
             "max_mb": max(sizes),
             "growth_mb_per_min_second_half": round(slope, 2),
-            "bounded": slope < 0.01 * max(sizes),
+            "bounded": slope < MAX_GROWTH_MB_PER_MIN,
         }
         own = [(s["t_s"], s["rss_own_mb"][name]) for s in half if s.get("rss_own_mb", {}).get(name) is not None]
         if own and own[-1][1] != sizes[-1]:  # it has children: how much of the growth is its own
@@ -73,9 +78,10 @@ def summarise(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         elif beyond_last:
             flat = False
         else:
-            flat = None if a is None or b is None else b <= 1.5 * a + 50
+            flat = None if a is None or b is None else b <= MAX_P99_RATIO * a
         p99[name] = {
             "first_third_ms": a, "last_third_ms": b, "flat": flat,
+            "last_to_first": None if not a or b is None else round(b / a, 2),
             "samples_beyond_buckets": {"first_third": beyond_first, "last_third": beyond_last},
         }
     return {
