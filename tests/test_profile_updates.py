@@ -134,3 +134,29 @@ def test_refreshes_ask_for_recs_of_users_with_a_profile_only() -> None:
     update = store.updater().update(batch, VECTORS)
     assert update.refreshed == {"known": (2, 45.0), "new": (1, 40.0)}, "the latest refresh of a user counts"
     assert list(update.profiles) == ["new"], "a refresh changes no profile"
+
+
+def test_profiles_share_one_string_per_item_and_event() -> None:
+    """Each decoded event brings strings of its own; the profiles keep one object per item and
+    event name, not one per interaction (the main process grew ~1 MB/min while 2,000 seen
+    lists filled with copies)."""
+    def fresh(text: str) -> str:
+        return "".join(list(text))  # an equal string, another object (as JSON decoding makes)
+
+    vectors = {fresh("item-a"): X}
+    batch = [click(user, fresh("item-a"), n, event=fresh("click")) for n, user in enumerate(["u", "v", "w"])]
+    assert batch[0].interaction.item_id is not batch[1].interaction.item_id
+    update = Store().updater().update(batch, vectors)
+    profiles = [update.profiles[u][0] for u in ("u", "v", "w")]
+    assert len({id(p.seen[0]) for p in profiles}) == 1 and profiles[0].seen == ["item-a"]
+    assert len({id(p.history[0][0]) for p in profiles}) == 1 and len({id(p.history[0][1]) for p in profiles}) == 1
+
+
+def test_the_shared_strings_table_is_bounded() -> None:
+    from streams.profile_updates import Shared
+
+    shared = Shared(3)
+    first = shared("".join(list("a")))
+    assert shared("".join(list("a"))) is first
+    values = [shared(f"id-{n}") for n in range(10)]
+    assert values == [f"id-{n}" for n in range(10)] and len(shared._values) <= 3, "odd ids cannot grow it"
