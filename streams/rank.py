@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, TypeVar
 
@@ -433,6 +433,27 @@ def _pairs_won(x: np.ndarray, weights: np.ndarray) -> float:
     return float(np.mean((scores[0] > scores[1:]) + 0.5 * (scores[0] == scores[1:])))
 
 
+#: rows of the differences a fit's Newton step works on at once (`PairwiseLogistic.fitted`)
+FIT_ROWS = 16_384
+
+
+def _differences(xs: Sequence[np.ndarray]) -> np.ndarray:
+    """(positive - negative) rows of every group, in one float64 array filled in place: a
+    full buffer is 250,000 rows, and the lists of differences, their concatenation, its
+    scaled copy and the Hessian's weighted copy each took that again (the ranking process's
+    memory rose ~80 MB at every refit, docs/hardening.md)."""
+    out = np.empty((sum(len(x) - 1 for x in xs), xs[0].shape[1]))
+    at = 0
+    for x in xs:
+        np.subtract(x[:1], x[1:], out=out[at : at + len(x) - 1])
+        at += len(x) - 1
+    return out
+
+
+def _chunks(z: np.ndarray) -> Iterator[np.ndarray]:
+    return (z[start : start + FIT_ROWS] for start in range(0, len(z), FIT_ROWS))
+
+
 class PairwiseLogistic:
     """Linear scorer trained with the pairwise logistic loss on (positive - negative)
     differences, standardised, L2-regularised, by Newton's method (a handful of features)."""
@@ -451,17 +472,21 @@ class PairwiseLogistic:
         usable = [g.x for g in groups if len(g.x) > 1 and np.isfinite(g.x).all()]
         if not usable:
             return None
-        diffs = np.concatenate([x[:1] - x[1:] for x in usable]).astype(np.float64)
-        scale = diffs.std(axis=0)
+        z = _differences(usable)
+        mean = z.mean(axis=0)
+        scale = np.sqrt(sum(((part - mean) ** 2).sum(axis=0) for part in _chunks(z)) / len(z))  # z.std(axis=0), a chunk at a time
         scale[~(scale >= 1e-9)] = 1.0
-        z = diffs / scale
+        z /= scale
         w = np.zeros(z.shape[1])
         try:
             for _ in range(25):
-                margin = z @ w
-                p = 1.0 / (1.0 + np.exp(np.clip(margin, -30, 30)))  # d loss / d margin = -p
-                grad = -(z.T @ p) / len(z) + self.l2 * w / len(z)
-                hess = (z.T * (p * (1 - p))) @ z / len(z) + self.l2 * np.eye(len(w)) / len(z)
+                grad, hess = np.zeros(len(w)), np.zeros((len(w), len(w)))
+                for part in _chunks(z):
+                    p = 1.0 / (1.0 + np.exp(np.clip(part @ w, -30, 30)))  # d loss / d margin = -p
+                    grad -= part.T @ p
+                    hess += (part.T * (p * (1 - p))) @ part
+                grad = grad / len(z) + self.l2 * w / len(z)
+                hess = hess / len(z) + self.l2 * np.eye(len(w)) / len(z)
                 step = np.linalg.solve(hess, grad)
                 w -= step
                 if np.abs(step).max() < 1e-6:

@@ -317,6 +317,13 @@ def test_summary_tells_flat_from_growing(tmp_path: Path) -> None:
     assert split["streams"]["growth_mb_per_min_second_half"] == pytest.approx(36.0)
     assert split["streams"]["own_growth_mb_per_min_second_half"] == 0.0, "the growth is its child's"
     assert "own_growth_mb_per_min_second_half" not in split["worker"], "no children: nothing to split"
+    spike = [{**s, "rss_mb": {**s["rss_mb"], "worker": 800.0 + n / 3 + (80.0 if n == 25 else 0.0)}} for n, s in enumerate(steady)]
+    assert summarise(spike)["rss"]["worker"]["growth_mb_per_min_second_half"] == pytest.approx(2.0), "a moment's peak is not growth"
+    parent_grows = [{**s, "rss_mb": {**s["rss_mb"], "streams": 400.0}, "rss_own_mb": {"worker": s["rss_mb"]["worker"], "streams": 150.0 + n / 3}}
+                    for n, s in enumerate(steady)]
+    split = summarise(parent_grows)["rss"]["streams"]
+    assert split["growth_mb_per_min_second_half"] == 0.0 and split["own_growth_mb_per_min_second_half"] == pytest.approx(2.0)
+    assert not split["bounded"], "a parent growing 2 MB/min while its child shrinks is not bounded"
 
     figures = {"samples": steady, "summary": summarise(steady), "rate_per_s": 100, "minutes": 5, "cpu_cores": 2}
     picture = write(figures, tmp_path / "soak.json")
