@@ -81,11 +81,7 @@ def streams_answers(web_url: str) -> bool:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Every setting as the VLM4REC_* variable that sets it: the child processes read their
-    settings from the environment, and must see exactly the values this process uses. A
-    service's own variables (`stack_services`: each stream processor's web port, whether it
-    learns from the others) come on top: every setting is "set" here, so these would
-    otherwise override the choices `vlm4rec up` makes from what was left unset (a soak of one
-    stream processor ran with shared learning, which `vlm4rec up` turns off for one)."""
+    settings from the environment, and must see exactly the values this process uses."""
     env = {}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
@@ -118,7 +114,11 @@ def own_services(
     own: Settings, stack_services: StackServices, restart_milvus: bool = False, milvus_proxy_port: int | None = None
 ) -> tuple[list[Service], int]:
     """The services of `vlm4rec up` for `own` settings, each given every setting in its
-    environment (`settings_env`) under what the stack chose for it."""
+    environment (`settings_env`) with the service's own variables on top (`stack_services`:
+    each stream processor's web port, whether it learns from the others). Every setting is
+    "set" in that environment, so the other way round it overrode the choices `vlm4rec up`
+    makes for settings left unset: a soak of one stream processor learnt through the shared
+    observations topic, which `vlm4rec up` turns off for one."""
     services, infra = stack_services(own, False)
     env = settings_env(own)
     for service in services:

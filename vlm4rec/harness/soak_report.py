@@ -20,8 +20,8 @@ MAX_P99_RATIO = 1.5
 def _slope_per_min(points: Sequence[tuple[float, float]]) -> float:
     """Growth per minute of (seconds, value) points: the median of the slopes between every
     two of them (Theil-Sen), so that one sample taken during a moment's peak (the ranking
-    process fitting its model: up to 80 MB for a second) does not read as growth, which a
-    least-squares line made of it (1.27 MB/min where the samples either side grew 0.8)."""
+    process fitting its model: up to 80 MB for a second) does not read as growth, as it did
+    through a least-squares line (1.27 MB/min where the samples either side grew 0.8)."""
     slopes = sorted(
         (v2 - v1) / (t2 - t1) for n, (t1, v1) in enumerate(points) for t2, v2 in points[n + 1 :] if t2 != t1
     )
@@ -42,9 +42,10 @@ def summarise(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Flat lag (the gauge, and the backlog counted by the soak itself): the last third's mean is
     within one second of input plus 100 messages of the first third's. Bounded memory (issue
     17's rule): a process grows less than 1 MB per minute over the second half (a leak grows
-    for as long as the load lasts), with its children and alone. Flat p99 (the same issue's): the last third's mean p99 is
-    at most 1.5 times the first third's, and never beyond the histogram's last bucket in the
-    last third unless it already was in the first (then: unknown, None)."""
+    for as long as the load lasts), with its children and alone. Flat p99 (the same issue's):
+    the last third's mean p99 is at most 1.5 times the first third's, and never beyond the
+    histogram's last bucket in the last third unless it already was in the first (then:
+    unknown, None)."""
     if len(samples) < 3:
         return {"note": "too few samples to judge"}
     third = len(samples) // 3
