@@ -4,6 +4,7 @@ figure stayed flat and every process's memory bounded, and the plot."""
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,8 @@ def _slope_per_min(points: Sequence[tuple[float, float]]) -> float:
     two of them (Theil-Sen), so that one sample taken during a moment's peak (the ranking
     process fitting its model: up to 80 MB for a second) does not read as growth, as it did
     through a least-squares line (1.27 MB/min where the samples either side grew 0.8)."""
-    slopes = sorted(
-        (v2 - v1) / (t2 - t1) for n, (t1, v1) in enumerate(points) for t2, v2 in points[n + 1 :] if t2 != t1
-    )
-    if not slopes:
-        return 0.0
-    mid = len(slopes) // 2
-    return 60 * (slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2)
+    slopes = [(v2 - v1) / (t2 - t1) for n, (t1, v1) in enumerate(points) for t2, v2 in points[n + 1 :] if t2 != t1]
+    return 60 * statistics.median(slopes) if slopes else 0.0
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
