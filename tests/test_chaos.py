@@ -325,10 +325,32 @@ def test_summary_tells_flat_from_growing(tmp_path: Path) -> None:
     assert split["growth_mb_per_min_second_half"] == 0.0 and split["own_growth_mb_per_min_second_half"] == pytest.approx(2.0)
     assert not split["bounded"], "a parent growing 2 MB/min while its child shrinks is not bounded"
 
+    assert summarise(steady)["machine"] == {"note": "no canary readings"}
+    slower_machine = [{**s, "canary_ms": 2.0 if n < 10 else 3.0} for n, s in enumerate(steady)]
+    machine = summarise(slower_machine)["machine"]
+    assert machine == {"canary_first_third_ms": 2.0, "canary_last_third_ms": 3.0, "last_to_first": 1.5}
+
     figures = {"samples": steady, "summary": summarise(steady), "rate_per_s": 100, "minutes": 5, "cpu_cores": 2}
     picture = write(figures, tmp_path / "soak.json")
     assert picture.read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "soak.json").read_text())["rate_per_s"] == 100
+
+
+def test_the_canary_reads_more_cpu_per_unit_for_more_work() -> None:
+    """The soak's machine canary measures CPU time per fixed unit: a unit ten times larger reads
+    several times longer, and a reading is taken once (the next take starts afresh)."""
+    from vlm4rec.harness.soak import MachineCanary
+
+    readings = {}
+    for unit in (5_000, 50_000):
+        with MachineCanary(period_s=0.02, unit=unit) as canary:
+            time.sleep(0.5)
+            readings[unit] = canary.take()
+            assert readings[unit] is not None and readings[unit] > 0
+    assert readings[50_000] > 3 * readings[5_000]
+    idle = MachineCanary(period_s=60)
+    with idle:
+        assert idle.take() is None, "nothing measured yet"
 
 
 @pytest.mark.integration

@@ -23,6 +23,7 @@ import io
 import math
 import os
 import random
+import statistics
 import threading
 import time
 import urllib.request
@@ -172,6 +173,48 @@ class CpuMeter:
             except psutil.NoSuchProcess:
                 pass
         return round(total, 1)
+
+
+class MachineCanary:
+    """The CPU time one fixed unit of Python work takes, measured every `period_s` in a thread
+    of the soak's own process. This machine is a guest on a shared host: the same work took
+    from 42 to 75 units per CPU-second from one minute to the next with nothing else running
+    (docs/hardening.md), and the host's share of a core is invisible to the guest (no steal
+    time is reported; the lost cycles are charged to whatever process was running). A soak's
+    p99 follows the machine's pace, so the soak records it beside every sample, to tell a
+    stack that slowed itself from a machine that did."""
+
+    def __init__(self, period_s: float = 0.5, unit: int = 20_000) -> None:
+        self.period_s = period_s
+        self.unit = unit
+        self._readings: list[float] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-canary", daemon=True)
+
+    def __enter__(self) -> MachineCanary:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def take(self) -> float | None:
+        """Median CPU milliseconds per unit since the previous call (None: none measured)."""
+        with self._lock:
+            readings, self._readings = self._readings, []
+        return round(statistics.median(readings), 3) if readings else None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            started = time.thread_time()
+            total = 0
+            for n in range(self.unit):
+                total += n * n % 7
+            spent = (time.thread_time() - started) * 1000
+            with self._lock:
+                self._readings.append(spent)
 
 
 def rss_mb(pid: int | None, children: bool = True) -> float | None:
@@ -349,43 +392,49 @@ def _soak(
     pids = {s.name: s.process.pid if s.process else None for s in own.stack.services}
     for pid in pids.values():
         cpu.percent(pid)
+    harness = psutil.Process()
+    harness.cpu_percent(None)
     thread.start()
     samples = []
     try:
-        while thread.is_alive():
-            stop.wait(sample_s)
-            own.stack.supervise_once()
-            pids = {s.name: s.process.pid if s.process else None for s in own.stack.services}
-            now, now_worker = scrape(metrics_url), scrape(worker_url)
-            topics = own.settings.topics
-            p99 = {
-                "interaction_to_recs": window_quantile(previous, now, "vlm4rec_streams_interaction_to_recs_seconds", 0.99),
-                "fresh_item_to_push": window_quantile(previous, now, "vlm4rec_streams_fresh_item_seconds", 0.99),
-                "item_embedding": window_quantile(previous_worker, now_worker, "vlm4rec_worker_item_latency_seconds", 0.99),
-            }
-            samples.append(
-                {
-                    "t_s": round(now.at - started, 1),
-                    "sent": load.sent - sent_before,
-                    "applied_per_s": round((applied(now) - applied(previous)) / (now.at - previous.at), 1),
-                    "lag_interactions": lag(now, topics.interactions),
-                    "lag_items_embedded": lag(now, topics.items_embedded),
-                    # the same from the soak's own counts: the gauge relies on the broker's
-                    # end offsets, which the embedded broker reports low (docs/hardening.md)
-                    "backlog": load.sent - sent_before - (applied(now) - applied_before),
-                    "rss_mb": {name: rss_mb(pid) for name, pid in pids.items()},
-                    # the process alone: the stream processor's ranking process is its child
-                    "rss_own_mb": {name: rss_mb(pid, children=False) for name, pid in pids.items()},
-                    "cpu_percent": {name: cpu.percent(pid) for name, pid in pids.items()},
-                    "p99_ms": {name: _ms(q) for name, q in p99.items()},
-                    "p99_beyond_buckets": sorted(name for name, q in p99.items() if q == math.inf),
-                    "stage_mean_ms": stage_means_ms(previous, now),
-                    "path_mean_ms": path_means_ms([previous], [now]),
-                    "recs_due": now.total("vlm4rec_streams_recs_due"),
-                    "restarts": {s.name: s.restarts for s in own.stack.services if s.restart},
+        with MachineCanary() as canary:
+            while thread.is_alive():
+                stop.wait(sample_s)
+                own.stack.supervise_once()
+                pids = {s.name: s.process.pid if s.process else None for s in own.stack.services}
+                now, now_worker = scrape(metrics_url), scrape(worker_url)
+                topics = own.settings.topics
+                p99 = {
+                    "interaction_to_recs": window_quantile(previous, now, "vlm4rec_streams_interaction_to_recs_seconds", 0.99),
+                    "fresh_item_to_push": window_quantile(previous, now, "vlm4rec_streams_fresh_item_seconds", 0.99),
+                    "item_embedding": window_quantile(previous_worker, now_worker, "vlm4rec_worker_item_latency_seconds", 0.99),
                 }
-            )
-            previous, previous_worker = now, now_worker
+                samples.append(
+                    {
+                        "t_s": round(now.at - started, 1),
+                        "sent": load.sent - sent_before,
+                        "applied_per_s": round((applied(now) - applied(previous)) / (now.at - previous.at), 1),
+                        "lag_interactions": lag(now, topics.interactions),
+                        "lag_items_embedded": lag(now, topics.items_embedded),
+                        # the same from the soak's own counts: the gauge relies on the broker's
+                        # end offsets, which the embedded broker reports low (docs/hardening.md)
+                        "backlog": load.sent - sent_before - (applied(now) - applied_before),
+                        "rss_mb": {name: rss_mb(pid) for name, pid in pids.items()},
+                        # the process alone: the stream processor's ranking process is its child
+                        "rss_own_mb": {name: rss_mb(pid, children=False) for name, pid in pids.items()},
+                        "cpu_percent": {name: cpu.percent(pid) for name, pid in pids.items()},
+                        # the soak's own process: the load, these scrapes and the canary
+                        "harness_cpu_percent": round(harness.cpu_percent(None), 1),
+                        "canary_ms": canary.take(),
+                        "p99_ms": {name: _ms(q) for name, q in p99.items()},
+                        "p99_beyond_buckets": sorted(name for name, q in p99.items() if q == math.inf),
+                        "stage_mean_ms": stage_means_ms(previous, now),
+                        "path_mean_ms": path_means_ms([previous], [now]),
+                        "recs_due": now.total("vlm4rec_streams_recs_due"),
+                        "restarts": {s.name: s.restarts for s in own.stack.services if s.restart},
+                    }
+                )
+                previous, previous_worker = now, now_worker
     finally:
         stop.set()
         thread.join(30)

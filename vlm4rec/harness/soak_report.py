@@ -102,7 +102,21 @@ def summarise(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         },
         "rss": memory,
         "p99": p99,
+        "machine": _machine(first, last),
     }
+
+
+def _machine(first: Sequence[dict[str, Any]], last: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The canary's pace (CPU ms per fixed unit, `soak.MachineCanary`) in the first and last
+    thirds: a `last_to_first` above 1 says the machine itself ran slower at the end, which a
+    p99 ratio alone would charge to the stack. Reported, not judged: the issue's rule is about
+    the p99 as served."""
+    a = [s["canary_ms"] for s in first if s.get("canary_ms") is not None]
+    b = [s["canary_ms"] for s in last if s.get("canary_ms") is not None]
+    if not a or not b:
+        return {"note": "no canary readings"}
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    return {"canary_first_third_ms": round(mean_a, 3), "canary_last_third_ms": round(mean_b, 3), "last_to_first": round(mean_b / mean_a, 2)}
 
 
 def plot(figures: dict[str, Any], path: Path) -> None:
@@ -131,6 +145,10 @@ def plot(figures: dict[str, Any], path: Path) -> None:
         axes[3].plot(t, [s["p99_ms"][name] for s in samples], label=name)
     axes[3].set_ylabel("p99 over the interval (ms; gaps: none or beyond 60 s)")
     axes[3].set_yscale("log")
+    if any(s.get("canary_ms") is not None for s in samples):
+        pace = axes[3].twinx()
+        pace.plot(t, [s.get("canary_ms") for s in samples], color="black", linestyle=":", alpha=0.6)
+        pace.set_ylabel("machine canary, CPU ms per unit (dotted)")
     axes[3].set_xlabel("minutes")
     for axis in axes:
         axis.legend(loc="upper left", fontsize=8)
