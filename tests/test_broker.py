@@ -402,3 +402,12 @@ def test_a_topics_retention_ms_applies_whoever_reads_it_and_bad_configs_are_refu
     assert part.log_start == 0
     broker.apply_retention(now=11.5)
     assert part.log_start == 1 and part.bytes_held == 0
+
+
+def test_the_minute_summary_gives_request_rates_per_api_and_client() -> None:
+    from collections import Counter
+
+    from vlm4rec.localstack.broker.server import request_rates
+
+    counts = Counter({("fetch", "streams"): 600, ("fetch", "worker"): 60, ("fetch", ""): 6, ("produce", "streams"): 1200})
+    assert request_rates(counts, 60.0, clients=2) == "produce 20.0 (streams 20.0), fetch 11.1 (streams 10.0, worker 1.0)"

@@ -54,8 +54,8 @@ class Settings(BaseSettings):
         "embedded broker waits about half of it",
     )
     kafka_fetch_max_wait_ms: int = Field(
-        100, ge=1, le=1500, description="longest wait of a consumer's fetch for new data; the embedded "
-        "broker answers a fetch only when the wait ends, so this is latency there (Kafka answers on arrival; "
+        100, ge=1, le=1500, description="longest wait of a consumer's fetch for new data; Tansu "
+        "(VLM4REC_LOCAL_BROKER=tansu) answers a fetch only when the wait ends, so this is latency there (Kafka and the own broker answer on arrival; "
         "with VLM4REC_STREAMS_BROKER_SHIMS off the stream processor keeps Faust's own 1500)"
     )
     topic_partitions: int = Field(4, ge=1, description="partitions of every product topic")

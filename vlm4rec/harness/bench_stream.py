@@ -124,7 +124,7 @@ def _consume(
     consumer = Consumer(
         {**kafka_config, "group.id": f"bench-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "latest",
          "enable.auto.commit": False, "session.timeout.ms": 6000,
-         # the embedded broker answers a fetch only when its wait ends (librdkafka's default
+         # Tansu answers a fetch only when its wait ends (librdkafka's default
          # 500 ms would add 250 ms on average to every latency measured here)
          "fetch.wait.max.ms": 20}
     )

@@ -17,6 +17,7 @@ import logging
 import re
 import struct
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,8 @@ class Broker:
         self.next_producer_id = 1000
         self.arrivals: dict[tuple[str, int], list[asyncio.Future[None]]] = {}
         self.freed_bytes = 0
+        #: requests since the last minute's summary, by (API, client id): who asks what how often
+        self.requests: Counter[tuple[str, str]] = Counter()
         self._handlers = {
             p.PRODUCE: self.produce, p.FETCH: self.fetch, p.LIST_OFFSETS: self.list_offsets,
             p.METADATA: self.metadata, p.OFFSET_COMMIT: self.offset_commit, p.OFFSET_FETCH: self.offset_fetch,
@@ -144,7 +147,9 @@ class Broker:
             if exc.api_key == p.API_VERSIONS:
                 return p.unsupported_api_versions(exc.correlation_id)
             raise
-        reply = await self._handlers[api_key](body, client_id or "", version)
+        handler = self._handlers[api_key]
+        self.requests[(handler.__name__, client_id or "")] += 1
+        reply = await handler(body, client_id or "", version)
         if reply is None:
             return None
         return p.encode_response(api_key, version, correlation_id, reply)
@@ -413,13 +418,16 @@ class Broker:
                     _return_freed_memory()
                 last_retention = now
             if now - last_summary >= 60:
-                self._log_summary()
+                self._log_summary(now - last_summary)
                 last_summary = now
 
-    def _log_summary(self) -> None:
+    def _log_summary(self, seconds: float) -> None:
         held = {t.name: sum(x.bytes_held for x in t.partitions) for t in self.topics.values()}
         biggest = ", ".join(f"{name} {size / 1e6:.1f}" for name, size in sorted(held.items(), key=lambda x: -x[1])[:6])
         log.info("holding %.1f MB (%s); %.1f MB freed so far", sum(held.values()) / 1e6, biggest, self.freed_bytes / 1e6)
+        if self.requests:
+            log.info("requests per second over the last minute: %s", request_rates(self.requests, seconds))
+        self.requests.clear()
 
     def bytes_held(self) -> int:
         return sum(x.bytes_held for t in self.topics.values() for x in t.partitions)
@@ -469,3 +477,17 @@ def _bad_config(configs: dict[str, str]) -> str | None:
             except ValueError:
                 return f"{key} must be an integer, got {configs[key]!r}"
     return None
+
+
+def request_rates(requests: Counter[tuple[str, str]], seconds: float, clients: int = 3) -> str:
+    """"fetch 310.2 (a 250.1, b 60.1), produce ...": each API's rate, busiest first, with its
+    busiest clients: the pace at which the stack's parts poll and send, which costs every one
+    of them CPU whether or not there is data."""
+    by_api: dict[str, Counter[str]] = {}
+    for (api, client), count in requests.items():
+        by_api.setdefault(api, Counter())[client] += count
+    parts = []
+    for api, counts in sorted(by_api.items(), key=lambda x: -sum(x[1].values())):
+        busiest = ", ".join(f"{client or '-'} {count / seconds:.1f}" for client, count in counts.most_common(clients))
+        parts.append(f"{api} {sum(counts.values()) / seconds:.1f} ({busiest})")
+    return ", ".join(parts)
