@@ -7,9 +7,13 @@ patched into Faust is in one place, to drop when a Faust release fixes it."""
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+from faust import Worker
 from faust import __version__ as faust_version
 from faust import streams as faust_streams
 from faust.app.router import Router
@@ -33,6 +37,7 @@ PATCHED = (
     (faust_consumer.Consumer, "_committed_offset"),
     (faust_consumer.Consumer, "_gap"),
     (Router, "_get_serialized_key"),
+    (Worker, "_schedule_shutdown"),
 )
 
 
@@ -200,3 +205,40 @@ class SourceKeyRouter(Router):
         if isinstance(key, str):
             return key.encode()
         return super()._get_serialized_key(table, key)
+
+
+#: exit status of a stream processor that did not stop within its deadline
+STOP_DEADLINE_EXIT = 3
+
+
+class DeadlineWorker(Worker):
+    """A Faust worker that exits at most `stop_timeout_s` after it is told to stop.
+
+    Told to stop (SIGTERM, SIGINT), Faust stops its services in order, and its Kafka producer
+    and consumer wait for their broker for as long as it takes: a stream processor whose broker
+    was already gone (the whole stack stopped at once: `vlm4rec soak` or `vlm4rec up` killed,
+    each child told by the kernel) was still "stopping" minutes later, holding its port
+    (`tests/test_streams.py::test_a_stream_processor_stops_when_its_broker_is_gone`). Leaving
+    then loses nothing: an event's offset is committed only once its profile update is written
+    (`commit_only_handled`), so what this worker had not committed is read again by whoever
+    owns the partition next, and a profile skips what it already applied."""
+
+    def __init__(self, *args: Any, stop_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_timeout_s = stop_timeout_s
+        self._deadline: threading.Thread | None = None
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        if self._deadline is None:
+            self._deadline = threading.Thread(target=self._exit_at_deadline, name="stop-deadline", daemon=True)
+            self._deadline.start()
+        super()._schedule_shutdown(signal)
+
+    def _exit_at_deadline(self) -> None:
+        time.sleep(self.stop_timeout_s)
+        log.error(
+            "still stopping %.0f s after the stop signal (is the broker gone?): exiting now; events "
+            "not committed yet are read again by the partitions' next owner", self.stop_timeout_s,
+        )
+        logging.shutdown()
+        os._exit(STOP_DEADLINE_EXIT)

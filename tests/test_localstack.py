@@ -179,3 +179,24 @@ def test_a_harness_stack_runs_what_vlm4rec_up_runs(tmp_path: Path) -> None:
     (told,) = streams_env(Settings(_env_file=None, streams_learn_from_all=True))
     assert told["VLM4REC_STREAMS_LEARN_FROM_ALL"] == "true", "a user's own setting stands"
     assert one["VLM4REC_BOOTSTRAP_SERVERS"].startswith("127.0.0.1:"), "every other setting is handed down"
+
+
+def test_sigterm_stops_a_harness_stack_in_order() -> None:
+    """Within `own_stack`, SIGTERM raises KeyboardInterrupt as Ctrl-C does, so the stack is
+    stopped in order (stream processor first, broker last) rather than every child told by the
+    kernel at once; the handler before it comes back afterwards."""
+    import os
+    import signal
+
+    from vlm4rec.harness.ownstack import _interrupt_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    previous = _interrupt_on_sigterm()
+    try:
+        assert previous is before
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signal.getsignal(signal.SIGTERM) is before

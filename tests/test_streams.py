@@ -257,3 +257,38 @@ def test_two_processors_each_learn_from_every_interaction(isolated: RunningStack
         for running in processors:
             running.stop()
         items.close()
+
+
+def test_a_stream_processor_stops_when_its_broker_is_gone(isolated: RunningStack, tmp_path) -> None:  # noqa: ANN001
+    """A stream processor told to stop after its broker died kept "stopping" for minutes (seen
+    when a killed `vlm4rec soak` took its whole stack down at once): Faust's producer and
+    consumer wait for the broker. With `VLM4REC_STREAMS_STOP_TIMEOUT_S` it leaves at the
+    deadline (`streams.faust_fixes.DeadlineWorker`), and what it applied is read again later."""
+    from streams.faust_fixes import STOP_DEADLINE_EXIT
+    from vlm4rec.localstack import LocalStack, own_broker_service
+
+    port = free_port()
+    broker = LocalStack([own_broker_service("127.0.0.1", port, 2)], tmp_path / "logs")
+    broker.start()
+    env = {**isolated.env, "VLM4REC_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}", "VLM4REC_STREAMS_STOP_TIMEOUT_S": "5"}
+    alone = RunningStack(env, isolated.process, isolated.log_path)
+    settings = alone.settings()
+    items = MilvusVectorStore(settings.milvus_uri, settings.milvus_collection)
+    items.open(DIM, MODEL, STRATEGY)
+    items.upsert([VectorRecord(i, v) for i, v in ITEMS.items()])
+    running = Streams(alone)
+    try:
+        running.start()
+        send(settings, [(settings.topics.interactions, click("orphan", item)) for item in ("red-1", "blue-2")])
+        running.wait_user("orphan", 2)
+        broker.stop()
+        assert running.process is not None
+        running.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = running.process.wait(60)
+        assert time.monotonic() - started < 5 + 15, "left at its deadline (or before), not minutes later"
+        assert code in (0, STOP_DEADLINE_EXIT)
+    finally:
+        running.stop(signal.SIGKILL)
+        broker.stop()
+        items.close()

@@ -197,6 +197,10 @@ class Settings(BaseSettings):
     streams_neighbour_ttl_s: float = Field(
         60.0, ge=0, description="how long an item's cached nearest-neighbour list is reused (0: never cached)"
     )
+    streams_stop_timeout_s: float = Field(
+        30.0, gt=0, description="a stream processor told to stop exits after this long even if it has not finished "
+        "(its broker gone); what it had not committed is read again by the partitions' next owner"
+    )
     profile_weights: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
         description="weight per event type, JSON; default the contract's DEFAULT_EVENT_WEIGHTS (view 0.5, click 1, "

@@ -186,18 +186,17 @@ def streams(settings: Settings) -> None:
     HTTP on VLM4REC_WEB_HOST:VLM4REC_WEB_PORT: /users/{id}, /users/{id}/recommendations?k=N,
     /metrics. Several workers share the partitions (at most VLM4REC_TOPIC_PARTITIONS useful).
     """
-    from faust import Worker
-
     from topics.admin import create_topics
     from vlm4rec.evaluation.blas import single_threaded_blas
     from streams import gc_pauses, metrics
+    from streams.faust_fixes import DeadlineWorker
     from vlm4rec.wiring import build_streams
 
     create_topics(settings.kafka_config(), settings.topic_partitions_map(), settings.topic_replication, configs=settings.topic_configs())
     service = build_streams(settings)
     gc_pauses.settle()
     gc_pauses.watch("stream processor", lambda generation, took: metrics.GC_PAUSE_SECONDS.labels(str(generation)).observe(took))
-    worker = Worker(service.app, loglevel=settings.log_level.lower(), quiet=True)
+    worker = DeadlineWorker(service.app, loglevel=settings.log_level.lower(), quiet=True, stop_timeout_s=settings.streams_stop_timeout_s)
     log.info("streams HTTP on http://%s:%d", settings.web_host, settings.web_port)
     with single_threaded_blas():
         worker.execute_from_commandline()

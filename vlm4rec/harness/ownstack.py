@@ -6,12 +6,15 @@ processor reach Milvus through a `SlowProxy` (chaos's `slow` fault)."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -130,6 +133,22 @@ def own_services(
     return services, infra
 
 
+def _interrupt_on_sigterm() -> Any:
+    """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does, so that the
+    harness stops its stack in order (stream processor first, broker last). Python's default
+    ends the process at once, and each child then got SIGTERM from the kernel at the same
+    moment (`localstack._die_with_parent`): the broker went first and the stream processor was
+    left stopping against no broker. Returns the handler it replaced (None: not the main
+    thread, nothing changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 @contextmanager
 def own_stack(
     settings: Settings,
@@ -161,11 +180,14 @@ def own_stack(
         infra=infra,
     )
     running = OwnStack(own, stack, run_dir, proxy)
+    previous = _interrupt_on_sigterm()
     try:
         for name in ("worker", "streams"):
             running.wait_ready(name)
         yield running
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         stack.stop()
         if proxy is not None:
             proxy.close()
