@@ -327,10 +327,12 @@ def soak_command(
 ) -> None:
     """A bounded soak at a steady rate near capacity, on a local stack of its own.
 
-    Samples consumer lag (vlm4rec_streams_consumer_lag), the resident memory of every process
-    and p99 latencies every --sample-s seconds. Writes {"rate_per_s", "capacity_steps",
-    "samples": [{"t_s", "lag_interactions", "rss_mb", "p99_ms", ...}], "summary": {"lag",
-    "rss", "p99"}} and a PNG plot.
+    Samples consumer lag (vlm4rec_streams_consumer_lag), the resident memory and CPU of every
+    process, p99 latencies and the machine's own pace (a canary: CPU ms of fixed work, since a
+    shared host's speed changes by itself) every --sample-s seconds. Writes {"rate_per_s",
+    "capacity_steps", "samples": [{"t_s", "lag_interactions", "rss_mb", "p99_ms", "canary_ms",
+    ...}], "summary": {"lag", "rss", "p99", "machine"}} and a PNG plot. SIGTERM stops the stack
+    in order, as Ctrl-C does.
     """
     from pathlib import Path
 

@@ -12,8 +12,10 @@ the step, at >= 95 %, with p99 interaction-to-recs under 1 s) and soak at 80 % o
 send interactions at that rate from a fixed population of users, with fresh items arriving
 meanwhile, for M minutes, and stop by itself. Every `sample_s` seconds it records consumer lag
 (`vlm4rec_streams_consumer_lag`, from the stream processor's /metrics), the resident memory of
-every process (psutil, children included), and p99 latencies over the last interval (from the
-histograms' bucket deltas, as Prometheus' histogram_quantile computes them).
+every process (psutil, children included), p99 latencies over the last interval (from the
+histograms' bucket deltas, as Prometheus' histogram_quantile computes them), every process's
+CPU, and the machine's own pace (`MachineCanary`: this host's speed changes by itself, and the
+stack's latency follows it).
 """
 
 from __future__ import annotations
