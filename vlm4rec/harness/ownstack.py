@@ -175,13 +175,13 @@ def own_stack(
         proxy = SlowProxy(host, port)
     services, infra = own_services(own, stack_services, restart_milvus, proxy.port if proxy else None)
     stack = LocalStack(services, log_dir=run_dir / "logs")
-    stack.start(
-        after_infra=lambda: create_topics(own.kafka_config(), own.topic_partitions_map(), own.topic_replication, configs=own.topic_configs()),
-        infra=infra,
-    )
-    running = OwnStack(own, stack, run_dir, proxy)
-    previous = _interrupt_on_sigterm()
+    previous = _interrupt_on_sigterm()  # from the start: the stack starts for tens of seconds
     try:
+        stack.start(
+            after_infra=lambda: create_topics(own.kafka_config(), own.topic_partitions_map(), own.topic_replication, configs=own.topic_configs()),
+            infra=infra,
+        )
+        running = OwnStack(own, stack, run_dir, proxy)
         for name in ("worker", "streams"):
             running.wait_ready(name)
         yield running
