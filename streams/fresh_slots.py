@@ -131,6 +131,74 @@ class SlotOdds:
         return _merge(blend, tail, k, lambda i, j: tail_odds[min(i, PLACES - 1)] > blend_odds[min(j, PLACES - 1)])
 
 
+class ContentPicks:
+    """How many of content's own tail picks a list keeps: the tail items among the first k of
+    the content ranking of *all* candidates (what the paper's content-only method shows), learnt
+    from the stream under one tail rule.
+
+    Why: the learnt rules give a list the places that maximise its expected hits, and per place
+    a known item the blend ranks high is likelier the target than content's best tail item, so
+    on a stream where users often take new items that content finds, they give content fewer
+    places than a content-only list takes and find fewer of those items than content alone
+    (docs/quality.md, docs/fresh-mix). A feed of fresh content must not show its new items less
+    well than the paper's method would. So for each training example (the user's state just
+    before the interaction: no peeking) the rule's list is scored with its first r picks kept,
+    for every r, beside content alone: the kept count is the one with the most hits among those
+    that found at least the new targets (items nobody had touched) content alone found. Keeping
+    every pick meets that on every example, so there always is one; where the blend finds more
+    new targets than content (hm's baskets), it keeps none and costs nothing. Whether a target
+    was new is the past's outcome, read only into this one count for all users: no candidate's
+    features tell a new item from one touched once."""
+
+    def __init__(self, memory: int = 5000, most: int = 10) -> None:
+        self.keep = _keep(memory)
+        self.hits = np.zeros(most + 1)  # decayed hits with the first r picks kept, every target
+        self.new_hits = np.zeros(most + 1)  # the same, targets nobody had touched before
+        self.content_new_hits = 0.0  # decayed new targets among content's picks
+        self.observed = 0.0  # decayed examples whose target was a candidate
+        self._kept: int | None = None
+
+    def example(self, head: Sequence[int], picks: Sequence[int], target: int, new: bool) -> None:
+        """One training example: the rule's first places (`head`, candidate positions), content's
+        tail picks (best first), the target's position and whether nobody had touched it."""
+        self._kept = None
+        found = np.array([target in keep_in(head, picks[:r]) for r in range(len(self.hits))], dtype=float)
+        for counts in (self.hits, self.new_hits):
+            counts *= self.keep
+        self.hits += found
+        self.content_new_hits *= self.keep
+        if new:
+            self.new_hits += found
+            self.content_new_hits += float(target in picks)
+        self.observed = self.observed * self.keep + 1.0
+
+    @property
+    def ready(self) -> bool:
+        return self.observed >= MIN_OBSERVED
+
+    def kept(self) -> int:
+        """The fewest picks kept with the most hits among the counts that found at least the
+        new targets content alone did (0 until `ready`)."""
+        if self._kept is None:
+            enough = self.new_hits >= self.content_new_hits - 1e-9
+            best = self.hits[enough].max()
+            self._kept = int(np.flatnonzero(enough & (self.hits >= best - 1e-9))[0]) if self.ready else 0
+        return self._kept
+
+
+def keep_in(head: Sequence[int], wanted: Sequence[int]) -> list[int]:
+    """`head` with the `wanted` items it lacks in the places of its last other items (as many
+    as fit), its own order kept for the rest."""
+    taken = set(head)
+    missing = [j for j in wanted if j not in taken][: len(head)]
+    if not missing:
+        return list(head)
+    keep = set(wanted)
+    others = [j for j in head if j not in keep]
+    dropped = set(others[max(0, len(others) - len(missing)) :])
+    return ([j for j in head if j not in dropped] + missing)[: len(head)]
+
+
 def _non_increasing(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """The closest non-increasing sequence in (weighted) squared error (pool adjacent violators)."""
     blocks: list[list[float]] = []  # [mean, weight, length]

@@ -119,6 +119,13 @@ TIMESTAMPS_CLAMPED = Counter(
     "vlm4rec_streams_timestamps_clamped_total",
     "Interactions dated further ahead of the wall clock than allowed, read at the allowed limit",
 )
+FRESH_PLACES = Gauge(
+    "vlm4rec_streams_fresh_places",
+    "Of the first 10 places, what the stream has earned items with at most one interaction, by tail rule: "
+    "places merged from content's ranking of them (earned), and content's own picks among them every list keeps "
+    "(content_picks) so that recs find at least the new items content alone would (streams/fresh_slots.py)",
+    ["rule", "kind"],
+)
 DEAD_LETTERS = Counter("vlm4rec_streams_dead_letters_total", "Events sent to a dead-letter topic", ["topic"])
 PROFILES = Gauge("vlm4rec_streams_profiles", "User profiles held by this worker")
 REPLICA_ITEMS = Gauge("vlm4rec_streams_item_replica_items", "Items in this worker's in-process replica of the items collection")

@@ -58,7 +58,7 @@ from typing import Callable, Protocol, TypeVar
 import numpy as np
 
 from streams.cooccur import CoOccurrence
-from streams.fresh_slots import LOCATED, PlaceOdds, SlotOdds, TailShare, places
+from streams.fresh_slots import LOCATED, ContentPicks, PlaceOdds, SlotOdds, TailShare, keep_in, places
 from streams.sequence import Transitions
 from vectorstore.base import matrix_of
 from vectorstore.order import IdOrder
@@ -169,6 +169,12 @@ class RankConfig:
     #: `tail_slots` tail items; "fixed": the `tail_slots` above, whatever the stream
     #: (docs/quality.md measures them)
     tail_rule: str = "earned"
+    #: under a learnt `tail_rule`, the first `tail_within` places also keep as many of content's
+    #: own tail picks (the tail items among the first `tail_within` of the content ranking of all
+    #: candidates: what the content-only method shows) as the stream says a list needs to find at
+    #: least the new items (nobody had touched them) that content alone finds
+    #: (`streams.fresh_slots.ContentPicks`); False: none
+    content_picks: bool = True
     sequence_k: int = 50  # candidates from what users took right after the user's last items
     #: earlier items a new interaction is a transition from (`streams.sequence`); 0: no sequence
     #: signal, the default: with 3 it measured within the intervals of the blend without it on
@@ -746,6 +752,8 @@ class BlendRanker:
         self._names = IdOrder(self.stats.ids)  # a round's ties by item id
         self.slots = SlotOdds(config.buffer, tail_share)  # what fresh items earn (`tail_rule` "earned")
         self.place_odds = PlaceOdds(config.buffer)  # what every candidate's places earn ("calibrated")
+        #: how many of content's tail picks each learnt rule's lists keep (`content_picks`)
+        self.picks = {rule: ContentPicks(config.buffer, config.tail_within) for rule in LEARNT_TAIL_RULES}
         #: the learnt tail rules whose odds learning keeps (scoring each training round to see
         #: where its targets sat costs the round's features a second time; a caller that serves
         #: a variant with another rule adds it)
@@ -824,6 +832,7 @@ class BlendRanker:
         content_score = x[:, COLUMN["cos_mean"]]
         ties = self._names.of(drawn.rows)
         calibrated, earned = "calibrated" in self.learns_places, "earned" in self.learns_places
+        head_k = self.config.tail_within
         for n, (at, to) in enumerate(zip(drawn.starts[:-1].tolist(), drawn.starts[1:].tolist(), strict=True)):
             target_tail = self.stats.count(items[n]) <= 1
             row = self.stats.index.get(items[n])
@@ -834,6 +843,9 @@ class BlendRanker:
             if calibrated and score is not None:
                 blend_places, content_places = self._places(score, content_score[at:to], tail[at:to], order)
                 self.place_odds.example(blend_places, content_places, tail[at:to], int(found[0]) if len(found) else None)
+            if len(found) and score is not None:
+                new = self.stats.count(items[n]) == 0
+                self._observe_picks(score, content_score[at:to], tail[at:to], order, drawn.rows[at:to], int(found[0]), new, head_k)
             if not earned:
                 continue
             if len(found) == 0:
@@ -848,6 +860,21 @@ class BlendRanker:
                 left_out = tail[at:to].copy()
                 left_out[best_by(score, order, self.config.tail_within)] = False
                 self.slots.tail_target(_place(j, content_score[at:to], order, left_out) if left_out[j] else None)
+
+    def _observe_picks(
+        self, score: np.ndarray, content: np.ndarray, tail: np.ndarray, ties: np.ndarray, rows: np.ndarray, target: int, new: bool, k: int
+    ) -> None:
+        """A training example for `ContentPicks` under each learnt rule served: the rule's first
+        k places as it would serve them, without content's picks."""
+        picks = self._content_picks(content, tail, ties, k)
+        ranked = best_by(score, ties, 2 * k).tolist()
+        for rule in self.learns_places:
+            self.picks[rule].example(self._head(rule, ranked, score, content, tail, ties, rows, k), picks, target, new)
+
+    @staticmethod
+    def _content_picks(content: np.ndarray, tail: np.ndarray, ties: np.ndarray, k: int) -> list[int]:
+        """The tail candidates among the first k of the content ranking of all candidates."""
+        return [j for j in best_by(content, ties, k).tolist() if tail[j]]
 
     @staticmethod
     def _places(score: np.ndarray, content: np.ndarray, tail: np.ndarray, ties: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1235,6 +1262,8 @@ class BlendRanker:
         head_k = min(k, c.tail_within)
         earned = c.tail_rule == "earned" and self.slots.ready
         calibrated = c.tail_rule == "calibrated" and self.place_odds.ready
+        picks = self.picks.get(c.tail_rule) if c.content_picks else None
+        kept = picks.kept() if picks is not None else 0
         out: list[Hits] = []
         for request, at, to in zip(requests, pools.starts[:-1].tolist(), pools.starts[1:].tolist(), strict=True):
             if at == to:
@@ -1243,13 +1272,9 @@ class BlendRanker:
             scores = self.score(x[at:to])  # one product per request: the per-user code's float to the bit
             ranked = best_by(scores, ties[at:to], k + max(c.tail_slots, head_k if earned or calibrated else 0)).tolist()
             rows = pools.rows[at:to]
-            if calibrated:
-                order = self._calibrated(ranked, scores, content_score[at:to], tail[at:to], ties[at:to], head_k)
-            elif earned:
-                order = self._earned(ranked, content_score[at:to], tail[at:to], ties[at:to], head_k)
-            else:
-                order = ranked
-            head = self._with_tail(order, content_score[at:to], tail[at:to], rows, head_k)
+            head = self._head(c.tail_rule, ranked, scores, content_score[at:to], tail[at:to], ties[at:to], rows, head_k)
+            if kept:
+                head = keep_in(head, self._content_picks(content_score[at:to], tail[at:to], ties[at:to], head_k)[:kept])
             if placed := self._placed(request):
                 head = self._with_placed(head, placed, rows)
             taken = set(head)
@@ -1263,6 +1288,20 @@ class BlendRanker:
         vectors = VectorRows.fetch(self.stats, wanted, content)
         cooc = (pools.cooc_starts, pools.cooc_rows, pools.cooc_scores)
         return self._round_features(requests, pools.starts, pools.rows, vectors, pools.rr, cooc, pools.seq)
+
+    def _head(
+        self, rule: str, ranked: list[int], scores: np.ndarray, content: np.ndarray, tail: np.ndarray, ties: np.ndarray, rows: np.ndarray, k: int
+    ) -> list[int]:
+        """The first k places of a request's list under a tail rule (before content's picks
+        and a fan-out's items): `ranked` (the blend's order, at least 2k long) merged by the
+        rule's odds once they are trusted, then `tail_slots` kept for tail items."""
+        if rule == "calibrated" and self.place_odds.ready:
+            order = self._calibrated(ranked, scores, content, tail, ties, k)
+        elif rule == "earned" and self.slots.ready:
+            order = self._earned(ranked, content, tail, ties, k)
+        else:
+            order = ranked
+        return self._with_tail(order, content, tail, rows, k)
 
     def _earned(self, ranked: list[int], content: np.ndarray, tail: np.ndarray, ties: np.ndarray, k: int) -> list[int]:
         """The first k places: `ranked` (the blend's order) merged with the content ranking of
@@ -1287,6 +1326,16 @@ class BlendRanker:
             return floor
         return max(floor, self.slots.tail_places(k))
 
+    def fresh_places(self) -> dict[tuple[str, str], int]:
+        """What the stream has earned tail items of the first `tail_within` places, per learnt
+        rule served: ("earned", "earned") the places the learnt odds give the content ranking of
+        the tail (`SlotOdds.tail_places`, before the `tail_slots` floor), and (rule,
+        "content_picks") the content picks every list keeps."""
+        out = {(rule, "content_picks"): self.picks[rule].kept() for rule in sorted(self.learns_places)}
+        if "earned" in self.learns_places:
+            out[("earned", "earned")] = self.slots.tail_places(self.config.tail_within) if self.slots.ready else 0
+        return out
+
     def _placed(self, request: Request) -> list[str]:
         """The newest `fanout_places` of the request's fan-out items."""
         places = self.config.fanout_places
@@ -1297,13 +1346,7 @@ class BlendRanker:
         the places of its last other items (a placed item is a candidate unless the user has
         it already)."""
         index = self.stats.index
-        found = np.flatnonzero(np.isin(rows, [index[i] for i in placed if i in index])).tolist()
-        missing = [j for j in found if j not in head][: len(head)]
-        if not missing:
-            return head
-        others = [j for j in head if j not in found]
-        dropped = set(others[max(0, len(others) - len(missing)) :])
-        return ([j for j in head if j not in dropped] + missing)[: len(head)]
+        return keep_in(head, np.flatnonzero(np.isin(rows, [index[i] for i in placed if i in index])).tolist())
 
     def _with_tail(self, order: list[int], content: np.ndarray, tail: np.ndarray, rows: np.ndarray, k: int) -> list[int]:
         """The first k of `order`, with up to `tail_slots` of its last known items giving way

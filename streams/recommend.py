@@ -302,8 +302,11 @@ class Recommender:
                 self.ranker.record(o.recent, o.item, o.ts, o.new)
             refused, self.ranker.refused_groups = self.ranker.refused_groups, 0
             due = self.ranker.refit_due()
+            fresh_places = self.ranker.fresh_places()
         metrics.TRAINING_GROUPS_REFUSED.inc(refused)
         metrics.RANKER_INTERACTIONS.inc(len(observations))
+        for (rule, kind), places in fresh_places.items():
+            metrics.FRESH_PLACES.labels(rule, kind).set(places)
         if due is not None:
             self.refit(due)
 

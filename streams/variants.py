@@ -28,7 +28,7 @@ from typing import Any
 from streams.rank import TAIL_RULES, RankConfig
 
 #: what a variant may override: the settings that shape a list, not what the model learns
-SERVING_FIELDS = ("content_k", "neighbour_depth", "interests", "cooc_k", "popular_k", "fresh_k", "fresh_window_s", "tail_slots", "tail_within", "tail_rule", "sequence_k", "fanout_places")
+SERVING_FIELDS = ("content_k", "neighbour_depth", "interests", "cooc_k", "popular_k", "fresh_k", "fresh_window_s", "tail_slots", "tail_within", "tail_rule", "content_picks", "sequence_k", "fanout_places")
 DEFAULT_VARIANT = "default"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: the list positions whose hits are counted (online HR@k)
@@ -76,6 +76,11 @@ def parse_variants(spec: Sequence[Mapping[str, Any]]) -> tuple[Variant, ...]:
             if key == "tail_rule":
                 if value not in TAIL_RULES:
                     raise VariantError(f"variant {name}: tail_rule must be one of {', '.join(TAIL_RULES)}, not {value!r}")
+                overrides[key] = value
+                continue
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise VariantError(f"variant {name}: {key} must be true or false, not {value!r}")
                 overrides[key] = value
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \

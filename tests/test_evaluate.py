@@ -266,6 +266,14 @@ def test_eval_command_writes_json_table_and_chart(tmp_path: Path) -> None:
     assert tuned_report["rank_settings"] == {"sequence_steps": 3, "tail_slots": 0}, "the stream processor's settings"
     assert tuned_report["partitioned"]["partitions"] == 2 and "HR@10" in tuned_report["partitioned"]
     assert "learns from its own partitions" in out.with_suffix(".md").read_text()
+    shards = [CliRunner().invoke(main, ["eval", str(folder), "--out", str(tmp_path / f"s{n}.json"), "--methods", "popularity",
+                                        "--user-shard", f"{n}/3"], env=env) for n in range(3)]
+    assert shards[0].exit_code == 0, shards[0].output  # u and w (CRC32 mod 3): both targets
+    assert json.loads((tmp_path / "s0.json").read_text())["user_shard"] == "0/3"
+    assert all(s.exit_code == 1 and "no user has a target" in s.output for s in shards[1:]), "v alone, or nobody"
+    for wrong in ("2/2", "x/3", "1"):
+        refused = CliRunner().invoke(main, ["eval", str(folder), "--user-shard", wrong], env=env)
+        assert refused.exit_code == 2 and "--user-shard" in refused.output
     bad = CliRunner().invoke(main, ["eval", str(folder), "--methods", "popularity,magic"], env=env)
     assert bad.exit_code != 0 and "magic" in bad.output
     online = CliRunner().invoke(main, ["eval", str(folder), "--online"], env=env)
@@ -375,3 +383,15 @@ def test_partitioned_learning_ranks_every_target_by_its_users_partition_alone(tm
     four, _ = partitioned_ranks(stream, 4, indexes, walk, 30.0, None)
     assert sorted(four) == sorted(t.row for t in targets), "every target, once"
     assert {partition_of(u, 4) for u in stream.user_ids} == {0, 1, 2, 3}
+
+
+def test_user_shards_split_a_dataset_into_disjoint_streams_of_whole_users(tmp_path: Path) -> None:
+    rows = [(f"u{n % 7}", f"i{n % 5}", n) for n in range(40)]
+    dataset = load_dataset(make_dataset(tmp_path / "data", rows))
+    parts = [dataset.user_shard(n, 3) for n in range(3)]
+    assert sum(len(p.interactions) for p in parts) == len(dataset.interactions) == 40
+    users = [{r.user_id for r in p.interactions} for p in parts]
+    assert sum(len(u) for u in users) == 7 and set().union(*users) == {f"u{n}" for n in range(7)}
+    assert all(p.items == dataset.items for p in parts), "every item kept: publication follows the shard's own stream"
+    with pytest.raises(ValueError, match="shard"):
+        dataset.user_shard(3, 3)

@@ -245,6 +245,13 @@ class Settings(BaseSettings):
         "items, in the content ranking have been likeliest taken on the stream), either with at least "
         "VLM4REC_RANK_TAIL_SLOTS of them (streams/fresh_slots.py), or fixed (VLM4REC_RANK_TAIL_SLOTS places)",
     )
+    rank_content_picks: bool = Field(
+        _RANK.content_picks,
+        description="under the earned or calibrated rule, recs also keep as many of content's own picks among "
+        "items with at most one interaction (those in the first 10 by cosine to the profile, as the text method "
+        "shows them) as the stream says they need to find at least the new items content alone finds "
+        "(streams/fresh_slots.py ContentPicks; false: none)",
+    )
     rank_sequence_steps: int = Field(
         _RANK.sequence_steps, ge=0, le=20, description="the sequence signal (streams/sequence.py): a new "
         "interaction counts as a transition from the user's last N distinct items, weighing 1, 1/2, ...; 0: off "

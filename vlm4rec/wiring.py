@@ -142,6 +142,7 @@ def build_rank_config(settings: Settings):  # noqa: ANN201 - streams.rank.RankCo
         min_groups=settings.rank_min_groups,
         tail_slots=settings.rank_tail_slots,
         tail_rule=settings.rank_tail_rule,
+        content_picks=settings.rank_content_picks,
         sequence_steps=settings.rank_sequence_steps,
         sequence_k=settings.rank_sequence_k,
         fanout_places=settings.rank_fanout_places,

@@ -57,12 +57,21 @@ def stream(seed: int, fresh_share: float = 0.15) -> tuple[StoreContent, np.ndarr
     return StoreContent(store, VectorCache(store)), vectors, rows, fresh
 
 
+#: the rankings compared: (name, `RankConfig` overrides)
+RULES = (
+    ("fixed rule", {"tail_rule": "fixed"}),
+    ("earned rule without content's picks", {"tail_rule": "earned", "content_picks": False}),
+    ("earned rule (default)", {"tail_rule": "earned"}),
+    ("calibrated rule", {"tail_rule": "calibrated"}),
+)
+
+
 def main() -> None:
     for seed in (2, 5):
-        found = {}
-        for rule in ("fixed", "earned", "calibrated"):
+        found, fresh_n = [], 0
+        for name, overrides in RULES:
             content, vectors, rows, fresh = stream(seed)
-            replay = Replay(BlendRanker(RankConfig(**{**FAST.__dict__, "content_k": 150, "tail_rule": rule})), content)
+            replay = Replay(BlendRanker(RankConfig(**{**FAST.__dict__, "content_k": 150, **overrides})), content)
             cut = len(rows) - 300
             replay.feed(rows[:cut])
             ids = [f"m{n:03d}" for n in range(ITEMS)]
@@ -73,21 +82,16 @@ def main() -> None:
                 blend = [i for i, _ in replay.ranker.rank([request], content, 10)[0]]
                 seen = set(request.history)
                 by_content = [] if request.profile is None else [ids[j] for j in np.argsort(-(vectors @ request.profile)) if ids[j] not in seen][:10]
-                for name, top in (("blend", blend), ("content", by_content)):
-                    counts[name][0] += item in top
-                    counts[name][1] += n in fresh and item in top
+                for kind, top in (("blend", blend), ("content", by_content)):
+                    counts[kind][0] += item in top
+                    counts[kind][1] += n in fresh and item in top
                 replay.feed([rows[n]])
-            found[rule] = (counts, replay.ranker.tail_places(10), sum(n >= cut for n in fresh))
-        fresh_n = found["fixed"][2]
-        print(
-            f"seed {seed}: of 300 targets ({fresh_n} fresh) found in the first ten: "
-            f"blend, fixed rule {found['fixed'][0]['blend'][0]} ({found['fixed'][0]['blend'][1]} fresh); "
-            f"blend, earned rule {found['earned'][0]['blend'][0]} ({found['earned'][0]['blend'][1]} fresh, "
-            f"{found['earned'][1]} places earned); blend, calibrated rule {found['calibrated'][0]['blend'][0]} "
-            f"({found['calibrated'][0]['blend'][1]} fresh); content alone {found['fixed'][0]['content'][0]} "
-            f"({found['fixed'][0]['content'][1]} fresh)",
-            flush=True,
-        )
+            ranker = replay.ranker
+            picks = ranker.picks[ranker.config.tail_rule].kept() if ranker.config.tail_rule in ranker.picks and ranker.config.content_picks else 0
+            found.append(f"blend, {name} {counts['blend'][0]} ({counts['blend'][1]} fresh; {ranker.tail_places(10)} places earned, {picks} of content's picks kept)")
+            fresh_n = sum(n >= cut for n in fresh)
+        print(f"seed {seed}: of 300 targets ({fresh_n} fresh) found in the first ten: " + "; ".join(found)
+              + f"; content alone {counts['content'][0]} ({counts['content'][1]} fresh)", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,18 @@ from vlm4rec.settings import Settings
 from vlm4rec.cli import main
 
 
-def load_dataset_dir(dataset_dir: str, limit_users: int | None) -> Any:
+def load_dataset_dir(dataset_dir: str, limit_users: int | None, user_shard: tuple[int, int] | None = None) -> Any:
     """The dataset folder as contract events; rows the contract refused are counted and the
     first few shown, never silently lost."""
     from vlm4rec.evaluation.dataset import load_dataset
 
     try:
-        dataset = load_dataset(dataset_dir).limit_users(limit_users)
+        dataset = load_dataset(dataset_dir)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
+    if user_shard is not None:
+        dataset = dataset.user_shard(*user_shard)
+    dataset = dataset.limit_users(limit_users)
     if dataset.rejected:
         click.echo(f"{len(dataset.rejected)} rows rejected by the event contract (left out):", err=True)
         for row in dataset.rejected[:5]:
@@ -90,11 +93,24 @@ def replay_command(
     )
 
 
+def _shard(value: str | None) -> tuple[int, int] | None:
+    """`--user-shard I/N` -> (I, N)."""
+    if value is None:
+        return None
+    shard, _, shards = value.partition("/")
+    if not (shard.strip().isdigit() and shards.strip().isdigit()) or not 0 <= int(shard) < int(shards):
+        raise click.BadParameter(f"must be I/N with 0 <= I < N, e.g. 3/10, not {value!r}", param_hint="--user-shard")
+    return int(shard), int(shards)
+
+
 @main.command("eval")
 @click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default=None, help="Report JSON (default eval-DATASET.json); the .md table and .png chart go beside it.")
 @click.option("--methods", default=None, help="Comma-separated subset of the methods (default: all).")
 @click.option("--limit-users", type=click.IntRange(min=1), default=None, help="Only the first N users (by first interaction): a quick run.")
+@click.option("--user-shard", default=None, metavar="I/N", callback=lambda ctx, param, value: _shard(value),
+              help="Only the users of shard I of N (0 <= I < N, by CRC32 of the user id): a smaller stream of "
+              "real users where more targets are new items (docs/user-shards).")
 @click.option("--online", is_flag=True, help="Replay through the running local stack and score the pushed recs (per ranking variant too, when several are set).")
 @click.option("--partitions", type=click.IntRange(min=2), default=None,
               help="Also score `default` as N stream processors learn it with shared learning off "
@@ -103,8 +119,8 @@ def replay_command(
               help="Also score `default` with each ranking variant of VLM4REC_RANK_VARIANTS (its serving settings), on the same targets.")
 @click.pass_obj
 def eval_command(
-    settings: Settings, dataset_dir: str, out: str | None, methods: str | None, limit_users: int | None, online: bool,
-    with_variants: bool, partitions: int | None,
+    settings: Settings, dataset_dir: str, out: str | None, methods: str | None, limit_users: int | None,
+    user_shard: tuple[int, int] | None, online: bool, with_variants: bool, partitions: int | None,
 ) -> None:
     """Measure recommendation quality offline, exactly as EVAL.md says.
 
@@ -124,7 +140,7 @@ def eval_command(
     if online:  # replay through the running stack and score its pushes (vlm4rec/evaluation/online_eval.py)
         from vlm4rec.evaluation.online_eval import run_cli
 
-        run_cli(settings, dataset_dir, out, methods, limit_users, load_dataset_dir)
+        run_cli(settings, dataset_dir, out, methods, limit_users, lambda path, n: load_dataset_dir(path, n, user_shard))
         return
     names = list(METHODS) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -136,7 +152,7 @@ def eval_command(
     if (variants or partitions) and "default" not in names:
         names.append("default")  # the variants rank with its model and vectors; partitions compare with it
     started = time.perf_counter()
-    dataset = load_dataset_dir(dataset_dir, limit_users)
+    dataset = load_dataset_dir(dataset_dir, limit_users, user_shard)
     stream = build_stream(dataset)
     indexes: dict[str, ContentIndex] = {}
     strategies = strategies_of(names)
@@ -158,6 +174,8 @@ def eval_command(
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    if user_shard is not None:
+        report["user_shard"] = f"{user_shard[0]}/{user_shard[1]}"
     path = Path(out or f"eval-{dataset.name}.json")
     table, chart = write_outputs(report, path)
     click.echo(markdown_table(report))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -53,6 +54,22 @@ class Dataset:
                 break
             keep.add(row.user_id)
         return replace(self, interactions=[r for r in self.interactions if r.user_id in keep])
+
+    def user_shard(self, shard: int, shards: int) -> Dataset:
+        """The dataset as if only the users of one of `shards` disjoint shards existed (CRC32 of
+        the id, `partition_of`). Why: a shard of a dataset is a smaller stream of real users in
+        which more targets are items nobody had touched yet (ml100k: 1.4 % of the targets; a
+        tenth of its users: 9-16 %), the case of a fresh feed; ten shards are ten such streams."""
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard must be in 0..{shards - 1}, not {shard}")
+        return replace(self, interactions=[r for r in self.interactions if partition_of(r.user_id, shards) == shard])
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    """A user's partition of `partitions`: CRC32 of the id modulo the count, a fixed hash as a
+    producer's partitioner is (the product's producers use murmur2; any such hash spreads
+    users alike)."""
+    return zlib.crc32(user_id.encode()) % partitions
 
 
 def image_uri(root: Path, relative: str) -> str | None:

@@ -12,17 +12,13 @@ it turned off."""
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from streams.rank import RankConfig
+from vlm4rec.evaluation.dataset import partition_of
 from vlm4rec.evaluation.stream import ContentIndex, Stream
-
-
-def partition_of(user_id: str, partitions: int) -> int:
-    return zlib.crc32(user_id.encode()) % partitions
 
 
 def partitioned_ranks(
