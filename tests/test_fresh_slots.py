@@ -137,6 +137,11 @@ def test_variants_may_choose_the_rule_and_nothing_else_is_accepted() -> None:
         parse_variants([{"name": "e", "share": 1.0, "tail_rule": "lucky"}])
     with pytest.raises(ValueError, match="tail_rule"):
         RankConfig(tail_rule="lucky")
+    (plain,) = parse_variants([{"name": "p", "share": 1.0, "content_picks": False}])
+    assert plain.config(RankConfig()).content_picks is False
+    for wrong in (0, "false", None):
+        with pytest.raises(VariantError, match="content_picks must be true or false"):
+            parse_variants([{"name": "p", "share": 1.0, "content_picks": wrong}])
 
 
 def test_places_are_learnt_only_where_a_served_rule_reads_them() -> None:

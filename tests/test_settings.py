@@ -119,3 +119,15 @@ def test_up_shares_learning_between_several_stream_processors_unless_told(
     services = [s for s in _product_services(Settings()) if s.name.startswith("streams")]
     assert len(services) == streams
     assert {s.env["VLM4REC_STREAMS_LEARN_FROM_ALL"] for s in services} == {shared}
+
+
+def test_the_rankers_settings_reach_its_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams.rank import RankConfig
+    from vlm4rec.wiring import build_rank_config
+
+    monkeypatch.setenv("VLM4REC_RANK_CONTENT_PICKS", "false")
+    monkeypatch.setenv("VLM4REC_RANK_TAIL_RULE", "calibrated")
+    config = build_rank_config(Settings(_env_file=None))
+    assert config.content_picks is False and config.tail_rule == "calibrated"
+    monkeypatch.delenv("VLM4REC_RANK_CONTENT_PICKS")
+    assert build_rank_config(Settings(_env_file=None)).content_picks is RankConfig().content_picks is True
