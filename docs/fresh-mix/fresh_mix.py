@@ -4,7 +4,7 @@ A small stream like the held-out case of issue 19: 400 items with random unit ve
 walking hidden chains over 100 of them, and 15 % of the time taking instead one of the three
 untouched items nearest their profile (so content finds new items well, not perfectly). The
 first 900 rows are fed to the ranker (`vlm4rec bench`-free: `BlendRanker` with the tests'
-`Replay`), then each of the last 300 is ranked just before it is fed. Printed per seed: targets
+`Replay`; the stream is `tests/test_fresh_slots.py`'s `fresh_mix`), then each of the last 300 is ranked just before it is fed. Printed per seed: targets
 found in the first ten, all and fresh (nobody had touched the item), by the blend under each
 tail rule and by content alone (cosine to the profile over the items the user has not taken).
 Run: .venv/bin/python docs/fresh-mix/fresh_mix.py (about a minute); output beside it."""
@@ -17,44 +17,10 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from test_fresh_slots import fresh_mix
 from test_rank import FAST, Replay
 
-from streams.profile import mean_profile
 from streams.rank import BlendRanker, RankConfig
-from streams.recommend import StoreContent, VectorCache
-from vectorstore import MemoryVectorStore, VectorRecord
-
-ITEMS, DIM, USERS, STEPS, KNOWN = 400, 16, 30, 40, 100
-
-
-def stream(seed: int, fresh_share: float = 0.15) -> tuple[StoreContent, np.ndarray, list[tuple[str, str, float]], set[int]]:
-    rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(ITEMS, DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    ids = [f"m{n:03d}" for n in range(ITEMS)]
-    store = MemoryVectorStore()
-    store.open(DIM, "fresh-mix", "text")
-    store.upsert([VectorRecord(i, v) for i, v in zip(ids, vectors, strict=True)])
-    successor = dict(zip(range(KNOWN), rng.permutation(KNOWN).tolist(), strict=True))
-    at = {u: int(rng.integers(KNOWN)) for u in range(USERS)}
-    history: dict[int, dict[int, None]] = {u: {} for u in range(USERS)}  # distinct, as a profile's
-    untouched = set(range(KNOWN, ITEMS))
-    rows, fresh, ts = [], set(), 1_700_000_000.0
-    for _ in range(STEPS):
-        for u in range(USERS):
-            ts += 60.0
-            if history[u] and rng.random() < fresh_share:
-                profile = mean_profile(vectors[list(history[u])])
-                near = sorted(untouched, key=lambda n: -float(vectors[n] @ profile))[:3]
-                item = near[int(rng.integers(3))]
-                untouched.discard(item)
-                fresh.add(len(rows))
-            else:
-                item = at[u] = successor[at[u]]
-            history[u].pop(item, None)
-            history[u][item] = None
-            rows.append((f"u{u}", ids[item], ts))
-    return StoreContent(store, VectorCache(store)), vectors, rows, fresh
 
 
 #: the rankings compared: (name, `RankConfig` overrides)
@@ -70,11 +36,10 @@ def main() -> None:
     for seed in (2, 5):
         found, fresh_n = [], 0
         for name, overrides in RULES:
-            content, vectors, rows, fresh = stream(seed)
+            content, vectors, ids, rows, fresh = fresh_mix(seed)
             replay = Replay(BlendRanker(RankConfig(**{**FAST.__dict__, "content_k": 150, **overrides})), content)
             cut = len(rows) - 300
             replay.feed(rows[:cut])
-            ids = [f"m{n:03d}" for n in range(ITEMS)]
             counts = {"blend": [0, 0], "content": [0, 0]}
             for n in range(cut, len(rows)):
                 user, item, ts = rows[n]
