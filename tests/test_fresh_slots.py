@@ -323,30 +323,35 @@ def fresh_mix(seed: int, share: float = 0.15) -> tuple[StoreContent, np.ndarray,
     return StoreContent(store, VectorCache(store)), vectors, ids, rows, fresh
 
 
+def fresh_mix_found(seed: int, overrides: dict[str, object], scored: int = 300) -> tuple[dict[str, list[int]], BlendRanker, int]:
+    """The ranker (`FAST` with `overrides`) fed the `fresh_mix` stream but its last `scored`
+    rows, each of those ranked just before it is fed: targets found in the first ten, [all,
+    new], by the blend and by content alone (cosine to the profile over the items the user has
+    not taken); the ranker; and how many scored targets were new."""
+    content, vectors, ids, rows, fresh = fresh_mix(seed)
+    replay = Replay(BlendRanker(RankConfig(**{**FAST.__dict__, "content_k": 150, **overrides})), content)
+    cut = len(rows) - scored
+    replay.feed(rows[:cut])
+    counts = {"blend": [0, 0], "content": [0, 0]}
+    for n in range(cut, len(rows)):
+        user, item, ts = rows[n]
+        request = replay.request(user, ts)
+        assert request.profile is not None
+        blend = [i for i, _ in replay.ranker.rank([request], content, 10)[0]]
+        by_content = [ids[j] for j in np.argsort(-(vectors @ request.profile)) if ids[j] not in set(request.history)][:10]
+        for kind, top in (("blend", blend), ("content", by_content)):
+            counts[kind][0] += item in top
+            counts[kind][1] += n in fresh and item in top
+        replay.feed([rows[n]])
+    return counts, replay.ranker, sum(n >= cut for n in fresh)
+
+
 def test_where_users_often_take_new_items_content_finds_the_default_finds_as_many_as_content() -> None:
     """The issue-19 case the learnt places alone missed (docs/quality.md): the blend learns the
     chains and outranks content's new items at every place, so without content's picks it finds
     fewer new targets than content alone; with them, at least as many (seed 5 of docs/fresh-mix
     as well: 8 and 10 of 41 against content's 10)."""
-    seed = 2
-    found = {}
-    for picks in (False, True):
-        content, vectors, ids, rows, fresh = fresh_mix(seed)
-        replay = Replay(BlendRanker(RankConfig(**{**FAST.__dict__, "content_k": 150, "content_picks": picks})), content)
-        cut = len(rows) - 300
-        replay.feed(rows[:cut])
-        counts = {"blend": [0, 0], "content": [0, 0]}
-        for n in range(cut, len(rows)):
-            user, item, ts = rows[n]
-            request = replay.request(user, ts)
-            assert request.profile is not None
-            blend = [i for i, _ in replay.ranker.rank([request], content, 10)[0]]
-            by_content = [ids[j] for j in np.argsort(-(vectors @ request.profile)) if ids[j] not in set(request.history)][:10]
-            for kind, top in (("blend", blend), ("content", by_content)):
-                counts[kind][0] += item in top
-                counts[kind][1] += n in fresh and item in top
-            replay.feed([rows[n]])
-        found[picks] = counts
+    found = {picks: fresh_mix_found(2, {"content_picks": picks})[0] for picks in (False, True)}
     without, with_picks = found[False], found[True]
     content_fresh = with_picks["content"][1]
     assert without["blend"][1] < content_fresh <= with_picks["blend"][1], found

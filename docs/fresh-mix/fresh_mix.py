@@ -12,15 +12,10 @@ Run: .venv/bin/python docs/fresh-mix/fresh_mix.py (about a minute); output besid
 import pathlib
 import sys
 
-import numpy as np
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from test_fresh_slots import fresh_mix
-from test_rank import FAST, Replay
-
-from streams.rank import BlendRanker, RankConfig
+from test_fresh_slots import fresh_mix_found
 
 
 #: the rankings compared: (name, `RankConfig` overrides)
@@ -36,25 +31,10 @@ def main() -> None:
     for seed in (2, 5):
         found, fresh_n = [], 0
         for name, overrides in RULES:
-            content, vectors, ids, rows, fresh = fresh_mix(seed)
-            replay = Replay(BlendRanker(RankConfig(**{**FAST.__dict__, "content_k": 150, **overrides})), content)
-            cut = len(rows) - 300
-            replay.feed(rows[:cut])
-            counts = {"blend": [0, 0], "content": [0, 0]}
-            for n in range(cut, len(rows)):
-                user, item, ts = rows[n]
-                request = replay.request(user, ts)
-                blend = [i for i, _ in replay.ranker.rank([request], content, 10)[0]]
-                seen = set(request.history)
-                by_content = [] if request.profile is None else [ids[j] for j in np.argsort(-(vectors @ request.profile)) if ids[j] not in seen][:10]
-                for kind, top in (("blend", blend), ("content", by_content)):
-                    counts[kind][0] += item in top
-                    counts[kind][1] += n in fresh and item in top
-                replay.feed([rows[n]])
-            ranker = replay.ranker
-            picks = ranker.picks[ranker.config.tail_rule].kept() if ranker.config.tail_rule in ranker.picks and ranker.config.content_picks else 0
+            counts, ranker, fresh_n = fresh_mix_found(seed, overrides)
+            rule = ranker.config.tail_rule
+            picks = ranker.picks[rule].kept() if rule in ranker.picks and ranker.config.content_picks else 0
             found.append(f"blend, {name} {counts['blend'][0]} ({counts['blend'][1]} fresh; {ranker.tail_places(10)} places earned, {picks} of content's picks kept)")
-            fresh_n = sum(n >= cut for n in fresh)
         print(f"seed {seed}: of 300 targets ({fresh_n} fresh) found in the first ten: " + "; ".join(found)
               + f"; content alone {counts['content'][0]} ({counts['content'][1]} fresh)", flush=True)
 
