@@ -758,6 +758,9 @@ class BlendRanker:
         #: where its targets sat costs the round's features a second time; a caller that serves
         #: a variant with another rule adds it)
         self.learns_places = {config.tail_rule} & set(LEARNT_TAIL_RULES)
+        #: the learnt tail rules served with `content_picks`, whose picks count learning keeps
+        #: (scoring each example's list with 0..10 picks; a subset of `learns_places`)
+        self.learns_picks = set(self.learns_places) if config.content_picks else set()
 
     # --- the stream flows in --------------------------------------------------------------
     def sample_rate(self) -> float:
@@ -834,7 +837,8 @@ class BlendRanker:
         calibrated, earned = "calibrated" in self.learns_places, "earned" in self.learns_places
         head_k = self.config.tail_within
         for n, (at, to) in enumerate(zip(drawn.starts[:-1].tolist(), drawn.starts[1:].tolist(), strict=True)):
-            target_tail = self.stats.count(items[n]) <= 1
+            count = self.stats.count(items[n])
+            target_tail = count <= 1
             row = self.stats.index.get(items[n])
             found = np.flatnonzero(drawn.rows[at:to] == row) if row is not None else np.zeros(0, np.int64)
             order = ties[at:to]
@@ -843,9 +847,8 @@ class BlendRanker:
             if calibrated and score is not None:
                 blend_places, content_places = self._places(score, content_score[at:to], tail[at:to], order)
                 self.place_odds.example(blend_places, content_places, tail[at:to], int(found[0]) if len(found) else None)
-            if len(found) and score is not None:
-                new = self.stats.count(items[n]) == 0
-                self._observe_picks(score, content_score[at:to], tail[at:to], order, drawn.rows[at:to], int(found[0]), new, head_k)
+            if len(found) and score is not None and self.learns_picks:
+                self._observe_picks(score, content_score[at:to], tail[at:to], order, drawn.rows[at:to], int(found[0]), count == 0, head_k)
             if not earned:
                 continue
             if len(found) == 0:
@@ -864,11 +867,11 @@ class BlendRanker:
     def _observe_picks(
         self, score: np.ndarray, content: np.ndarray, tail: np.ndarray, ties: np.ndarray, rows: np.ndarray, target: int, new: bool, k: int
     ) -> None:
-        """A training example for `ContentPicks` under each learnt rule served: the rule's first
-        k places as it would serve them, without content's picks."""
+        """A training example for `ContentPicks` under each learnt rule served with picks: the
+        rule's first k places as it would serve them, without content's picks."""
         picks = self._content_picks(content, tail, ties, k)
         ranked = best_by(score, ties, 2 * k).tolist()
-        for rule in self.learns_places:
+        for rule in self.learns_picks:
             self.picks[rule].example(self._head(rule, ranked, score, content, tail, ties, rows, k), picks, target, new)
 
     @staticmethod
@@ -1331,7 +1334,7 @@ class BlendRanker:
         rule served: ("earned", "earned") the places the learnt odds give the content ranking of
         the tail (`SlotOdds.tail_places`, before the `tail_slots` floor), and (rule,
         "content_picks") the content picks every list keeps."""
-        out = {(rule, "content_picks"): self.picks[rule].kept() for rule in sorted(self.learns_places)}
+        out = {(rule, "content_picks"): self.picks[rule].kept() for rule in sorted(self.learns_picks)}
         if "earned" in self.learns_places:
             out[("earned", "earned")] = self.slots.tail_places(self.config.tail_within) if self.slots.ready else 0
         return out

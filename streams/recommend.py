@@ -255,6 +255,7 @@ class Recommender:
         self.assignment = Assignment(variants or parse_variants([]))
         self._serving = {v.name: v.config(self.ranker.config) for v in self.assignment.variants}
         self.ranker.learns_places = {c.tail_rule for c in self._serving.values()} & set(LEARNT_TAIL_RULES)
+        self.ranker.learns_picks = {c.tail_rule for c in self._serving.values() if c.content_picks} & set(LEARNT_TAIL_RULES)
         self.lock = threading.Lock()
         # the training-example draw happens on the caller's thread (see `observation`)
         self._draw = random.Random(self.ranker.config.seed)

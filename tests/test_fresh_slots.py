@@ -163,12 +163,16 @@ def test_places_are_learnt_only_where_a_served_rule_reads_them() -> None:
     assert BlendRanker(RankConfig()).learns_places == {"earned"}, "the default rule is earned"
     calibrated = BlendRanker(RankConfig(**{**FAST.__dict__, "tail_rule": "calibrated"}))
     assert observed(calibrated) == 0.0 and calibrated.place_odds.observed > 0, "each rule's odds only where it is served"
+    with_picks, without = BlendRanker(earned()), BlendRanker(earned(content_picks=False))
+    observed(with_picks), observed(without)
+    assert with_picks.picks["earned"].observed > 0 and without.picks["earned"].observed == 0.0, "picks only where served"
+    assert without.learns_places == {"earned"} and not without.learns_picks
     store = MemoryVectorStore()
     plain = Recommender(store, RecentPopularity(3600.0), rank=fixed)
     assert not plain.ranker.learns_places
     served = Recommender(store, RecentPopularity(3600.0), rank=fixed,
                          variants=parse_variants([{"name": "a", "share": 0.5}, {"name": "e", "share": 0.5, "tail_rule": "earned"}]))
-    assert served.ranker.learns_places
+    assert served.ranker.learns_places and served.ranker.learns_picks == {"earned"}
 
 
 def test_a_tail_target_among_equal_content_scores_is_placed_as_the_lists_break_ties() -> None:

@@ -258,6 +258,8 @@ def variant(serving: RankConfig) -> Method:
     def make(stream: Stream, indexes: Mapping[str, ContentIndex], shared: dict[str, Any]) -> Scorer:
         shared_blend = _blend_of(stream, indexes, shared, DEFAULT_STRATEGY)
         shared_blend.ranker.learns_places |= {serving.tail_rule} & set(LEARNT_TAIL_RULES)
+        if serving.content_picks:
+            shared_blend.ranker.learns_picks |= {serving.tail_rule} & set(LEARNT_TAIL_RULES)
         return lambda state, target: shared_blend.scores(state, target, serving)
 
     return Method(strategy=DEFAULT_STRATEGY, make=make)
