@@ -181,6 +181,7 @@ class ContentPicks:
         new targets content alone did (0 until `ready`)."""
         if self._kept is None:
             enough = self.new_hits >= self.content_new_hits - 1e-9
+            enough[-1] = True  # every pick kept finds what content finds: so on the serving path, never an empty choice
             best = self.hits[enough].max()
             self._kept = int(np.flatnonzero(enough & (self.hits >= best - 1e-9))[0]) if self.ready else 0
         return self._kept
